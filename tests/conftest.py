@@ -13,12 +13,11 @@ for _key, _value in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "AWS_EC2_METADATA_DISABLED": "true",
     "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }.items():
     os.environ.setdefault(_key, _value)
 
 from fixtures_s3 import *  # noqa: E402,F401,F403
 from fixtures_models import *  # noqa: E402,F401,F403
-
-from workers.models import quiet_transformers  # noqa: E402
-
-quiet_transformers()
+from fixtures_ray import *  # noqa: E402,F401,F403

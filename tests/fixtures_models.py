@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import pytest
 
-from workers.demo_data import write_demo_district
-from workers.tiny import write_tiny_bert
-
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A tiny random BERT checkpoint directory (hidden 32, 2 layers) with a character-level tokenizer."""
+    from workers.tiny import write_tiny_bert
+
     return write_tiny_bert(tmp_path_factory.mktemp("tiny-base"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_district(tmp_path_factory):
     """A small synthetic district: 5 items (4 multi-class, 1 multi-label), 60 responses each."""
+    from workers.demo_data import write_demo_district
+
     return write_demo_district(tmp_path_factory.mktemp("district"), n_per_topic=(3, 2), n_responses=60, seed=1)
 
 
