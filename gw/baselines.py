@@ -1,0 +1,389 @@
+"""Other ways to group scorers, to compare with :func:`gw.plan.solve_plan` (DESIGN §5, "Plan").
+
+* :func:`linkage_plan`: the GW-SMM paper's method (arXiv 2503.09774), agglomerative average-linkage
+  clustering on D to a fixed number of groups, here with the group-size cap ``k``.
+* :func:`random_plan`: random groups, seeded.
+* :func:`given_plan`: a person's grouping (e.g. by curriculum module); :func:`partition_modules`
+  splits labelled modules into groups of at most ``k``.
+* :func:`plan_from_similarity`: linkage on any similarity matrix, used by :func:`description_plan`
+  (cosine of description embeddings), :func:`task_vector_plan` (task-vector cosine) and
+  :func:`cka_plan` (linear CKA on a shared probe set).
+
+Every baseline takes the same ``k`` and can be asked for ``n_groups`` multi-member groups, so plans
+compare at equal size. Pure math; no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from gw.plan import Plan, _check_ids, allowed_pairs, check_distance_matrix, plan_from_groups
+from gw.similarity import cka_matrix, cosine_similarity_matrix, similarity_to_distance, task_vector_cosine
+
+Linkage = Literal["average", "complete", "single"]
+
+
+def _check_k(k: int) -> int:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 2:
+        raise ValueError(f"k must be an integer >= 2, got {k!r}")
+    return int(k)
+
+
+def _check_n_groups(n_groups: int | None, n: int) -> int | None:
+    if n_groups is None:
+        return None
+    if not isinstance(n_groups, (int, np.integer)) or isinstance(n_groups, bool) or n_groups < 0:
+        raise ValueError(f"n_groups must be a non-negative integer, got {n_groups!r}")
+    if 2 * n_groups > n:
+        raise ValueError(f"n_groups={n_groups} groups of >= 2 need {2 * n_groups} ids, only {n} given")
+    return int(n_groups)
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's method: capped agglomerative clustering
+# --------------------------------------------------------------------------------------------------
+
+
+def linkage_plan(
+    D: np.ndarray,
+    ids: Sequence[str],
+    n_groups: int | None = None,
+    *,
+    k: int = 3,
+    linkage: Linkage = "average",
+    tau: float | None = None,
+    base_models: Mapping[str, str] | None = None,
+    forbidden: Iterable[tuple[str, str]] = (),
+    fill: bool = False,
+    method: str = "linkage",
+) -> Plan:
+    """Agglomerative clustering on D where no cluster grows past ``k`` members.
+
+    Starting from singletons, repeatedly merge the two clusters with the smallest linkage distance
+    (``average``: mean of D over the cross pairs, as in GW-SMM; or ``complete`` / ``single``) among
+    those whose union has at most ``k`` members, whose members all share a base model, with no
+    unknown (NaN / inf) or forbidden cross pair, and, if ``tau`` is given, whose linkage distance is
+    below ``tau``. Ties go to the lowest indices, so the result is deterministic.
+
+    Stops when ``n_groups`` multi-member groups exist, or when nothing can merge (``n_groups=None``
+    merges as long as anything can). So that ``n_groups`` stays reachable, a merge that would leave
+    too few singletons to form the missing groups is skipped (with every pair compatible, exactly
+    ``n_groups`` groups come out whenever ``2 * n_groups <= n``). With ``fill=True``, after
+    ``n_groups`` is reached merging goes on, but only singletons into existing groups, so the groups
+    fill up towards ``k`` while their number stays ``n_groups``.
+    """
+    ids = _check_ids(ids)
+    D = check_distance_matrix(D, ids)
+    k = _check_k(k)
+    n = len(ids)
+    n_groups = _check_n_groups(n_groups, n)
+    if linkage not in ("average", "complete", "single"):
+        raise ValueError(f"linkage must be 'average', 'complete' or 'single', got {linkage!r}")
+    # Pairs that may ever share a cluster: known distance, same base, not forbidden.
+    compatible = allowed_pairs(D, ids, math.inf, base_models=base_models, forbidden=forbidden)
+    finite_D = np.where(np.isfinite(D), D, 0.0)
+
+    members: list[list[int]] = [[i] for i in range(n)]
+    alive = np.ones(n, dtype=bool)
+    size = np.ones(n, dtype=np.int64)
+    # Cluster-level statistics, merged in place: sum / max / min of D over cross pairs.
+    total = finite_D.copy()
+    largest = finite_D.copy()
+    smallest = finite_D.copy()
+    ok = compatible.copy()
+    upper = np.triu(np.ones((n, n), dtype=bool), 1)
+    n_multi = 0
+    while n_groups is None or n_multi < n_groups or fill:
+        pair_count = np.outer(size, size)
+        if linkage == "average":
+            dist = total / pair_count
+        elif linkage == "complete":
+            dist = largest
+        else:
+            dist = smallest
+        feasible = ok & alive[:, None] & alive[None, :] & (size[:, None] + size[None, :] <= k)
+        feasible &= upper
+        if tau is not None:
+            feasible &= dist < tau
+        if n_groups is not None:
+            multi = (size >= 2) & alive
+            if n_multi >= n_groups:
+                # Filling: a singleton joins an existing group, which keeps the count.
+                feasible &= multi[:, None] ^ multi[None, :]
+            else:
+                # Keep n_groups reachable: each missing group still needs two singletons.
+                missing = n_groups - n_multi
+                spare = int((alive & (size == 1)).sum()) - 2 * missing
+                if spare < 1:
+                    feasible &= ~multi[:, None] & ~multi[None, :]  # only two singletons may merge
+                if spare < 2:
+                    feasible &= ~(multi[:, None] & multi[None, :])  # two groups merging lose one
+        if not feasible.any():
+            break
+        masked = np.where(feasible, dist, np.inf)
+        a, b = map(int, np.unravel_index(int(np.argmin(masked)), masked.shape))
+        n_multi += 1 - int(size[a] >= 2) - int(size[b] >= 2)
+        members[a] += members[b]
+        members[b] = []
+        alive[b] = False
+        size[a] += size[b]
+        total[a] += total[b]
+        total[:, a] = total[a]
+        largest[a] = np.maximum(largest[a], largest[b])
+        largest[:, a] = largest[a]
+        smallest[a] = np.minimum(smallest[a], smallest[b])
+        smallest[:, a] = smallest[a]
+        ok[a] &= ok[b]
+        ok[:, a] = ok[a]
+    groups = [[ids[i] for i in members[c]] for c in range(n) if alive[c] and size[c] >= 2]
+    return plan_from_groups(groups, ids, method, D=D if tau is not None else None, tau=tau)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random and given plans
+# --------------------------------------------------------------------------------------------------
+
+
+def default_group_sizes(n: int, n_groups: int, k: int) -> list[int]:
+    """Sizes for ``n_groups`` groups over ``n`` ids: all ``k`` when they fit, else as even as possible."""
+    k = _check_k(k)
+    n_groups = _check_n_groups(n_groups, n)
+    if n_groups == 0:
+        return []
+    per_group = min(k, n // n_groups)
+    sizes = [per_group] * n_groups
+    spare = min(n - per_group * n_groups, n_groups * (k - per_group))
+    for g in range(spare):
+        sizes[g] += 1
+    return sizes
+
+
+def random_plan(
+    ids: Sequence[str],
+    n_groups: int,
+    k: int = 3,
+    seed: int = 0,
+    *,
+    sizes: Sequence[int] | None = None,
+    base_models: Mapping[str, str] | None = None,
+) -> Plan:
+    """``n_groups`` random groups, the rest singletons; the same seed gives the same plan.
+
+    Group sizes are ``sizes`` when given (e.g. those of a reference plan, for a fair comparison), else
+    :func:`default_group_sizes`. With ``base_models``, each group is drawn inside one base model.
+    """
+    ids = _check_ids(ids)
+    k = _check_k(k)
+    n_groups = _check_n_groups(n_groups, len(ids))
+    if sizes is None:
+        sizes = default_group_sizes(len(ids), n_groups, k)
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != n_groups:
+        raise ValueError(f"sizes has {len(sizes)} entries for n_groups={n_groups}")
+    if any(s < 2 or s > k for s in sizes):
+        raise ValueError(f"every group size must be in [2, k={k}], got {sizes}")
+    if sum(sizes) > len(ids):
+        raise ValueError(f"group sizes {sizes} need {sum(sizes)} ids, only {len(ids)} given")
+    rng = np.random.default_rng(seed)
+    if base_models is None:
+        order = [ids[i] for i in rng.permutation(len(ids))]
+        groups, start = [], 0
+        for s in sizes:
+            groups.append(order[start : start + s])
+            start += s
+        return plan_from_groups(groups, ids, "random")
+    missing = [i for i in ids if i not in base_models]
+    if missing:
+        raise ValueError(f"base_models has no entry for ids {missing}")
+    pools: dict[str, list[str]] = {}
+    for i in ids:
+        pools.setdefault(str(base_models[i]), []).append(i)
+    for base in pools:
+        pools[base] = [pools[base][j] for j in rng.permutation(len(pools[base]))]
+    groups = []
+    for s in sorted(sizes, reverse=True):  # biggest first: they are the hardest to place
+        bases = sorted(b for b, pool in pools.items() if len(pool) >= s)
+        if not bases:
+            raise ValueError(f"cannot draw a group of {s} inside one base model; sizes {sizes} do not fit")
+        base = bases[int(rng.integers(len(bases)))]
+        groups.append(pools[base][:s])
+        pools[base] = pools[base][s:]
+    return plan_from_groups(groups, ids, "random")
+
+
+def given_plan(
+    groups: Iterable[Iterable[str]],
+    ids: Sequence[str] | None = None,
+    *,
+    k: int | None = None,
+    method: str = "given",
+) -> Plan:
+    """A person's plan from its groups (e.g. read from a plan file by the caller).
+
+    ``ids``: every id of the fleet (those in no group become singletons; default: just the grouped
+    ids). ``k``: when given, a group larger than ``k`` is an error; split modules with
+    :func:`partition_modules` first.
+    """
+    groups = [tuple(str(m) for m in g) for g in groups]
+    if k is not None:
+        k = _check_k(k)
+        for group in groups:
+            if len(group) > k:
+                raise ValueError(
+                    f"given group {group!r} has {len(group)} > k={k} members; split it (partition_modules)"
+                )
+    if ids is None:
+        ids = [m for g in groups for m in g]
+    return plan_from_groups(groups, ids, method)
+
+
+def partition_modules(
+    modules: Mapping[str, str],
+    k: int = 3,
+    *,
+    D: np.ndarray | None = None,
+    ids: Sequence[str] | None = None,
+    base_models: Mapping[str, str] | None = None,
+) -> list[tuple[str, ...]]:
+    """Split labelled modules (id -> module label) into groups of at most ``k``.
+
+    A module of m members becomes ``ceil(m / k)`` groups with sizes as even as possible (4 with k=3
+    gives 2 + 2, not 3 + 1); a one-member module stays a singleton and is not returned. With
+    ``base_models``, a module is split by base model first. Without ``D``, members are chunked in
+    sorted order; with ``D`` (rows in the order of ``ids``) each chunk is seeded by the closest
+    remaining pair and grown by smallest mean distance, then pairwise swaps between chunks lower the
+    total within-chunk distance (unknown distances count as the largest known one, plus one).
+    """
+    k = _check_k(k)
+    position: dict[str, int] = {}
+    if D is not None:
+        if ids is None:
+            raise ValueError("partition_modules needs ids with D (the order of D's rows)")
+        ids = _check_ids(ids)
+        D = check_distance_matrix(D, ids)
+        position = {s: i for i, s in enumerate(ids)}
+        unknown = [m for m in modules if m not in position]
+        if unknown:
+            raise ValueError(f"modules name ids that are not in ids: {sorted(unknown)[:5]}")
+        finite = D[np.isfinite(D)]
+        D = np.where(np.isfinite(D), D, (finite.max() if finite.size else 0.0) + 1.0)
+    if base_models is not None:
+        missing = [m for m in modules if m not in base_models]
+        if missing:
+            raise ValueError(f"base_models has no entry for ids {sorted(missing)[:5]}")
+    by_module: dict[tuple[str, str], list[str]] = {}
+    for member, label in modules.items():
+        base = "" if base_models is None else str(base_models[member])
+        by_module.setdefault((str(label), base), []).append(str(member))
+    groups: list[tuple[str, ...]] = []
+    for key in sorted(by_module):
+        members = sorted(by_module[key])
+        if len(members) < 2:
+            continue
+        n_chunks = math.ceil(len(members) / k)
+        sizes = [len(members) // n_chunks + (1 if c < len(members) % n_chunks else 0) for c in range(n_chunks)]
+        if D is None:
+            start = 0
+            for s in sizes:
+                groups.append(tuple(members[start : start + s]))
+                start += s
+        else:
+            index = np.array([position[m] for m in members])
+            chunks = _chunk_by_distance(D[np.ix_(index, index)], sizes)
+            groups += [tuple(members[i] for i in chunk) for chunk in chunks]
+    return sorted(tuple(sorted(g)) for g in groups)
+
+
+def _chunk_by_distance(D: np.ndarray, sizes: list[int]) -> list[list[int]]:
+    """Partition range(len(D)) into chunks of the given sizes with a small total within-chunk D."""
+    free = list(range(len(D)))
+    chunks: list[list[int]] = []
+    for s in sorted(sizes, reverse=True):
+        sub = D[np.ix_(free, free)] + np.diag(np.full(len(free), np.inf))
+        if s == len(free):
+            chunk = list(free)
+        else:
+            a, b = np.unravel_index(int(np.argmin(sub)), sub.shape)
+            chunk = [free[a], free[b]]
+            while len(chunk) < s:
+                rest = [i for i in free if i not in chunk]
+                mean = D[np.ix_(rest, chunk)].mean(axis=1)
+                chunk.append(rest[int(np.argmin(mean))])
+        chunks.append(chunk)
+        free = [i for i in free if i not in chunk]
+    # Swap pairs between chunks while that lowers the total within-chunk distance.
+    improved = True
+    while improved:
+        improved = False
+        for x in range(len(chunks)):
+            for y in range(x + 1, len(chunks)):
+                for i in list(chunks[x]):
+                    for j in list(chunks[y]):
+                        rest_x = [m for m in chunks[x] if m != i]
+                        rest_y = [m for m in chunks[y] if m != j]
+                        delta = (D[j, rest_x].sum() + D[i, rest_y].sum()) - (D[i, rest_x].sum() + D[j, rest_y].sum())
+                        if delta < -1e-12:
+                            chunks[x] = rest_x + [j]
+                            chunks[y] = rest_y + [i]
+                            improved = True
+                            break
+                    if improved:
+                        break
+    return chunks
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans from other similarities
+# --------------------------------------------------------------------------------------------------
+
+
+def plan_from_similarity(
+    S: np.ndarray,
+    ids: Sequence[str],
+    n_groups: int | None,
+    k: int = 3,
+    *,
+    base_models: Mapping[str, str] | None = None,
+    forbidden: Iterable[tuple[str, str]] = (),
+    linkage: Linkage = "average",
+    fill: bool = False,
+    method: str = "similarity",
+) -> Plan:
+    """Capped linkage (see :func:`linkage_plan`) on distances ``max(S) - S`` from a similarity S.
+
+    NaN similarities mean "unknown, never group". ``method`` names the source in the plan.
+    """
+    D = similarity_to_distance(S)
+    return linkage_plan(
+        D, ids, n_groups, k=k, linkage=linkage, base_models=base_models, forbidden=forbidden, fill=fill, method=method
+    )
+
+
+def description_plan(
+    embeddings: Any, ids: Sequence[str], n_groups: int | None, k: int = 3, **options: Any
+) -> Plan:
+    """Groups by cosine similarity of item-description embeddings ([n, d], computed elsewhere)."""
+    return plan_from_similarity(cosine_similarity_matrix(embeddings), ids, n_groups, k, method="description", **options)
+
+
+def task_vector_plan(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]] | np.ndarray,
+    ids: Sequence[str],
+    n_groups: int | None,
+    k: int = 3,
+    *,
+    keys: Iterable[str] | None = None,
+    **options: Any,
+) -> Plan:
+    """Groups by cosine similarity of task vectors (see :func:`gw.similarity.task_vector_cosine`)."""
+    S = task_vector_cosine(task_vectors, keys=keys)
+    return plan_from_similarity(S, ids, n_groups, k, method="task-vector-cosine", **options)
+
+
+def cka_plan(features: Mapping[str, Any], n_groups: int | None, k: int = 3, **options: Any) -> Plan:
+    """Groups by linear CKA of each model's features of a shared probe set (id -> [n, d])."""
+    return plan_from_similarity(cka_matrix(features), list(features), n_groups, k, method="cka", **options)
