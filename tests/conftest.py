@@ -18,6 +18,11 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+import torch  # noqa: E402
+
+# Tiny test models run far faster on one thread than on two contended ones.
+torch.set_num_threads(1)
+
 from fixtures_s3 import *  # noqa: E402,F401,F403
 from fixtures_models import *  # noqa: E402,F401,F403
 from fixtures_ray import *  # noqa: E402,F401,F403

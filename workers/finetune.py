@@ -19,7 +19,7 @@ from workers.batching import map_batches
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    epochs: int = 6
+    epochs: int = 10
     learning_rate: float = 1e-4
     batch_size: int = 16
     max_length: int = 96

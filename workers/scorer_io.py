@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 DEFAULT_HEAD_MODULES = ("pooler", "classifier")
@@ -57,7 +58,7 @@ def load_scorer(path: str | Path, *, task: str = "multiclass", device: str | tor
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), use_safetensors=True, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ScorerLoadError(f"{path}: cannot load the scorer: {exc}") from None
     model.to(device).eval()
     return Scorer(model, load_tokenizer(path, tokenizer_fallback), task, path)
