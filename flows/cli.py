@@ -80,6 +80,18 @@ def cmd_demo(args) -> int:
     return run_demo(workdir=args.workdir, tiny=args.tiny, n_responses=args.responses, seed=args.seed)
 
 
+def cmd_predict(args) -> int:
+    import json
+
+    from workers.serving import ConsolidatedFleet
+
+    with ConsolidatedFleet(_store(args.published, args.s3_endpoint), args.run, device=args.device) as fleet:
+        for text, pred in zip(args.texts, fleet.predict(args.item, args.texts)):
+            label = pred.label if isinstance(pred.label, str) else ",".join(pred.label) or "-"
+            print(f"{label}\t{json.dumps(pred.scores)}\t{text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetmerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--responses", type=int, default=300, help="responses per item")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    predict = sub.add_parser("predict", help="score texts for one item with a published consolidated fleet")
+    predict.add_argument("--published", required=True, help="store URI holding published/ (the consolidation's store)")
+    predict.add_argument("--run", help="run id (default: the LATEST published run)")
+    predict.add_argument("--item", required=True)
+    predict.add_argument("--device")
+    predict.add_argument("--s3-endpoint")
+    predict.add_argument("texts", nargs="+", metavar="TEXT")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -103,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"fleetmerge: error: {exc}", file=sys.stderr)
         return 2
 

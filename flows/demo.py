@@ -14,7 +14,7 @@ from workers.evaluate import evaluate_fleet
 from workers.finetune import FinetuneConfig
 from workers.fleet_build import build_fleet, load_items
 from workers.models import default_base_dir
-from workers.tiny import write_tiny_bert
+from workers.tiny import tiny_finetune_config, write_tiny_bert
 
 
 def run_demo(workdir: str | Path = ".fleetmerge/demo", *, tiny: bool = False, n_responses: int = 300,
@@ -27,7 +27,7 @@ def run_demo(workdir: str | Path = ".fleetmerge/demo", *, tiny: bool = False, n_
     print(f"  generated {len(items)} items in {len({i.module for i in items.values()})} topics, "
           f"{n_responses} responses each -> {responses_path}")
     base = write_tiny_bert(workdir / "tiny-base", seed=seed) if tiny else default_base_dir()
-    config = FinetuneConfig(seed=seed, **({"epochs": 3, "learning_rate": 1e-3} if tiny else {}))
+    config = tiny_finetune_config(seed) if tiny else FinetuneConfig(seed=seed)
     store = open_store(str(workdir / "fleet"))
     manifest, summary = build_fleet(pq.read_table(responses_path), items, base, store, fleet_name="demo-district",
                                     config=config)

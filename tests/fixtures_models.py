@@ -26,12 +26,12 @@ def tiny_fleet_dir(tmp_path_factory, tiny_base, tiny_district):
     import pyarrow.parquet as pq
 
     from infra.storage import open_store
-    from workers.finetune import FinetuneConfig
     from workers.fleet_build import build_fleet, load_items
+    from workers.tiny import tiny_finetune_config
 
     out = tmp_path_factory.mktemp("tiny-fleet")
     responses, items = tiny_district
     build_fleet(pq.read_table(responses), load_items(items), tiny_base, open_store(str(out)), fleet_name="tiny",
-                config=FinetuneConfig(epochs=1, batch_size=16, max_length=48, learning_rate=1e-3), device="cpu",
+                config=tiny_finetune_config(), device="cpu",
                 progress=False, log=lambda _: None)
     return out

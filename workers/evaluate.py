@@ -25,10 +25,9 @@ def targets(table: pa.Table, task: str) -> np.ndarray:
     return np.asarray(table.column(column).to_pylist(), dtype=np.int64)
 
 
-def item_metrics(task: str, y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, float]:
-    if task == "multilabel":
-        return gw_metrics.multilabel_metrics(y_true, y_pred)
-    return gw_metrics.multiclass_metrics(y_true, y_pred, n_classes=n_labels)
+def item_metrics(task: str, y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict:
+    labels = list(range(n_labels)) if task == "multiclass" else None
+    return gw_metrics.classification_metrics(task, y_true, y_pred, labels)
 
 
 def evaluate_scorer(store: Store, spec: ScorerSpec, *, split: str = "test", device: str | None = None) -> dict:
@@ -44,3 +43,10 @@ def evaluate_scorer(store: Store, spec: ScorerSpec, *, split: str = "test", devi
 
 def evaluate_fleet(store: Store, specs: Sequence[ScorerSpec], *, split: str = "test", device: str | None = None) -> dict:
     return {spec.id: evaluate_scorer(store, spec, split=split, device=device) for spec in specs}
+
+
+def fleet_figures(per_item: dict) -> dict[str, float]:
+    """Fleet metrics weighted by each item's split size (as GW-SMM reports them)."""
+    weighted = gw_metrics.fleet_metrics({item: ({k: v for k, v in m.items() if k != "n"}, m["n"])
+                                         for item, m in per_item.items()})
+    return weighted["metrics"]

@@ -119,7 +119,7 @@ def build_fleet(responses: pa.Table, items: Mapping[str, ItemInfo], base_dir: st
         started = time.perf_counter()
         train = table.filter(pc.equal(table.column("split"), "train"))
         label_column = "labels" if info.task == "multilabel" else "label"
-        bar = tqdm(total=None, desc=f"fine-tune {item_id}", unit="step", disable=not progress, leave=False)
+        bar = tqdm(total=None, desc=f"fine-tune {item_id}", unit="step", disable=None if progress else True, leave=False)
 
         def on_step(step: int, total: int, loss: float) -> None:
             bar.total = total

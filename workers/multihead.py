@@ -59,6 +59,13 @@ class ItemHead(nn.Module):
                 out[f"{name}.bias"] = layer.bias.detach().clone()
         return out
 
+    def load_head_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a head state dict in checkpoint naming (pooler.dense.*, classifier.*)."""
+        rebuilt = ItemHead(state)
+        if rebuilt._layout != self._layout:
+            raise ValueError(f"head layout {rebuilt._layout} does not match {self._layout}")
+        self.load_state_dict(rebuilt.state_dict())
+
     @property
     def n_outputs(self) -> int:
         return self.out.out_features

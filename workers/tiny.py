@@ -32,3 +32,10 @@ def write_tiny_bert(out_dir: str | Path, *, hidden: int = 32, layers: int = 2, h
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def tiny_finetune_config(seed: int = 0):
+    """Fine-tuning settings under which the tiny encoder learns the demo items (more steps, higher rate)."""
+    from workers.finetune import FinetuneConfig
+
+    return FinetuneConfig(epochs=20, learning_rate=5e-3, batch_size=8, max_length=64, warmup_fraction=0.05, seed=seed)

@@ -1,0 +1,85 @@
+"""Build the Beetle fleet (one MiniLM-L6 scorer per item) and record its pre-merge test figures.
+
+    .venv/bin/python bench/build_beetle_fleet.py [--data DIR] [--work DIR] [--out docs/results/beetle_premerge.json]
+
+Items with train and test answers are used (47 in Beetle); validation is carved from train (seeded,
+stratified); test is the official test_ua split. Scorers are reused when their inputs are unchanged,
+so a rerun only re-evaluates. Fleet figures are weighted by test size (as GW-SMM reports them).
+The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from beetle_data import DEFAULT_DATA, prepare  # noqa: E402
+
+from infra.manifest import load_manifest  # noqa: E402
+from infra.settings import offline_env  # noqa: E402
+from infra.storage import open_store  # noqa: E402
+from infra.validation import validate_fleet  # noqa: E402
+from workers.evaluate import evaluate_fleet, fleet_figures  # noqa: E402
+from workers.finetune import FinetuneConfig  # noqa: E402
+from workers.fleet_build import build_fleet, default_device, load_items  # noqa: E402
+from workers.models import default_base_dir, quiet_transformers  # noqa: E402
+
+PRIMARY = ("accuracy", "macro_f1", "qwk")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="dataset directory in the SemEval-2013 layout")
+    parser.add_argument("--work", default=str(ROOT / ".fleetmerge" / "beetle"), help="cache for the derived data and fleet")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "beetle_premerge.json"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    offline_env()
+    quiet_transformers()
+
+    started = time.perf_counter()
+    work = Path(args.work)
+    responses, items_path = prepare(args.data, work / "data", seed=args.seed)
+    store = open_store(str(work / "fleet"))
+    config = FinetuneConfig(seed=args.seed)
+    build_started = time.perf_counter()
+    manifest, summary = build_fleet(pq.read_table(responses), load_items(items_path), default_base_dir(), store,
+                                    fleet_name="beetle", config=config)
+    build_seconds = time.perf_counter() - build_started
+    report = validate_fleet(store, load_manifest(store))
+    eval_started = time.perf_counter()
+    per_item = evaluate_fleet(store, report.usable, split="test")
+    eval_seconds = time.perf_counter() - eval_started
+    fleet = fleet_figures(per_item)
+
+    result = {
+        "dataset": Path(args.data).resolve().name,
+        "n_items": len(report.usable),
+        "n_test": sum(m["n"] for m in per_item.values()),
+        "premerge": {k: round(fleet[k], 4) for k in PRIMARY},
+        "per_item": {item: {**{k: round(m[k], 4) for k in PRIMARY}, "n": m["n"]} for item, m in sorted(per_item.items())},
+        "set_aside": report.rejected,
+        "finetune": config.to_dict() | {"seed": "per item, derived from seed"},
+        "seconds": {"build": round(build_seconds, 1), "evaluate": round(eval_seconds, 1),
+                    "total": round(time.perf_counter() - started, 1)},
+        "built": len(summary["built"]), "reused": len(summary["reused"]),
+        "device": default_device(), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    print(json.dumps({"n_items": result["n_items"], **result["premerge"], "seconds": result["seconds"],
+                      "built": result["built"], "reused": result["reused"]}))
+
+
+if __name__ == "__main__":
+    main()
