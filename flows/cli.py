@@ -92,6 +92,89 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _consolidate_config(args) -> dict:
+    config = {"method": args.method, "k": args.k, "delta": args.delta, "refit_heads": not args.no_refit,
+              "tau_quantile": args.tau_quantile, "seed": args.seed}
+    for name in ("tau", "ray_address", "run_id", "max_responses"):
+        if getattr(args, name, None) is not None:
+            config[name] = getattr(args, name)
+    if args.no_tuning:
+        config["grid"] = []
+    return config
+
+
+def _settings_dict(uri: str, endpoint: str | None) -> dict | None:
+    """Settings for the flow's tasks (None: they read the environment themselves)."""
+    from dataclasses import asdict
+
+    from infra.settings import Settings
+
+    return asdict(Settings.from_env(store=uri, s3_endpoint=endpoint)) if endpoint else None
+
+
+def cmd_consolidate(args) -> int:
+    import json
+
+    from flows.nightly import consolidate
+    from flows.report import print_summary
+
+    summary = consolidate(fleet=args.fleet, store=args.store, config=_consolidate_config(args),
+                          settings=_settings_dict(args.store, args.s3_endpoint))
+    print_summary(summary)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from flows.report import print_run
+
+    print_run(_store(args.store, args.s3_endpoint), args.run)
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from flows.nightly import consolidate
+
+    parameters = {"fleet": args.fleet, "store": args.store, "config": _consolidate_config(args),
+                  "settings": _settings_dict(args.store, args.s3_endpoint)}
+    # global_limit=1: a night that is still running blocks the next one instead of overlapping it.
+    consolidate.serve(name=args.name, cron=args.cron, parameters=parameters, global_limit=1,
+                      description="nightly fleet consolidation", tags=["fleetmerge"])
+    return 0
+
+
+def cmd_distances(args) -> int:
+    from flows.analysis import distances_and_plan
+
+    distances_and_plan(_store(args.store, args.s3_endpoint), args, plan=False)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from flows.analysis import distances_and_plan
+
+    distances_and_plan(_store(args.store, args.s3_endpoint), args, plan=True)
+    return 0
+
+
+def _add_consolidation_options(parser) -> None:
+    parser.add_argument("--store", required=True, help="store URI holding the fleet (outputs are written there too)")
+    parser.add_argument("--fleet", default="fleet.yaml", help="the fleet manifest's key in the store")
+    parser.add_argument("--method", default="ties", choices=["ties", "doge", "task_arithmetic", "ta", "dare"])
+    parser.add_argument("--k", type=int, default=3, help="largest group size")
+    parser.add_argument("--tau", type=float, help="GW threshold (default: a quantile of the distances)")
+    parser.add_argument("--tau-quantile", type=float, default=0.3)
+    parser.add_argument("--delta", type=float, default=0.02, help="largest allowed fall of any item's macro F1")
+    parser.add_argument("--no-refit", action="store_true", help="keep each item's head as it was")
+    parser.add_argument("--no-tuning", action="store_true", help="use the method's default parameters only")
+    parser.add_argument("--max-responses", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray)")
+    parser.add_argument("--run-id")
+    parser.add_argument("--s3-endpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetmerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +194,39 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--s3-endpoint")
     predict.add_argument("texts", nargs="+", metavar="TEXT")
     predict.set_defaults(func=cmd_predict)
+
+    consolidate = sub.add_parser("consolidate", help="run the consolidation flow once (ephemeral Prefect, local Ray)")
+    _add_consolidation_options(consolidate)
+    consolidate.add_argument("--json", action="store_true", help="also print the run summary as JSON")
+    consolidate.set_defaults(func=cmd_consolidate)
+
+    schedule = sub.add_parser("schedule", help="serve the consolidation as a scheduled Prefect deployment")
+    _add_consolidation_options(schedule)
+    schedule.add_argument("--cron", default="0 2 * * *")
+    schedule.add_argument("--name", default="nightly")
+    schedule.set_defaults(func=cmd_schedule)
+
+    report = sub.add_parser("report", help="show a published run: groups, per-item metrics, storage")
+    report.add_argument("run", nargs="?", help="run id (default: LATEST)")
+    report.add_argument("--store", required=True)
+    report.add_argument("--s3-endpoint")
+    report.set_defaults(func=cmd_report)
+
+    for name, func, help_text in (("distances", cmd_distances, "compute the pairwise GW matrix of a built fleet"),
+                                  ("plan", cmd_plan, "compute the GW matrix and the merge plan of a built fleet")):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--store", required=True)
+        command.add_argument("--fleet", default="fleet.yaml")
+        command.add_argument("--solver", default="entropic", choices=["entropic", "exact"])
+        command.add_argument("--k", type=int, default=3)
+        command.add_argument("--tau", type=float)
+        command.add_argument("--tau-quantile", type=float, default=0.3)
+        command.add_argument("--bootstrap", type=int, default=0, help="resamples for plan stability (plan only)")
+        command.add_argument("--min-stability", type=float, default=0.0)
+        command.add_argument("--max-responses", type=int, default=256)
+        command.add_argument("--ray-address")
+        command.add_argument("--s3-endpoint")
+        command.set_defaults(func=func)
     return parser
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from flows.nightly import consolidate
+from flows.report import print_summary
 from infra.manifest import load_manifest
 from infra.storage import open_store
 from infra.validation import validate_fleet
@@ -15,6 +17,11 @@ from workers.finetune import FinetuneConfig
 from workers.fleet_build import build_fleet, load_items
 from workers.models import default_base_dir
 from workers.tiny import tiny_finetune_config, write_tiny_bert
+
+
+# A small TIES grid keeps the demo within minutes on 2 cores; the nightly default searches more.
+DEMO_CONSOLIDATION = {"method": "ties", "grid": [{"lam": 1.0, "top_k": 0.2}, {"lam": 0.8, "top_k": 0.2},
+                                                 {"lam": 1.0, "top_k": 0.3}]}
 
 
 def run_demo(workdir: str | Path = ".fleetmerge/demo", *, tiny: bool = False, n_responses: int = 300,
@@ -41,6 +48,8 @@ def run_demo(workdir: str | Path = ".fleetmerge/demo", *, tiny: bool = False, n_
               f"{summary['seconds'].get(spec.id, 0.0):>9.1f}")
     print(f"\n  fleet: {store.uri}  (manifest fleet.yaml; {len(summary['built'])} built, "
           f"{len(summary['reused'])} reused)")
-    print("  consolidation (GW plan, merge, gate, publish) is not wired into the demo yet.")
-    print(f"  demo wall time: {time.perf_counter() - started:.1f} s")
+    print("\nconsolidating: features -> GW matrix -> plan -> merge + gate -> publish (Prefect flow over Ray)")
+    run = consolidate(fleet="fleet.yaml", store=store.uri, config=DEMO_CONSOLIDATION)
+    print_summary(run)
+    print(f"\n  demo wall time: {time.perf_counter() - started:.1f} s")
     return 0

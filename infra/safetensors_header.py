@@ -27,7 +27,7 @@ _DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 class SafetensorsFormatError(ValueError):
@@ -86,6 +86,6 @@ def non_finite_tensors(data: bytes, tensors: dict[str, TensorInfo]) -> list[str]
     """Names of floating-point tensors that hold NaN or Inf."""
     bad = []
     for name, info in tensors.items():
-        if info.dtype in _FLOAT_DTYPES and not np.isfinite(tensor_array(data, info)).all():
+        if info.dtype in FLOAT_DTYPES and not np.isfinite(tensor_array(data, info)).all():
             bad.append(name)
     return bad

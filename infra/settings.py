@@ -31,6 +31,8 @@ OFFLINE_ENV: dict[str, str] = {
     "AWS_EC2_METADATA_DISABLED": "true",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "TRANSFORMERS_VERBOSITY": "error",  # no load reports from every Ray worker
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     # OpenMP threads that spin while waiting make torch 3-7x slower on small, busy machines.
     "OMP_WAIT_POLICY": "PASSIVE",
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from infra.manifest import SPLITS, FleetManifest, ManifestError, ScorerSpec, unsafe_id_reason
-from infra.safetensors_header import SafetensorsFormatError, non_finite_tensors, parse_header
+from infra.safetensors_header import FLOAT_DTYPES, SafetensorsFormatError, non_finite_tensors, parse_header
 from infra.storage import Store, StorageError, open_store
 
 WEIGHTS_FILE = "model.safetensors"
@@ -69,7 +69,8 @@ def _load_base(store: Store, manifest: FleetManifest) -> _Base:
     except (StorageError, OSError, json.JSONDecodeError, SafetensorsFormatError) as exc:
         raise ManifestError(f"base model {manifest.base_model}: unreadable ({exc})") from None
     heads = tuple(manifest.head_modules)
-    shapes = {n: t.shape for n, t in tensors.items() if not _is_head(n, heads)}
+    # Integer tensors are buffers (e.g. BERT's position_ids), which newer savers leave out.
+    shapes = {n: t.shape for n, t in tensors.items() if not _is_head(n, heads) and t.dtype in FLOAT_DTYPES}
     return _Base(config, shapes)
 
 

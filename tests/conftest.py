@@ -27,3 +27,4 @@ torch.set_num_threads(1)
 from fixtures_s3 import *  # noqa: E402,F401,F403
 from fixtures_models import *  # noqa: E402,F401,F403
 from fixtures_ray import *  # noqa: E402,F401,F403
+from fixtures_prefect import *  # noqa: E402,F401,F403

@@ -10,7 +10,7 @@ from infra.manifest import load_manifest
 from infra.publish import read_manifest, verify_run
 from infra.storage import open_store
 from workers.consolidate import GroupConsolidator, MergeConfig
-from workers.publish_fleet import publish_consolidated, weights_bytes_before
+from workers.publish_fleet import publish_consolidated, save_checkpoint, weights_bytes_before
 from workers.serving import ConsolidatedFleet
 
 TRIO = ("circuits-1", "circuits-2", "circuits-3")
@@ -75,9 +75,9 @@ def test_publish_and_serve_round_trip(tmp_path, consolidator, capsys):
     store = open_store(str(tmp_path / "out"))
     fleet_store = consolidator.store
     before = weights_bytes_before(fleet_store, consolidator.manifest, [*TRIO, "plants-1"])
-    manifest = publish_consolidated(store, "run-1", {"groups/g1": (merged, {"group": list(TRIO)}),
-                                                     "items/plants-1": (alone, {"group": ["plants-1"]})},
-                                    consolidator.tokenizer, bytes_before=before)
+    sources = {"groups/g1": save_checkpoint(store, "candidates/g1", merged, consolidator.tokenizer, {"group": list(TRIO)}),
+               "items/plants-1": save_checkpoint(store, "candidates/p1", alone, consolidator.tokenizer)}
+    manifest = publish_consolidated(store, "run-1", sources, bytes_before=before)
     assert verify_run(store, "run-1") == []
     storage = read_manifest(store, "run-1")["extra"]["storage"]
     assert storage["bytes_before"] == before and storage["n_backbones"] == 2

@@ -122,6 +122,8 @@ class GroupConsolidator:
                 texts[split], labels[split] = rows.column("text").to_pylist(), targets(rows, spec.task)
             if self._config is None:
                 self._config, self._tokenizer = scorer.model.config, scorer.tokenizer
+                # Buffers the base checkpoint carries but the models do not (BERT's position_ids) are not merged.
+                self.base_state = {k: v for k, v in self.base_state.items() if k in backbone}
             own = MultiHeadScorer(scorer.model.config, backbone, {spec.id: head}, {spec.id: _schema(spec)})
             self._members[spec.id] = Member(spec, backbone, head, texts, labels)
             self._baseline[spec.id] = self._scores(own.to(self.device), spec.id, "validation")

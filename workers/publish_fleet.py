@@ -1,10 +1,12 @@
-"""Write a consolidated fleet under an immutable run prefix and publish it atomically.
+"""Save consolidated checkpoints to a store and publish a fleet of them atomically.
 
-Run layout (`published/<run>/`, then `_MANIFEST.json` written last, then `LATEST`):
-    groups/<group>/          a consolidated checkpoint (DESIGN §4) for each accepted merged group
-    items/<item>/            the same format for each item kept on its own scorer (its backbone, its head)
-The manifest's routing maps item -> {checkpoint, head}; `storage` holds the bytes before and after.
-Sizes count weights only (model.safetensors and head files): configs and tokenizers are noise next to them.
+Checkpoints are first saved under their own content-addressed prefixes (e.g. `candidates/<key>/`),
+so a rerun reuses them. Publishing copies the chosen ones under an immutable run prefix:
+    published/<run>/groups/<group>/   an accepted merged group (DESIGN §4 consolidated format)
+    published/<run>/items/<item>/     an item kept on its own scorer, in the same format
+then writes `_MANIFEST.json` last (routing item -> checkpoint + head, storage accounting) and moves
+`LATEST`. Sizes count weights only (model.safetensors and head files): configs and tokenizers are
+noise next to them.
 """
 from __future__ import annotations
 
@@ -18,36 +20,56 @@ from infra.storage import Store
 from workers.multihead import MultiHeadScorer, save_consolidated
 
 
+def save_checkpoint(store: Store, prefix: str, model: MultiHeadScorer, tokenizer, meta: Mapping | None = None) -> str:
+    """Write a consolidated checkpoint under `prefix` (consolidated.json last, so its presence means complete)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_consolidated(Path(tmp), model, tokenizer, meta)
+        marker = Path(tmp) / "consolidated.json"
+        body = marker.read_bytes()
+        marker.unlink()
+        store.delete(prefix)
+        store.upload_dir(Path(tmp), prefix)
+        store.write_bytes(f"{prefix}/consolidated.json", body)
+    return prefix
+
+
 def weights_bytes_before(store: Store, manifest: FleetManifest, items: Sequence[str]) -> int:
     """Bytes of the scorer checkpoints the fleet serves today (one full encoder per item)."""
     return sum(store.size(f"{manifest.scorer(i).checkpoint.rstrip('/')}/model.safetensors") for i in items)
 
 
-def publish_consolidated(store: Store, run_id: str, checkpoints: Mapping[str, tuple[MultiHeadScorer, Mapping]],
-                         tokenizer, *, bytes_before: int, extra: Mapping | None = None) -> dict:
-    """Publish `checkpoints` (name -> (model, meta)); names starting with "items/" or "groups/".
+def checkpoint_weights(store: Store, prefix: str) -> tuple[int, int]:
+    """(backbone bytes, head bytes) of a saved consolidated checkpoint."""
+    sizes = store.list_sizes(prefix)
+    backbone = sum(s for k, s in sizes.items() if k.endswith("backbone/model.safetensors"))
+    heads = sum(s for k, s in sizes.items() if "/heads/" in k and k.endswith(".safetensors"))
+    return backbone, heads
 
-    Returns the published manifest (with routing and storage accounting).
-    """
+
+def publish_consolidated(store: Store, run_id: str, sources: Mapping[str, str], *, bytes_before: int,
+                         extra: Mapping | None = None) -> dict:
+    """Publish saved checkpoints: `sources` maps a name (groups/<g> or items/<i>) to its prefix in `store`."""
     routing: dict[str, dict] = {}
-    for name, (model, _) in checkpoints.items():
+    backbones = heads = 0
+    for name, prefix in sources.items():
         if not name.startswith(("groups/", "items/")):
             raise ValueError(f"checkpoint name {name!r} must start with groups/ or items/")
-        for item in model.heads:
+        doc = store.read_json(f"{prefix}/consolidated.json")
+        for item, schema in doc["items"].items():
             if item in routing:
                 raise ValueError(f"item {item} is routed twice ({routing[item]['checkpoint']} and {name})")
-            routing[item] = {"checkpoint": name, "head": f"{name}/heads/{item}.safetensors",
-                             "task": model.items[item]["task"], "labels": model.items[item]["labels"]}
+            routing[item] = {"checkpoint": name, "head": f"{name}/{schema['head']}", "task": schema["task"],
+                             "labels": schema["labels"]}
+        b, h = checkpoint_weights(store, prefix)
+        backbones, heads = backbones + b, heads + h
+    total = backbones + heads
+    storage = {"bytes_before": bytes_before, "bytes_after": total, "backbone_bytes": backbones, "head_bytes": heads,
+               "ratio": round(bytes_before / total, 3) if total else None, "n_backbones": len(sources),
+               "n_items": len(routing)}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp)
-        for name, (model, meta) in checkpoints.items():
-            save_consolidated(staged / name, model, tokenizer, meta)
-        backbones = sum(f.stat().st_size for f in staged.glob("*/*/backbone/model.safetensors"))
-        heads = sum(f.stat().st_size for f in staged.glob("*/*/heads/*.safetensors"))
-        total = backbones + heads
-        storage = {"bytes_before": bytes_before, "bytes_after": total, "backbone_bytes": backbones,
-                   "head_bytes": heads, "ratio": round(bytes_before / total, 3) if total else None,
-                   "n_backbones": len(checkpoints), "n_items": len(routing)}
-        return publish_run(store, run_id, lambda prefix: store.upload_dir(staged, prefix), routing=routing,
-                           extra={**(extra or {}), "storage": storage})
+    def copy(run: str) -> None:
+        for name, prefix in sources.items():
+            for key in store.list(prefix):
+                store.write_bytes(f"{run}/{name}/{key[len(prefix) + 1:]}", store.read_bytes(key))
+
+    return publish_run(store, run_id, copy, routing=routing, extra={**(extra or {}), "storage": storage})

@@ -1,0 +1,50 @@
+"""`fleetmerge distances` and `fleetmerge plan`: the GW half of the nightly run, on its own."""
+from __future__ import annotations
+
+import json
+
+from infra.manifest import load_manifest
+from infra.ray_conn import ensure_ray
+from infra.storage import Store
+from infra.validation import validate_fleet
+from workers.extract import ExtractConfig
+from workers.fleet_gw import bootstrap_matrices, distance_matrix, plan_fleet
+from workers.ray_extract import extract_fleet
+from workers.ray_gw import compute_distances
+
+
+def distances_and_plan(store: Store, args, *, plan: bool) -> dict:
+    manifest = load_manifest(store, args.fleet)
+    report = validate_fleet(store, manifest)
+    if report.rejected:
+        print(report.summary())
+    ensure_ray(args.ray_address)
+    features = extract_fleet(store, report.usable, ExtractConfig(max_responses=args.max_responses),
+                             base_model=manifest.base_model)
+    for item, reason in features.errors.items():
+        print(f"set aside {item}: {reason}")
+    result = compute_distances(store, features.features, solver=args.solver)
+    ids = result["ids"]
+    matrix = distance_matrix(store, result["key"], ids)
+    print(f"GW matrix ({args.solver}): {result['computed']} pairs computed, {result['reused']} reused -> "
+          f"{store.uri_for(result['key'])}")
+    width = max(len(i) for i in ids)
+    print(" " * (width + 2) + " ".join(f"{n:>7}" for n in range(len(ids))))
+    for n, (item, row) in enumerate(zip(ids, matrix)):
+        print(f"{item:<{width}} {n:>1} " + " ".join(f"{v:7.3g}" for v in row))
+    out = {"distances": result}
+    if plan:
+        resampled = bootstrap_matrices(store, features.features, args.bootstrap) if args.bootstrap else []
+        chosen = plan_fleet(matrix, ids, tau=args.tau, tau_quantile=args.tau_quantile, k=args.k,
+                            resampled=resampled, min_stability=args.min_stability)
+        stability = dict(chosen.stability or {})
+        print(f"\nplan ({chosen.method}, tau={chosen.tau:.4g}, k={args.k}):")
+        for group in chosen.groups:
+            share = f"  stability {stability[group]:.2f}" if group in stability else ""
+            print(f"  {' + '.join(group)}{share}")
+        print(f"  singletons: {', '.join(chosen.singletons) or 'none'}")
+        store.write_json("gw/plan.json", chosen.to_dict())
+        print(f"plan written to {store.uri_for('gw/plan.json')}")
+        out["plan"] = chosen.to_dict()
+    print(json.dumps({k: v for k, v in out.get("distances", {}).items() if k != "ids"}))
+    return out

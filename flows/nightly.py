@@ -1,0 +1,260 @@
+"""The nightly consolidation as a Prefect flow over Ray (DESIGN §2).
+
+validate -> extract features (Ray actors) -> GW matrix (Ray tasks, cached per pair) -> plan ->
+merge + gate each group (one Prefect task per group, throttled by the `fleetmerge-merge` tag's
+concurrency limit; the work itself runs as a Ray task) -> publish atomically.
+
+Prefect is the control plane: tasks pass URIs, keys and small JSON records, never tensors; artifacts
+show the heatmap, the plan, the metrics and the storage figures. Every heavy result is cached in the
+store under a content hash, so a rerun with nothing changed computes nothing and publishes nothing
+new. The flow fails loudly when a step fails (a failed task is raised, not swallowed).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.futures import wait
+
+from flows import artifacts
+from infra.settings import Settings, offline_env
+
+MERGE_TAG = "fleetmerge-merge"
+RAY_WAIT_S = 3600.0  # Prefect's timeouts cannot interrupt a blocking ray.get: every Ray wait has its own
+
+
+@dataclass
+class ConsolidateConfig:
+    """What a nightly run does; every field has a default that works on one machine."""
+
+    layer: int = -3
+    pooling: str = "cls"
+    max_responses: int = 256
+    solver: str = "entropic"
+    tau: float | None = None
+    tau_quantile: float = 0.3
+    k: int = 3
+    method: str = "ties"
+    grid: list[dict] | None = None  # None: the method's default grid; []: its defaults only
+    refit_heads: bool = True
+    delta: float = 0.02
+    seed: int = 0
+    ray_address: str | None = None
+    run_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "ConsolidateConfig":
+        values = dict(values or {})
+        unknown = sorted(set(values) - {f for f in cls.__dataclass_fields__})
+        if unknown:
+            raise ValueError(f"unknown consolidation setting(s) {unknown}")
+        return cls(**values)
+
+
+def _store(uri: str, settings: dict | None):
+    from infra.storage import open_store
+
+    return open_store(uri, Settings(**settings) if settings else Settings.from_env(store=uri))
+
+
+@task(name="validate", retries=1, retry_delay_seconds=5)
+def validate_task(store_uri: str, settings: dict | None, manifest_key: str) -> dict:
+    from infra.manifest import load_manifest
+    from infra.validation import validate_fleet
+
+    store = _store(store_uri, settings)
+    report = validate_fleet(store, load_manifest(store, manifest_key))
+    logger = get_run_logger()
+    logger.info(report.summary())
+    return report.to_dict()
+
+
+@task(name="extract-features", retries=1, retry_delay_seconds=5)
+def extract_task(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str], cfg: dict) -> dict:
+    from infra.manifest import load_manifest
+    from workers.extract import ExtractConfig
+    from workers.ray_extract import extract_fleet
+
+    store = _store(store_uri, settings)
+    manifest = load_manifest(store, manifest_key)
+    config = ExtractConfig(layer=cfg["layer"], pooling=cfg["pooling"], max_responses=cfg["max_responses"],
+                           seed=cfg["seed"])
+    logger = get_run_logger()
+    bar = artifacts.Progress("extract-progress", "features extracted")
+
+    def progress(scorer_id: str, status: str, done: int, total: int) -> None:
+        logger.info(f"features {scorer_id}: {status} ({done}/{total})")
+        bar.update(done / total)
+
+    result = extract_fleet(store, [manifest.scorer(i) for i in usable], config, progress=progress,
+                           base_model=manifest.base_model, timeout_s=RAY_WAIT_S)
+    logger.info(f"features: {len(result.computed)} computed, {len(result.reused)} reused, "
+                f"{len(result.errors)} failed")
+    return result.to_dict()
+
+
+@task(name="gw-matrix", retries=1, retry_delay_seconds=5)
+def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: dict) -> dict:
+    from workers.extract import FeatureRef
+    from workers.ray_gw import compute_distances
+
+    store = _store(store_uri, settings)
+    refs = {i: FeatureRef.from_dict(r) for i, r in features.items()}
+    logger = get_run_logger()
+    bar = artifacts.Progress("gw-progress", "GW pairs done")
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done / max(total, 1))
+
+    result = compute_distances(store, refs, solver=cfg["solver"], progress=progress, timeout_s=RAY_WAIT_S)
+    logger.info(f"GW matrix: {result['computed']} pairs computed, {result['reused']} reused, "
+                f"{result['skipped']} skipped by the lower bound")
+    return result
+
+
+@task(name="plan")
+def plan_task(store_uri: str, settings: dict | None, distances: dict, cfg: dict) -> dict:
+    from workers.fleet_gw import distance_matrix, plan_fleet
+
+    store = _store(store_uri, settings)
+    ids = distances["ids"]
+    matrix = distance_matrix(store, distances["key"], ids)
+    plan = plan_fleet(matrix, ids, tau=cfg["tau"], tau_quantile=cfg["tau_quantile"], k=cfg["k"])
+    get_run_logger().info(f"plan ({plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} groups, "
+                          f"{len(plan.singletons)} singletons")
+    return {"plan": plan.to_dict(), "matrix": matrix.tolist(), "ids": ids}
+
+
+@task(name="merge-group", tags=[MERGE_TAG], retries=1, retry_delay_seconds=10)
+def merge_group_task(store_uri: str, settings: dict | None, members: list[str], cfg: dict) -> dict:
+    import ray
+
+    from infra.ray_conn import ensure_ray
+    from workers.consolidate import MergeConfig
+    from workers.group_jobs import consolidate_group_job, group_key
+
+    store = _store(store_uri, settings)
+    config = MergeConfig(method=cfg["method"], grid=cfg["grid"], refit_heads=cfg["refit_heads"], delta=cfg["delta"],
+                         seed=cfg["seed"])
+    key = group_key(store, members, config)
+    if store.exists(f"candidates/groups/{key}/record.json"):  # cached: no Ray task, no model load
+        record = consolidate_group_job(store, members, config, key=key)
+    else:
+        ensure_ray(cfg["ray_address"])
+        remote = ray.remote(num_cpus=0.5, max_retries=2)(consolidate_group_job)
+        record = ray.get(remote.remote(store, members, config, key=key), timeout=RAY_WAIT_S)
+    get_run_logger().info(f"group {'+'.join(members)}: {record['gate']['reason']}"
+                          f"{' (reused)' if record['reused'] else ''}")
+    return record
+
+
+@task(name="keep-individual", retries=1, retry_delay_seconds=10)
+def individual_task(store_uri: str, settings: dict | None, item: str) -> dict:
+    from workers.group_jobs import individual_job
+
+    return individual_job(_store(store_uri, settings), item)
+
+
+@task(name="publish", retries=1, retry_delay_seconds=10)
+def publish_task(store_uri: str, settings: dict | None, manifest_key: str, sources: dict[str, str],
+                 run_id: str, extra: dict) -> dict:
+    from infra.manifest import load_manifest
+    from infra.publish import latest_run, read_manifest
+    from workers.publish_fleet import publish_consolidated, weights_bytes_before
+
+    store = _store(store_uri, settings)
+    logger = get_run_logger()
+    latest = latest_run(store)
+    if latest is not None and read_manifest(store, latest).get("extra", {}).get("sources") == sources:
+        logger.info(f"nothing changed since run {latest}: it stays the published state")
+        return {**read_manifest(store, latest), "republished": False}
+    manifest = load_manifest(store, manifest_key)
+    items = [i for source in sources for i in extra["members"][source]]
+    published = publish_consolidated(store, run_id, sources, bytes_before=weights_bytes_before(store, manifest, items),
+                                     extra={**extra, "sources": sources})
+    logger.info(f"published run {run_id}: {published['extra']['storage']}")
+    return {**published, "republished": True}
+
+
+@flow(name="fleetmerge-consolidate", log_prints=True)
+def consolidate(fleet: str = "fleet.yaml", store: str = ".fleetmerge/demo/fleet", config: dict | None = None,
+                settings: dict | None = None) -> dict:
+    """Consolidate the fleet whose manifest is `fleet` (a key) in the store at `store`; returns the run summary."""
+    offline_env()
+    cfg = asdict(ConsolidateConfig.from_dict(config))
+    started = time.perf_counter()
+    run_id = cfg["run_id"] or time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
+    timings: dict[str, float] = {}
+
+    def timed(name: str, value):
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 2)
+        return value
+
+    report = timed("validate", validate_task(store, settings, fleet))
+    features = timed("extract", extract_task(store, settings, fleet, report["usable"], cfg))
+    usable = sorted(features["features"])
+    set_aside = {**report["rejected"], **{i: [r] for i, r in features["errors"].items()}}
+    if len(usable) < 2:
+        raise RuntimeError(f"fewer than two scorers have features; set aside: {set_aside}")
+    distances = timed("gw", distances_task(store, settings, {i: features["features"][i] for i in usable}, cfg))
+    planned = timed("plan", plan_task(store, settings, distances, cfg))
+    plan = planned["plan"]
+
+    futures = [merge_group_task.submit(store, settings, list(group), cfg) for group in plan["groups"]]
+    wait(futures)
+    records = [f.result(raise_on_failure=True) for f in futures]
+    timings["merge"] = round(time.perf_counter() - started - sum(timings.values()), 2)
+
+    sources: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
+    merged_items: set[str] = set()
+    for n, record in enumerate(records, 1):
+        if record["checkpoint"]:
+            name = f"groups/g{n:03d}"
+            sources[name], members[name] = record["checkpoint"], record["accepted"]
+            merged_items.update(record["accepted"])
+    individual = [i for i in usable if i not in merged_items]
+    for result in [f.result(raise_on_failure=True) for f in individual_task.map(unmapped(store), unmapped(settings), individual)]:
+        name = f"items/{result['item']}"
+        sources[name], members[name] = result["checkpoint"], [result["item"]]
+    timings["individual"] = round(time.perf_counter() - started - sum(timings.values()), 2)
+
+    extra = {"plan": plan, "gate": [r["gate"] for r in records], "members": members, "set_aside": set_aside,
+             "config": {k: v for k, v in cfg.items() if k != "run_id"}}
+    published = publish_task(store, settings, fleet, sources, run_id, extra)
+    timings["publish"] = round(time.perf_counter() - started - sum(timings.values()), 2)
+
+    summary = {
+        "run_id": published["run_id"], "republished": published["republished"], "store": store,
+        "groups": [r["accepted"] for r in records if r["checkpoint"]], "individual": individual,
+        "set_aside": set_aside, "storage": published["extra"]["storage"],
+        "computed": {"features": len(features["computed"]), "pairs": distances["computed"],
+                     "merges": sum(not r["reused"] for r in records)},
+        "reused": {"features": len(features["reused"]), "pairs": distances["reused"],
+                   "merges": sum(r["reused"] for r in records)},
+        "items": _item_table(records, individual),
+        "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
+    }
+    artifacts.publish_run_artifacts(summary, planned, records)
+    return summary
+
+
+def _item_table(records: list[dict], individual: list[str]) -> list[dict[str, Any]]:
+    """Per item: group, gate decision, validation and test macro F1 before and after."""
+    rows = []
+    for record in records:
+        accepted = set(record["accepted"])
+        for item in record["members"]:
+            before = record["baseline_test"][item]["macro_f1"]
+            after = record.get("merged_test", {}).get(item, {}).get("macro_f1", before) if item in accepted else before
+            rows.append({"item": item, "group": "+".join(record["accepted"]) if item in accepted else "-",
+                         "gate": "merged" if item in accepted else "kept individual",
+                         "val_macro_f1_before": record["baseline_validation"][item]["macro_f1"],
+                         "val_macro_f1_after": record["merged_validation"].get(item, {}).get("macro_f1"),
+                         "test_macro_f1_before": before, "test_macro_f1_after": after})
+    planned = {row["item"] for row in rows}
+    rows += [{"item": i, "group": "-", "gate": "not planned into a group"} for i in individual if i not in planned]
+    return sorted(rows, key=lambda r: r["item"])

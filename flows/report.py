@@ -1,0 +1,50 @@
+"""Human-readable summaries of a consolidation run, for the terminal."""
+from __future__ import annotations
+
+from infra.publish import latest_run, read_manifest, run_prefix
+from infra.storage import Store
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def print_summary(summary: dict) -> None:
+    storage = summary["storage"]
+    print(f"run {summary['run_id']}{'' if summary['republished'] else ' (nothing changed: still the published run)'}")
+    print(f"  groups merged: {len(summary['groups'])}  " + "  ".join("+".join(g) for g in summary["groups"]))
+    print(f"  kept individual: {', '.join(summary['individual']) or 'none'}")
+    if summary["set_aside"]:
+        for item, reasons in summary["set_aside"].items():
+            print(f"  set aside {item}: {'; '.join(reasons)}")
+    print(f"\n  {'item':<34}{'gate':<26}{'test macro F1 before':>22}{'after':>8}{'change':>9}")
+    for row in summary["items"]:
+        before, after = row.get("test_macro_f1_before"), row.get("test_macro_f1_after")
+        if before is None:
+            print(f"  {row['item']:<34}{row['gate']:<26}")
+            continue
+        print(f"  {row['item']:<34}{row['gate']:<26}{before:>22.3f}{after:>8.3f}{after - before:>+9.3f}")
+    print(f"\n  storage: {_mb(storage['bytes_before'])} -> {_mb(storage['bytes_after'])} "
+          f"({storage['ratio']}x smaller, {storage['n_backbones']} backbones for {storage['n_items']} items)")
+    print(f"  computed {summary['computed']}, reused {summary['reused']}")
+    print(f"  seconds: {summary['seconds']}")
+    print(f"  published under {summary['store']}/published/{summary['run_id']} "
+          f"(fleetmerge report {summary['run_id']} --store {summary['store']})")
+
+
+def print_run(store: Store, run_id: str | None = None) -> None:
+    run_id = run_id or latest_run(store)
+    if run_id is None:
+        raise ValueError(f"{store.uri}: nothing published yet")
+    manifest = read_manifest(store, run_id)
+    extra = manifest.get("extra", {})
+    storage = extra.get("storage", {})
+    print(f"run {run_id} at {store.uri_for(run_prefix(store, run_id))} (created {manifest.get('created_at')})")
+    for name, items in sorted(extra.get("members", {}).items()):
+        print(f"  {name:<40} {', '.join(items)}")
+    for gate in extra.get("gate", []):
+        print(f"  gate {'+'.join(gate['members'])}: {gate['reason']}")
+    for item, reasons in extra.get("set_aside", {}).items():
+        print(f"  set aside {item}: {'; '.join(reasons)}")
+    if storage:
+        print(f"  storage: {_mb(storage['bytes_before'])} -> {_mb(storage['bytes_after'])} ({storage['ratio']}x)")

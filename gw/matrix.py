@@ -1,0 +1,298 @@
+"""The pairwise GW matrix of a fleet: prepared once per cloud, cached per pair, skipped by bounds.
+
+:func:`gw_matrix` takes ``{id: features}`` and returns a :class:`GWMatrix`: the symmetric values
+(diagonal 0), each pair's :class:`~gw.solvers.GWResult`, and which pairs a lower bound skipped.
+
+Caching. A finished pair is stored in the caller's ``cache`` (any ``MutableMapping[str, GWResult]``)
+under :func:`pair_cache_key`: the two clouds' content keys (:func:`~gw.clouds.feature_key` of the
+raw features, or the caller's ``keys``), order-free, plus every setting that changes the value
+(solver, its options, normalisation, dtype). Adding one scorer to a fleet of n computes n new pairs;
+changing one scorer's features recomputes only its n - 1 pairs. Each pair is always solved in a
+canonical order (by key), so a value never depends on which id came first.
+
+Skipping (lower bounds, :mod:`gw.bounds`): a pair whose bound is at least the grouping threshold
+``tau`` can never be grouped (the planner never groups ``D >= tau``), so its value is recorded as
+the bound and it is flagged in ``skipped``; no plan that uses ``tau`` changes.
+
+* explicit ``skip_tau``: skip every pair with ``bound >= skip_tau``.
+* ``skip_tau_quantile = q`` (tau is the q-quantile of the off-diagonal values, as in
+  :func:`gw.plan.solve_plan`, numpy's linear interpolation between the order statistics at ranks
+  ``lo = floor(q (m - 1))`` and ``hi = ceil(q (m - 1))`` of the m pairs): pairs are computed in
+  ascending order of their bound (cached pairs count as computed). Let ``U`` be the rank-``hi``
+  value of {computed values} together with +inf for every pair not computed yet; ``U`` can only
+  fall as pairs are computed, and ``U >= tau`` always. Once every remaining pair has
+  ``bound >= U``, their true values are all ``>= U``, so the order statistics at ranks ``lo`` and
+  ``hi`` are already among the computed values: recording the remaining pairs at their bounds
+  (all ``>= U >= tau``) leaves the quantile, hence tau, exactly as the full matrix would give it,
+  and leaves every pair below tau computed. The result carries that tau; passing either it or the
+  same quantile to the planner yields the plan of the full matrix.
+
+Fan-out. A distributed layer can do the same with :func:`prepare_fleet` (prepare once per cloud),
+:func:`~gw.solvers.gw_pair` (one pair), :func:`pair_cache_key` and :func:`quantile_cutoff` (the
+``U`` above, for batches of pairs in bound order).
+
+Pure math: numpy, torch, POT; no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, MutableMapping, Sequence
+
+import numpy as np
+import torch
+
+from .bounds import DEFAULT_LEVELS, bound_matrix, cost_profile
+from .clouds import DEFAULT_NORMALISATION, Normalisation, PreparedCloud, check_cloud, feature_key, prepare, resolve_device
+from .solvers import SOLVERS, EntropicOptions, GWResult, _use_dense, entropic_gw_batch, exact_gw
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, eq=False)
+class GWMatrix:
+    """Pairwise GW values of a fleet.
+
+    Attributes:
+        ids: the ids, in row order (sorted).
+        values: [n, n] symmetric float64, diagonal 0; a skipped pair holds its lower bound.
+        results: ``(a, b) -> GWResult`` for every pair with a value (computed or cached), a < b.
+        skipped: pairs (a < b) whose value is only their lower bound (never grouped under ``tau``).
+        bounds: [n, n] lower bounds when skipping was on, else None.
+        tau: the skipping threshold used (explicit, or the exact quantile), else None.
+        tau_quantile: the quantile asked for, else None.
+        solver: the solver's name.
+        n_computed: pairs solved in this call; n_cached: pairs read from the cache.
+    """
+
+    ids: tuple[str, ...]
+    values: np.ndarray
+    results: Mapping[tuple[str, str], GWResult]
+    skipped: frozenset[tuple[str, str]]
+    bounds: np.ndarray | None = None
+    tau: float | None = None
+    tau_quantile: float | None = None
+    solver: str = "entropic"
+    n_computed: int = 0
+    n_cached: int = 0
+    keys: Mapping[str, str] = field(default_factory=dict)
+
+    def value(self, a: str, b: str) -> float:
+        i, j = self.ids.index(a), self.ids.index(b)
+        return float(self.values[i, j])
+
+    @property
+    def n_pairs(self) -> int:
+        n = len(self.ids)
+        return n * (n - 1) // 2
+
+    @property
+    def skipped_fraction(self) -> float:
+        return len(self.skipped) / self.n_pairs if self.n_pairs else 0.0
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """Long form, one row per pair (a < b): ids, value, skipped, bound, and the result's fields."""
+        rows = []
+        n = len(self.ids)
+        for i in range(n):
+            for j in range(i + 1, n):
+                a, b = self.ids[i], self.ids[j]
+                row: dict[str, Any] = {"a": a, "b": b, "value": float(self.values[i, j]),
+                                       "skipped": (a, b) in self.skipped,
+                                       "bound": None if self.bounds is None else float(self.bounds[i, j]),
+                                       "key_a": self.keys.get(a), "key_b": self.keys.get(b)}
+                res = self.results.get((a, b))
+                if res is not None:
+                    row.update({k: v for k, v in res.to_dict().items() if k != "value"})
+                rows.append(row)
+        return rows
+
+
+def pair_cache_key(key_a: str, key_b: str, config: Mapping[str, Any]) -> str:
+    """Cache key of a pair: both content keys (order-free) and every setting that changes the value."""
+    first, second = sorted((str(key_a), str(key_b)))
+    blob = json.dumps({"a": first, "b": second, "config": dict(config)}, sort_keys=True, default=str)
+    return "gw:" + hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+def solver_config(solver: str, options: EntropicOptions | None, normalisation: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The settings that make up a pair's cache key (see :func:`pair_cache_key`)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    config: dict[str, Any] = {"solver": solver, "normalisation": normalisation}
+    if solver == "entropic":
+        config["options"] = (options or EntropicOptions()).to_dict()
+        config["dtype"] = str(dtype)
+    return config
+
+
+def quantile_cutoff(known_values: Sequence[float], n_pairs: int, quantile: float) -> float:
+    """``U``: the value at rank ``ceil(q (m - 1))`` of the known values padded with +inf to m pairs.
+
+    Pairs whose lower bound is ``>= U`` never need computing for a q-quantile threshold (see the
+    module docstring). +inf while fewer values than that rank are known.
+    """
+    if n_pairs < 1:
+        raise ValueError("n_pairs must be >= 1")
+    hi = math.ceil(quantile * (n_pairs - 1))
+    known = np.sort(np.asarray(known_values, dtype=np.float64))
+    return float(known[hi]) if known.size > hi else math.inf
+
+
+def prepare_fleet(
+    features: Mapping[str, Any],
+    *,
+    normalisation: Normalisation = DEFAULT_NORMALISATION,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    keys: Mapping[str, str] | None = None,
+) -> dict[str, PreparedCloud]:
+    """Prepare every cloud once (validated, centred, normalised; keyed by content)."""
+    if not features:
+        return {}
+    first = next(iter(features.values()))
+    target = resolve_device(device, first)
+    out = {}
+    for scorer_id in sorted(features):
+        X = check_cloud(features[scorer_id], name=f"features[{scorer_id!r}]")
+        key = (keys or {}).get(scorer_id) or feature_key(X)
+        cloud = prepare(X, normalisation=normalisation, device=target, dtype=dtype, key=key,
+                        name=f"features[{scorer_id!r}]")
+        out[scorer_id] = cloud.with_dense_costs() if _use_dense(cloud, cloud, "auto") else cloud
+    return out
+
+
+def gw_matrix(
+    features: Mapping[str, Any],
+    *,
+    solver: str = "entropic",
+    options: EntropicOptions | None = None,
+    normalisation: Normalisation = DEFAULT_NORMALISATION,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    keys: Mapping[str, str] | None = None,
+    cache: MutableMapping[str, GWResult] | None = None,
+    progress: Progress | None = None,
+    skip_tau: float | None = None,
+    skip_tau_quantile: float | None = None,
+    bound_levels: int = DEFAULT_LEVELS,
+    batch_size: int = 16,
+) -> GWMatrix:
+    """Pairwise GW between feature clouds.
+
+    Args:
+        features: id -> [N_id, d_id] features (>= 2 finite points each; sizes and dims may differ).
+        solver: ``"entropic"`` (ours; batched) or ``"exact"`` (POT).
+        options: entropic solver settings.
+        normalisation, device, dtype: see :func:`gw.clouds.prepare`.
+        keys: optional id -> content key (e.g. the feature file's hash); default
+            :func:`~gw.clouds.feature_key` of the features.
+        cache: optional mapping :func:`pair_cache_key` -> :class:`GWResult`; read, and written
+            with every newly computed pair.
+        progress: called as ``progress(done, total)`` after each batch of pairs.
+        skip_tau: skip pairs whose lower bound is >= this threshold.
+        skip_tau_quantile: skip with tau = this quantile of the off-diagonal values (exactly; see
+            the module docstring). Give at most one of the two.
+        bound_levels: resolution of the lower bounds (see :mod:`gw.bounds`).
+        batch_size: pairs per batched solver call.
+
+    Returns:
+        A :class:`GWMatrix`.
+    """
+    if skip_tau is not None and skip_tau_quantile is not None:
+        raise ValueError("give skip_tau or skip_tau_quantile, not both")
+    if skip_tau is not None and not math.isfinite(float(skip_tau)):
+        raise ValueError(f"skip_tau must be finite, got {skip_tau}")
+    if skip_tau_quantile is not None and not 0.0 <= float(skip_tau_quantile) <= 1.0:
+        raise ValueError(f"skip_tau_quantile must be in [0, 1], got {skip_tau_quantile}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    config = solver_config(solver, options, normalisation, dtype)
+    clouds = prepare_fleet(features, normalisation=normalisation, device=device, dtype=dtype, keys=keys)
+    ids = tuple(clouds)
+    n = len(ids)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    values = np.zeros((n, n))
+    results: dict[tuple[str, str], GWResult] = {}
+    cache_keys = {(i, j): pair_cache_key(clouds[ids[i]].key, clouds[ids[j]].key, config) for i, j in pairs}
+
+    def record(i: int, j: int, res: GWResult) -> None:
+        values[i, j] = values[j, i] = res.value
+        results[(ids[i], ids[j])] = res
+
+    n_cached = 0
+    todo = []
+    for i, j in pairs:
+        hit = cache.get(cache_keys[(i, j)]) if cache is not None else None
+        if hit is not None:
+            record(i, j, hit)
+            n_cached += 1
+        else:
+            todo.append((i, j))
+
+    bounds = None
+    tau = None
+    skipped: set[tuple[int, int]] = set()
+    skipping = skip_tau is not None or skip_tau_quantile is not None
+    if skipping and todo:
+        bounds = bound_matrix([cost_profile(clouds[i], n_levels=bound_levels) for i in ids])
+        todo.sort(key=lambda ij: (bounds[ij], ij))
+        if skip_tau is not None:
+            tau = float(skip_tau)
+            skipped = {ij for ij in todo if bounds[ij] >= tau}
+            todo = [ij for ij in todo if ij not in skipped]
+
+    done = n_cached
+    total = len(pairs)
+    n_computed = 0
+    while todo:
+        if skip_tau_quantile is not None:
+            known = [values[ij] for ij in pairs if (ids[ij[0]], ids[ij[1]]) in results]
+            cutoff = quantile_cutoff(known, len(pairs), float(skip_tau_quantile))
+            if bounds[todo[0]] >= cutoff:
+                skipped = set(todo)
+                break
+        batch, todo = todo[:batch_size], todo[batch_size:]
+        for (i, j), res in zip(batch, _solve_pairs(clouds, ids, batch, solver, options)):
+            record(i, j, res)
+            if cache is not None:
+                cache[cache_keys[(i, j)]] = res.without_coupling()
+        n_computed += len(batch)
+        done += len(batch)
+        if progress is not None:
+            progress(done, total)
+
+    for i, j in skipped:
+        values[i, j] = values[j, i] = bounds[i, j]
+    if skip_tau_quantile is not None and pairs:
+        tau = float(np.quantile(values[np.triu_indices(n, k=1)], float(skip_tau_quantile)))
+    if skipped and progress is not None:
+        progress(total, total)
+    return GWMatrix(
+        ids=ids, values=values, results=results,
+        skipped=frozenset((ids[i], ids[j]) for i, j in skipped),
+        bounds=bounds, tau=tau,
+        tau_quantile=None if skip_tau_quantile is None else float(skip_tau_quantile),
+        solver=solver, n_computed=n_computed, n_cached=n_cached,
+        keys={i: clouds[i].key for i in ids},
+    )
+
+
+def _solve_pairs(
+    clouds: Mapping[str, PreparedCloud],
+    ids: Sequence[str],
+    batch: Sequence[tuple[int, int]],
+    solver: str,
+    options: EntropicOptions | None,
+) -> list[GWResult]:
+    """Solve a batch of pairs, each in canonical order (by content key, then id)."""
+    ordered = []
+    for i, j in batch:
+        a, b = clouds[ids[i]], clouds[ids[j]]
+        ordered.append((a, b) if (a.key, ids[i]) <= (b.key, ids[j]) else (b, a))
+    if solver == "entropic":
+        return entropic_gw_batch(ordered, options)
+    return [exact_gw(a, b) for a, b in ordered]

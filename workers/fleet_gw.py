@@ -1,0 +1,37 @@
+"""Distances and plans of a built fleet: the steps the flow and `fleetmerge distances|plan` share."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from gw.matrix import gw_matrix
+from gw.plan import Plan, solve_plan
+from gw.stability import bootstrap_indices, solve_stable_plan
+from infra.storage import Store
+from workers.extract import FeatureRef, read_features
+
+
+def distance_matrix(store: Store, key: str, ids: Sequence[str]) -> np.ndarray:
+    """The symmetric matrix (diagonal 0) of a long-form distances table."""
+    index = {i: n for n, i in enumerate(ids)}
+    matrix = np.zeros((len(ids), len(ids)))
+    for row in store.read_table(key, columns=["a", "b", "value"]).to_pylist():
+        matrix[index[row["a"]], index[row["b"]]] = matrix[index[row["b"]], index[row["a"]]] = row["value"]
+    return matrix
+
+
+def bootstrap_matrices(store: Store, refs: Mapping[str, FeatureRef], n_resamples: int, *, seed: int = 0,
+                       solver: str = "entropic") -> list[np.ndarray]:
+    """GW matrices recomputed on bootstrap resamples of each scorer's responses (for plan stability)."""
+    clouds = {i: read_features(store, ref)[1] for i, ref in sorted(refs.items())}
+    draws = {i: bootstrap_indices(len(x), n_resamples, seed=seed + n) for n, (i, x) in enumerate(clouds.items())}
+    return [gw_matrix({i: clouds[i][draws[i][r]] for i in clouds}, solver=solver).values for r in range(n_resamples)]
+
+
+def plan_fleet(matrix: np.ndarray, ids: Sequence[str], *, tau: float | None, tau_quantile: float, k: int,
+               resampled: Sequence[np.ndarray] = (), min_stability: float = 0.0) -> Plan:
+    if resampled:
+        return solve_stable_plan(matrix, list(resampled), list(ids), min_stability=min_stability, tau=tau,
+                                 tau_quantile=tau_quantile, k=k)
+    return solve_plan(matrix, list(ids), tau=tau, tau_quantile=tau_quantile, k=k)
