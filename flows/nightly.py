@@ -54,6 +54,14 @@ class ConsolidateConfig:
         return cls(**values)
 
 
+def _connect(cfg: dict) -> None:
+    """Join the configured Ray cluster up front; without one, steps start a local Ray only if they compute."""
+    if cfg.get("ray_address"):
+        from infra.ray_conn import ensure_ray
+
+        ensure_ray(cfg["ray_address"])
+
+
 def _store(uri: str, settings: dict | None):
     from infra.storage import open_store
 
@@ -78,6 +86,7 @@ def extract_task(store_uri: str, settings: dict | None, manifest_key: str, usabl
     from workers.extract import ExtractConfig
     from workers.ray_extract import extract_fleet
 
+    _connect(cfg)
     store = _store(store_uri, settings)
     manifest = load_manifest(store, manifest_key)
     config = ExtractConfig(layer=cfg["layer"], pooling=cfg["pooling"], max_responses=cfg["max_responses"],
@@ -101,6 +110,7 @@ def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: d
     from workers.extract import FeatureRef
     from workers.ray_gw import compute_distances
 
+    _connect(cfg)
     store = _store(store_uri, settings)
     refs = {i: FeatureRef.from_dict(r) for i, r in features.items()}
     logger = get_run_logger()

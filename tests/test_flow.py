@@ -1,0 +1,91 @@
+"""The nightly flow end to end on a tiny fleet: Prefect harness, local Ray, local and S3 stores."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from flows.nightly import consolidate
+from infra.publish import latest_run, list_runs, read_manifest, verify_run
+from infra.storage import open_store
+from workers.serving import ConsolidatedFleet
+
+FAST = {"grid": [], "max_responses": 48, "delta": 1.0}  # a lenient gate: merged groups are published
+
+
+@pytest.fixture
+def fleet_copy(tmp_path, tiny_fleet_dir):
+    root = tmp_path / "fleet"
+    shutil.copytree(tiny_fleet_dir, root)
+    return root
+
+
+async def _artifact_keys(flow_run_id) -> set[str]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key for a in found if a.key}
+
+
+def test_flow_publishes_then_reruns_without_computing(prefect_harness, ray_local, fleet_copy):
+    import asyncio
+
+    state = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST, return_state=True)
+    summary = state.result()
+    store = open_store(str(fleet_copy))
+    assert summary["groups"], summary
+    assert latest_run(store) == summary["run_id"] and verify_run(store, summary["run_id"]) == []
+    manifest = read_manifest(store, summary["run_id"])
+    assert set(manifest["routing"]) == {"circuits-1", "circuits-2", "circuits-3", "plants-1", "plants-2"}
+    assert summary["storage"]["ratio"] > 1.0
+    assert summary["computed"] == {"features": 5, "pairs": 10, "merges": len(summary["groups"])}
+    keys = asyncio.run(_artifact_keys(state.state_details.flow_run_id))
+    assert {"gw-heatmap", "merge-plan", "item-metrics", "storage-summary", "gw-progress"} <= keys
+
+    again = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
+    assert again["computed"] == {"features": 0, "pairs": 0, "merges": 0}
+    assert again["reused"]["pairs"] == 10 and not again["republished"]
+    assert list_runs(store) == [summary["run_id"]]
+    with ConsolidatedFleet(store, device="cpu") as served:
+        assert served.predict("plants-1", ["the roots take up water"])[0].label
+
+
+def test_broken_scorer_is_set_aside_and_the_rest_published(prefect_harness, ray_local, fleet_copy):
+    (fleet_copy / "scorers" / "plants-2" / "model.safetensors").write_bytes(b"not safetensors at all")
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
+    assert "plants-2" in summary["set_aside"] and "not valid safetensors" in summary["set_aside"]["plants-2"][0]
+    store = open_store(str(fleet_copy))
+    assert "plants-2" not in read_manifest(store, summary["run_id"])["routing"]
+    assert len(read_manifest(store, summary["run_id"])["routing"]) == 4
+
+
+def test_changed_scorer_recomputes_only_its_own_work(prefect_harness, ray_local, fleet_copy):
+    first = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
+    # Replace one scorer's weights by another's: a changed checkpoint with a valid head.
+    shutil.copy(fleet_copy / "scorers" / "circuits-1" / "model.safetensors",
+                fleet_copy / "scorers" / "circuits-2" / "model.safetensors")
+    second = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
+    assert second["computed"]["features"] == 1 and second["reused"]["features"] == 4
+    assert second["computed"]["pairs"] == 4 and second["reused"]["pairs"] == 6
+    touched = [g for g in second["groups"] if "circuits-2" in g]
+    assert second["computed"]["merges"] <= len(touched) + 1
+    assert second["republished"] and second["run_id"] != first["run_id"]
+
+
+def test_failed_publish_leaves_the_previous_state(prefect_harness, ray_local, fleet_copy, monkeypatch):
+    first = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
+    store = open_store(str(fleet_copy))
+    shutil.copy(fleet_copy / "scorers" / "circuits-1" / "model.safetensors",
+                fleet_copy / "scorers" / "circuits-3" / "model.safetensors")
+    import workers.publish_fleet as publish_fleet
+
+    def broken_checkpoint_weights(store_, prefix):
+        raise OSError("disk full while publishing")
+
+    monkeypatch.setattr(publish_fleet, "checkpoint_weights", broken_checkpoint_weights)
+    with pytest.raises(Exception, match="disk full"):
+        consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
+    assert latest_run(store) == first["run_id"] and list_runs(store) == [first["run_id"]]
