@@ -36,6 +36,11 @@ from workers.models import default_base_dir, quiet_transformers  # noqa: E402
 PRIMARY = ("accuracy", "macro_f1", "qwk")
 
 
+def _figure(value: float) -> float | None:
+    """Rounded; None where undefined (QWK of an item whose test answers all share one label)."""
+    return None if value is None or value != value else round(value, 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="dataset directory in the SemEval-2013 layout")
@@ -65,8 +70,8 @@ def main() -> None:
         "dataset": Path(args.data).resolve().name,
         "n_items": len(report.usable),
         "n_test": sum(m["n"] for m in per_item.values()),
-        "premerge": {k: round(fleet[k], 4) for k in PRIMARY},
-        "per_item": {item: {**{k: round(m[k], 4) for k in PRIMARY}, "n": m["n"]} for item, m in sorted(per_item.items())},
+        "premerge": {k: _figure(fleet[k]) for k in PRIMARY},
+        "per_item": {item: {**{k: _figure(m[k]) for k in PRIMARY}, "n": m["n"]} for item, m in sorted(per_item.items())},
         "set_aside": report.rejected,
         "finetune": config.to_dict() | {"seed": "per item, derived from seed"},
         "seconds": {"build": round(build_seconds, 1), "evaluate": round(eval_seconds, 1),

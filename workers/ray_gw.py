@@ -42,8 +42,11 @@ def pair_cache_key(solver: str, options: EntropicOptions | None, a: FeatureRef, 
 
 
 def compute_chunk(store: Store, refs: Sequence[FeatureRef], pairs: Sequence[tuple[int, int]], solver: str,
-                  options: EntropicOptions | None) -> list[dict]:
-    """Solve `pairs` (indices into `refs`), write each to the pair cache, return their records."""
+                  options: EntropicOptions | None, cache_keys: Sequence[str]) -> list[dict]:
+    """Solve `pairs` (indices into `refs`), write each under its cache key, return their records.
+
+    The driver names the cache keys, so reader and writer agree even if a worker runs other code.
+    """
     needed = sorted({i for pair in pairs for i in pair})
     clouds = {i: prepare(np.array(read_features(store, refs[i])[1]), key=refs[i].key, name=refs[i].scorer_id)
               for i in needed}
@@ -54,10 +57,10 @@ def compute_chunk(store: Store, refs: Sequence[FeatureRef], pairs: Sequence[tupl
     else:
         results = [gw_pair(clouds[i], clouds[j], solver=solver) for i, j in ordered]
     records = []
-    for (i, j), result in zip(pairs, results):
+    for (i, j), result, cache_key in zip(pairs, results, cache_keys):
         record = {"a": refs[i].scorer_id, "b": refs[j].scorer_id, "key_a": refs[i].key, "key_b": refs[j].key,
                   **result.to_dict()}
-        store.write_json(pair_cache_key(solver, options, refs[i], refs[j]), record)
+        store.write_json(cache_key, record)
         records.append(record)
     return records
 
@@ -75,9 +78,9 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
         raise ValueError(f"need at least two feature sets for a distance matrix, got {ids}")
     refs = [features[i] for i in ids]
     records: dict[tuple[int, int], dict] = {}
-    todo = []
+    todo, keys = [], {}
     for i, j in itertools.combinations(range(len(ids)), 2):
-        cached = pair_cache_key(solver, options, refs[i], refs[j])
+        keys[(i, j)] = cached = pair_cache_key(solver, options, refs[i], refs[j])
         if store.exists(cached):
             records[(i, j)] = store.read_json(cached)
         else:
@@ -87,11 +90,11 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
         progress(reused, total)
     chunks = [todo[n:n + chunk_size] for n in range(0, len(todo), chunk_size)]
     if chunks and use_ray:
-        _run_on_ray(store, refs, chunks, solver, options, records, max_in_flight, timeout_s,
+        _run_on_ray(store, refs, chunks, solver, options, keys, records, max_in_flight, timeout_s,
                     lambda: progress(len(records), total) if progress else None)
     else:
         for chunk in chunks:
-            for (i, j), record in zip(chunk, compute_chunk(store, refs, chunk, solver, options)):
+            for (i, j), record in zip(chunk, compute_chunk(store, refs, chunk, solver, options, [keys[p] for p in chunk])):
                 records[(i, j)] = record
             if progress:
                 progress(len(records), total)
@@ -112,7 +115,7 @@ def _row(record: dict) -> dict:
 
 
 def _run_on_ray(store: Store, refs: Sequence[FeatureRef], chunks: list, solver: str,
-                options: EntropicOptions | None, records: dict,
+                options: EntropicOptions | None, keys: dict, records: dict,
                 max_in_flight: int | None, timeout_s: float, on_done: Callable[[], None]) -> None:
     import ray
 
@@ -129,7 +132,7 @@ def _run_on_ray(store: Store, refs: Sequence[FeatureRef], chunks: list, solver: 
     while queue or pending:
         while queue and len(pending) < window:
             chunk = queue.pop(0)
-            pending[remote.remote(store, list(refs), chunk, solver, options)] = chunk
+            pending[remote.remote(store, list(refs), chunk, solver, options, [keys[p] for p in chunk])] = chunk
         left = deadline - time.monotonic()
         if left <= 0:
             for ref in pending:
