@@ -30,9 +30,13 @@ Where we differ from the reference, and why:
   "gradient" is the reference exactly (the gradient only).
 - Speed. The loss is quadratic in Δ, so the gradient is computed in closed form,
   ∇ = −2 Λ Σ_j a_j ⊙ τ_j with a_j = ⟨τ_j, τ_j − τ_m⟩ per row and Λ = Σ_i λ_i, instead of by autograd;
-  weights of the same shape are optimised together as one batch (Adam is element-wise and the loss is
-  a sum over weights, so this equals optimising each weight alone, as the reference does), with
-  torch's fused Adam kernel. A MiniLM-L6 trio (36 weights, 400 steps) takes ~30 s of one CPU core.
+  weights of the same shape are optimised together in batches of at most 16 MB of task vectors (Adam
+  is element-wise and the loss is a sum over weights, so this equals optimising each weight alone, as
+  the reference does), with torch's fused Adam kernel. A MiniLM-L6 trio (36 weights, 400 steps) takes
+  ~25 s of one CPU core.
+- Memory. No batch-sized temporaries: the projection is in place (``baddbmm_``), the residual constants
+  are computed in the optimiser's buffers before it starts, the SVDs run one weight at a time and the
+  final masked merge one weight at a time; peak memory is ~1.6x the inputs for a MiniLM-L6 trio.
 """
 from __future__ import annotations
 
@@ -45,13 +49,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gw.merge._magnitude import top_fraction_thresholds
+from gw.merge._magnitude import strided_sample, top_fraction_thresholds
 from gw.merge._state import (
     KIND_BUFFER,
     KIND_MATRIX,
     StateDict,
     TaskVectorSource,
-    allocate_like,
     classify_key,
     compute_dtype,
     copy_buffers,
@@ -60,8 +63,10 @@ from gw.merge.task_arithmetic import add_scaled_sum
 
 PROJECTIONS = ("step", "final", "gradient")
 # Upper bound on the stacked task vectors of one optimisation batch (N·L·rows·cols·4 bytes); the
-# optimiser keeps about 6 more tensors of a third of that for N = 3.
-_BATCH_BYTES = 256 * 1024 * 1024
+# optimiser keeps about 5 more tensors of a third of that for N = 3. Small batches keep the merge's peak
+# memory near inputs + output (a MiniLM-L6 trio: 9 batches, +~60 MB of working memory) at a cost of a
+# few hundred small-op launches per step, not measurable next to the arithmetic.
+_BATCH_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -135,17 +140,21 @@ def shared_subspace_basis(taus: Tensor, divisor: int = 6) -> Tensor:
     keep = min(rank // divisor, n_tasks * per_task)
     if keep == 0:
         return taus.new_zeros((n_weights, rows, 0))
-    stacked = torch.cat(
-        [torch.linalg.svd(taus[task], full_matrices=False).U[..., :per_task] for task in range(n_tasks)], dim=-1
-    )
-    return torch.linalg.svd(stacked, full_matrices=False).U[..., :keep].contiguous()
+    basis = taus.new_empty((n_weights, rows, keep))
+    stacked = taus.new_empty((rows, n_tasks * per_task))
+    for weight in range(n_weights):  # one weight at a time: SVD scratch for one matrix, not for the batch
+        for task in range(n_tasks):
+            left = torch.linalg.svd(taus[task, weight], full_matrices=False).U
+            stacked[:, task * per_task : (task + 1) * per_task] = left[:, :per_task]
+        basis[weight] = torch.linalg.svd(stacked, full_matrices=False).U[:, :keep]
+    return basis
 
 
 def _project_out(matrix: Tensor, basis: Tensor) -> Tensor:
     """matrix ← (I − BBᵀ) matrix, in place, batched over weights."""
     if basis.shape[-1] == 0:
         return matrix
-    return matrix.sub_(torch.bmm(basis, torch.bmm(basis.transpose(1, 2), matrix)))
+    return matrix.baddbmm_(basis, torch.bmm(basis.transpose(1, 2), matrix), alpha=-1.0)
 
 
 def _row_inner(taus: Tensor, matrix: Tensor) -> Tensor:
@@ -165,6 +174,17 @@ def doge_residuals(taus: Tensor, lambdas: Tensor, delta: Tensor) -> Tensor:
     """a_j = ⟨τ_j, τ_j − τ_m⟩ per row with τ_m = Σ_i λ_i (τ_i + Δ); the loss is Σ a_j²."""
     merged = torch.einsum("il,ilrc->lrc", lambdas, taus) + lambdas.sum(0)[:, None, None] * delta
     return (taus * taus).sum(-1) - _row_inner(taus, merged)
+
+
+def _initial_residuals(taus: Tensor, lambdas: Tensor, *, merged: Tensor, scratch: Tensor) -> Tensor:
+    """doge_residuals at Δ = 0, ⟨τ_j, τ_j − Σ_i λ_i τ_i⟩ per row, using two [L, rows, cols] buffers."""
+    torch.mul(taus[0], lambdas[0][:, None, None], out=merged)
+    for task in range(1, taus.shape[0]):
+        merged.addcmul_(taus[task], lambdas[task][:, None, None])
+    out = taus.new_empty(taus.shape[:-1])
+    for task in range(taus.shape[0]):
+        torch.sum(torch.sub(taus[task], merged, out=scratch).mul_(taus[task]), dim=-1, out=out[task])
+    return out
 
 
 def loss_gradient(taus: Tensor, lambdas: Tensor, residuals: Tensor, out: Tensor | None = None) -> Tensor:
@@ -195,12 +215,14 @@ def optimise_shift(
         lambdas = doge_lambdas(taus, eta)
         basis = shared_subspace_basis(taus, subspace_divisor)
         total_lambda = lambdas.sum(0)[:, None]  # Λ per weight, broadcast over rows: [L, 1]
-        # a_j = c_j − Λ ⟨τ_j, Δ⟩ per row, with the constant part c_j = ⟨τ_j, τ_j − Σ_i λ_i τ_i⟩.
-        constant = doge_residuals(taus, lambdas, torch.zeros_like(taus[0]))
-        delta = torch.nn.Parameter(torch.zeros_like(taus[0]))
+        grad, delta_buffer = torch.empty_like(taus[0]), torch.empty_like(taus[0])
+        # a_j = c_j − Λ ⟨τ_j, Δ⟩ per row, with the constant part c_j = ⟨τ_j, τ_j − Σ_i λ_i τ_i⟩
+        # (computed in the gradient and Δ buffers before they are used: no batch-sized temporaries).
+        constant = _initial_residuals(taus, lambdas, merged=grad, scratch=delta_buffer)
+        inner = torch.empty_like(constant)
+        delta = torch.nn.Parameter(delta_buffer.zero_())
         # torch's Adam with its defaults, as the reference; the fused kernel is one pass (~8x faster).
         optimizer = torch.optim.Adam([delta], lr=lr, fused=_fused_supported(delta))
-        grad, inner = torch.empty_like(taus[0]), torch.empty_like(constant)
         losses = torch.empty(steps + 1, dtype=torch.float64, device=taus.device)
         for step in range(steps + 1):
             residual = constant - total_lambda * _row_inner_into(taus, delta, inner, grad)
@@ -214,7 +236,7 @@ def optimise_shift(
                 _project_out(delta, basis)
         if projection == "final" and steps > 0:
             _project_out(delta, basis)
-            losses[steps] = (constant - total_lambda * _row_inner(taus, delta)).square().sum()
+            losses[steps] = (constant - total_lambda * _row_inner_into(taus, delta, inner, grad)).square().sum()
         return DogeShift(delta=delta.detach(), lambdas=lambdas, basis=basis, losses=losses)
 
 
@@ -239,7 +261,8 @@ def _batches(base: StateDict, keys: Sequence[str], n_models: int) -> list[list[s
     batches = []
     for (shape, dtype), group in by_shape.items():
         per_weight = n_models * math.prod(shape) * torch.finfo(dtype).bits // 8
-        size = max(1, _BATCH_BYTES // max(per_weight, 1))
+        n_batches = math.ceil(len(group) / max(1, _BATCH_BYTES // max(per_weight, 1)))
+        size = math.ceil(len(group) / n_batches)  # even batches: 24 weights -> 3 x 8, not 9 + 9 + 6
         batches.extend(group[i : i + size] for i in range(0, len(group), size))
     return batches
 
@@ -255,6 +278,18 @@ def _stack_task_vectors(
         for task, model in enumerate(finetuned):
             torch.sub(model[key].to(device, dtype), base_weight, out=taus[task, index])
     return taus
+
+
+def _masked_merge(base_weight: Tensor, taus: Tensor, delta: Tensor, lambdas: Tensor, thresholds: Tensor) -> Tensor:
+    """θ₀ + Σ_i λ_i ((τ_i + Δ) ⊙ m_i) for one weight, m_i = [|τ_i| ≥ thresholds[i]]; taus [N, rows, cols]
+    is overwritten. Returned with the base's dtype and device."""
+    merged = torch.zeros_like(delta)
+    keep = torch.empty_like(delta)
+    for task in range(taus.shape[0]):
+        torch.abs(taus[task], out=keep).ge_(float(thresholds[task]))
+        merged.add_(taus[task].add_(delta).mul_(keep), alpha=float(lambdas[task]))
+    merged.add_(base_weight.to(merged.device, merged.dtype))
+    return merged.to(base_weight.device, base_weight.dtype)  # no copy when they already match
 
 
 def merge_doge(
@@ -283,7 +318,8 @@ def merge_doge(
         if matrix_keys:
             source = TaskVectorSource(base, finetuned, device=device)
             thresholds = top_fraction_thresholds(
-                lambda: source.chunks(matrix_keys), n_models, source.numel(matrix_keys), resolved["top_k"]
+                lambda: source.chunks(matrix_keys), n_models, source.numel(matrix_keys), resolved["top_k"],
+                sample=lambda: strided_sample(source, matrix_keys),
             )
         for batch in _batches(base, matrix_keys, n_models):
             taus = _stack_task_vectors(base, finetuned, batch, device)
@@ -297,18 +333,12 @@ def merge_doge(
             )
             loss_curve += shift.losses.cpu()
             subspace_rank["x".join(map(str, base[batch[0]].shape))] = int(shift.basis.shape[-1])
-            # θ₀ + Σ_i λ_i ((τ_i + Δ) ⊙ m_i), task by task in the task-vector buffer (small temporaries).
-            merged_delta = torch.zeros_like(shift.delta)
-            for task in range(n_models):
-                keep = taus[task].abs().ge_(float(thresholds[task]))
-                taus[task].add_(shift.delta).mul_(keep).mul_(shift.lambdas[task][:, None, None])
-                merged_delta.add_(taus[task])
+            # θ₀ + Σ_i λ_i ((τ_i + Δ) ⊙ m_i), weight by weight: one weight-sized mask and sum at a time.
             for index, key in enumerate(batch):
-                target = allocate_like(base, key)
-                target.copy_(merged_delta[index].add_(base[key].to(device, taus.dtype)))
-                out[key] = target
+                out[key] = _masked_merge(base[key], taus[:, index], shift.delta[index], shift.lambdas[:, index],
+                                         thresholds)
                 lambdas_by_key[key] = [float(v) for v in shift.lambdas[:, index]]
-            del taus, merged_delta, shift
+            del taus, shift
     copy_buffers(base, [k for k in keys if kinds[k] == KIND_BUFFER], out)
     curve = [float(v) for v in loss_curve]
     info: dict[str, object] = {
