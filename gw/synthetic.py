@@ -52,6 +52,7 @@ def family_cloud(
     noise: float = 0.15,
 ) -> np.ndarray:
     """One family's base cloud: a mixture of anisotropic clusters in a random subspace, plus noise."""
+    subspace_dim = min(subspace_dim, dim)
     basis = random_rotation(dim, rng)[:, :subspace_dim]  # [dim, r] orthonormal columns
     weights = rng.dirichlet(np.full(n_clusters, 2.0))
     centres = rng.standard_normal((n_clusters, subspace_dim)) * rng.uniform(1.0, 3.0)

@@ -1,0 +1,86 @@
+"""Small helpers shared by the benchmarks: thread settings, timing, the final JSON line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+# Benchmarks run as scripts (python bench/x.py): make the repository importable.
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` threads (default: every core) for torch and for numpy's BLAS alike.
+
+    Returns the count used. BLAS is limited through threadpoolctl when it is installed.
+    """
+    n = n or os.cpu_count() or 1
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        pass
+    return n
+
+
+@dataclass
+class Timing:
+    """CPU seconds (all threads of this process) and wall seconds of a block."""
+
+    cpu: float = 0.0
+    wall: float = 0.0
+
+    def __add__(self, other: "Timing") -> "Timing":
+        return Timing(self.cpu + other.cpu, self.wall + other.wall)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"cpu_s": round(self.cpu, 4), "wall_s": round(self.wall, 4)}
+
+
+@contextmanager
+def timed() -> Iterator[Timing]:
+    """``with timed() as t: ...`` fills ``t.cpu`` (time.process_time) and ``t.wall``."""
+    t = Timing()
+    cpu, wall = time.process_time(), time.perf_counter()
+    try:
+        yield t
+    finally:
+        t.cpu = time.process_time() - cpu
+        t.wall = time.perf_counter() - wall
+
+
+def ratio(baseline: float, ours: float) -> float:
+    """baseline / ours, rounded (inf when ours took no measurable time)."""
+    return round(baseline / ours, 2) if ours > 0 else math.inf
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the benchmark's result as ONE JSON object on the last line of stdout."""
+    sys.stdout.flush()
+    print(json.dumps(result, sort_keys=False, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
