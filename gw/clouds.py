@@ -49,6 +49,7 @@ class PreparedCloud:
         normalisation: ``"mean"`` or ``"max"``.
         key: an optional content key (e.g. :func:`feature_key` of the raw features).
         dense_costs: the [N, N] normalised cost matrix when it was asked for (small clouds only).
+        coarse: its k-means :class:`Coarsening` when asked for (the solver's multiscale start).
     """
 
     points: torch.Tensor
@@ -178,6 +179,7 @@ def prepare(
     Args:
         X: [N, d] features (numpy array or torch tensor), N >= 2, finite.
         weights: optional [N] non-negative weights (normalised to sum 1); uniform when None.
+            Points of weight 0 are dropped (they do not change GW).
         normalisation: ``"mean"`` (costs divided by their p(x)p mean; the default) or ``"max"``.
         device: where the prepared tensors live; default: X's device if a tensor, else CUDA if
             available, else CPU.
@@ -201,6 +203,10 @@ def prepare(
     # float64 on the target device: centring before scaling keeps far-off or huge clouds exact.
     x64 = (arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(arr)))
     x64 = x64.to(device=target, dtype=torch.float64)
+    if w_np is not None and (w_np <= 0).any():
+        keep = w_np > 0  # zero-weight points change nothing in GW; dropping them keeps logs finite
+        x64 = x64[torch.from_numpy(keep).to(target)]
+        w_np = w_np[keep]
     n = x64.shape[0]
     if w_np is None:
         w64 = torch.full((n,), 1.0 / n, dtype=torch.float64, device=target)
@@ -212,7 +218,9 @@ def prepare(
         scale = float(2.0 * (w64 @ sq))  # sum_ik p_i p_k |x_i - x_k|^2 once centred
     else:
         scale = _max_cost(centred, sq)
-    if not np.isfinite(scale) or scale <= np.finfo(np.float64).tiny:
+    if not np.isfinite(scale):
+        raise ValueError(f"{name}: squared distances overflow float64; rescale the features")
+    if scale <= np.finfo(np.float64).tiny:
         raise ValueError(f"{name}: all points coincide (zero spread); the cost cannot be normalised")
     points = (centred / np.sqrt(scale)).to(dtype)
     sq_norms = (sq / scale).to(dtype)

@@ -37,8 +37,10 @@ still turns), and the marginal error is below ``marginal_tol`` (or Sinkhorn stal
 objective: loose (1e-2) while it still moves, ``marginal_tol`` once it settles.
 
 Batches. Pairs of equal shapes are solved together; vector work is batched, while on CPU every
-matrix product runs pair by pair, so a pair's result does not depend on its batch mates (bit for
-bit on CPU) and finished pairs cost nothing. On CUDA the products are batched.
+matrix product runs pair by pair (a batched CPU matrix-vector ``bmm`` is very slow) and finished
+pairs cost nothing. On CUDA the products are batched. On CPU a pair's result is bit-for-bit the
+same whatever its batch mates and position (per-pair slices are kept 64-byte aligned: CPU kernels
+round differently on unaligned data), which the exact-tau skipping of :mod:`gw.matrix` relies on.
 
 Threads. Many small solves on a shared CPU run best with ``OMP_WAIT_POLICY=PASSIVE`` in the
 environment (set before torch loads): idle OpenMP workers then sleep instead of spinning, which
@@ -101,7 +103,7 @@ class EntropicOptions:
     """
 
     epsilon: float = DEFAULT_EPSILON
-    tol: float = 1e-4
+    tol: float = 1e-3
     coupling_tol: float = 5e-3
     max_iter: int = 100
     marginal_tol: float = 2e-3
@@ -197,9 +199,25 @@ def use_dense(a: PreparedCloud, b: PreparedCloud, representation: str = "auto") 
 # --------------------------------------------------------------------------------------------------
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an aligned copy: CPU kernels may round differently on unaligned data, which would
+    make a pair's result depend on its position in a batch."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+def _aligned_batch_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty [B, N, M] like ``x`` whose per-pair slices start on 64-byte boundaries (CPU)."""
+    batch, n, m = x.shape
+    per = n * m
+    stride = -(-per // 16) * 16
+    if x.is_cuda or stride == per:
+        return torch.empty_like(x)
+    return torch.empty(batch, stride, dtype=x.dtype, device=x.device)[:, :per].view(batch, n, m)
+
+
 def _per_pair(fn, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn`` applied to each pair's slices, stacked (deterministic per pair, whatever the batch)."""
-    return torch.stack([fn(*(t[i] for t in tensors)) for i in range(tensors[0].shape[0])])
+    """``fn`` applied to each pair's (aligned) slices, stacked: the same bits whatever the batch."""
+    return torch.stack([fn(*(_aligned(t[i]) for t in tensors)) for i in range(tensors[0].shape[0])])
 
 
 class _Products:
@@ -333,7 +351,8 @@ def _matvec(kernel: torch.Tensor, v: torch.Tensor, active: list[int]) -> torch.T
         return torch.bmm(kernel, v.unsqueeze(2)).squeeze(2)
     ones = v.new_ones(kernel.shape[1])
     on = set(active)
-    return torch.stack([torch.mv(kernel[i], v[i]) if i in on else ones for i in range(kernel.shape[0])])
+    return torch.stack([torch.mv(_aligned(kernel[i]), _aligned(v[i])) if i in on else ones
+                        for i in range(kernel.shape[0])])
 
 
 def _vecmat(u: torch.Tensor, kernel: torch.Tensor, active: list[int]) -> torch.Tensor:
@@ -342,7 +361,8 @@ def _vecmat(u: torch.Tensor, kernel: torch.Tensor, active: list[int]) -> torch.T
         return torch.bmm(u.unsqueeze(1), kernel).squeeze(1)
     ones = u.new_ones(kernel.shape[2])
     on = set(active)
-    return torch.stack([torch.mv(kernel[i].T, u[i]) if i in on else ones for i in range(kernel.shape[0])])
+    return torch.stack([torch.mv(_aligned(kernel[i]).T, _aligned(u[i])) if i in on else ones
+                        for i in range(kernel.shape[0])])
 
 
 def _lse(x: torch.Tensor, dim: int, batched: bool) -> torch.Tensor:
@@ -375,7 +395,7 @@ def _sinkhorn(
     shift = logq - _lse(log_k, 1, batched)
     log_k.add_(shift[:, None, :])
     g = g + eps * shift
-    kernel = torch.exp(log_k)
+    kernel = torch.exp(log_k, out=_aligned_batch_like(log_k))
     batch = log_k.shape[0]
     device = f.device
     lu, lv = torch.zeros_like(f), torch.zeros_like(g)

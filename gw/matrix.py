@@ -207,7 +207,8 @@ def gw_matrix(
         bound_levels: resolution of the lower bounds (see :mod:`gw.bounds`).
         third_bound: also try Mémoli's third lower bound (tighter, ~10 ms a pair) on each pair
             about to be solved once a cutoff is known.
-        batch_size: pairs per batched solver call.
+        batch_size: pairs per batched solver call (a pair's value does not depend on its batch
+            mates; on CPU bit for bit).
 
     Returns:
         A :class:`GWMatrix`.

@@ -136,12 +136,15 @@ def test_multiscale_start_reaches_the_same_value():
     assert multiscale.iterations <= product.iterations
 
 
-def test_batch_results_do_not_depend_on_batch_mates(fleet):
-    clouds = {k: prepare(v, device="cpu") for k, v in fleet.features.items()}
+@pytest.mark.parametrize("n_points", [60, 101])  # product start; multiscale start, odd sizes
+def test_batch_results_do_not_depend_on_batch_mates(n_points):
+    fl = planted_fleet(n_families=3, models_per_family=2, n_points=n_points, dim=24, seed=7)
+    clouds = {k: prepare(v, device="cpu") for k, v in fl.features.items()}
     pairs = [(clouds["f0_m0"], clouds["f1_m0"]), (clouds["f0_m1"], clouds["f2_m0"]), (clouds["f1_m1"], clouds["f2_m1"])]
     together = entropic_gw_batch(pairs)
+    reversed_ = entropic_gw_batch(pairs[::-1])[::-1]
     alone = [entropic_gw(a, b) for a, b in pairs]
-    assert [r.value for r in together] == [r.value for r in alone]
+    assert [r.value for r in together] == [r.value for r in alone] == [r.value for r in reversed_]
 
 
 def test_weights_are_honoured():
