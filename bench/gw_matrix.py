@@ -13,7 +13,9 @@ Fleet: the planted-cluster generator (gw/synthetic.py), ``--families`` x ``--per
   ratio); the plans from ``gw.plan.solve_plan`` (tau = 0.25-quantile, k = 3) of both matrices must
   be identical, and the skipping run's tau must equal the full matrix's quantile.
 
-Ratios on CPU seconds (time.process_time, all threads of this process); wall seconds are reported
+Ratios on CPU seconds (time.process_time, all threads of this process), with the same thread
+count for torch and BLAS (``--threads``, default 1: on this shared 2-core machine, idle worker
+threads spin and inflate CPU seconds depending on the neighbours' load); wall seconds are reported
 too. Prints one JSON object as the last line.
 """
 
@@ -70,7 +72,9 @@ def main() -> None:
     parser.add_argument("--per-family", type=int, default=3)
     parser.add_argument("--n-points", type=int, default=500)
     parser.add_argument("--pot-pairs", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and BLAS alike (1: CPU seconds then measure work, "
+                             "not the spinning of idle threads on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args()

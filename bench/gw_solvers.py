@@ -5,11 +5,14 @@
 
 Clouds: the planted-cluster generator (gw/synthetic.py, d = 384). Two pairs are timed: one across
 families and one within a family (rotated, perturbed copies). Each side starts from the raw features:
-ours is ``prepare`` (centre, normalise, k-means coarsening) + ``entropic_gw``; POT's is the same
+ours is ``prepare`` + ``entropic_gw`` (centring, normalisation, principal coordinates and k-means
+coarsening are inside the timing); POT's is the same
 normalisation + the dense float64 cost matrices + ``ot.gromov.gromov_wasserstein2`` (exact) or
 ``ot.gromov.entropic_gromov_wasserstein2`` (same epsilon, same normalised costs, POT's defaults
 otherwise). Ratios are on CPU seconds (time.process_time: every thread of this process), measured
-back to back with the same thread count for torch and BLAS; wall seconds are reported too.
+back to back with the same thread count for torch and BLAS (``--threads``, default 1: on this
+shared 2-core machine, idle worker threads of either library spin and inflate CPU seconds by up
+to 2x depending on the neighbours' load); wall seconds are reported too.
 
 ``plan_identical``: a 12-model planted fleet (4 families x 3, smaller clouds: ``--plan-points``),
 planned by ``gw.plan.solve_plan`` (tau = 0.25-quantile, k = 3) from our distance matrix and from the
@@ -100,7 +103,9 @@ def main() -> None:
     parser.add_argument("--plan-points", type=int, default=300)
     parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and BLAS alike (1: CPU seconds then measure work, "
+                             "not the spinning of idle threads on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ is normalised so that scales compare across models:
 :func:`prepare` does that once per cloud (weighted centring, scaling, squared norms) so a cloud is
 reused across its n - 1 pairs. Because the cost is squared Euclidean, it never has to be
 materialised: ``C = a 1^T + 1 a^T - 2 X X^T`` with ``a_i = |x_i|^2``, and the solvers use that factored
-form (see :mod:`gw.solvers`). Preparation runs in float64 (centring before scaling, so clouds far from
+form (see :mod:`gw.entropic`). Preparation runs in float64 (centring before scaling, so clouds far from
 the origin or with huge norms lose nothing), then stores the solver dtype.
 
 GW of two clouds may mix dimensions (``d != d'``): GW compares intra-cloud costs only.
@@ -50,6 +50,7 @@ class PreparedCloud:
         key: an optional content key (e.g. :func:`feature_key` of the raw features).
         dense_costs: the [N, N] normalised cost matrix when it was asked for (small clouds only).
         coarse: its k-means :class:`Coarsening` when asked for (the solver's multiscale start).
+        principal: ``(tol, coordinates)`` when asked for: see :meth:`with_principal`.
     """
 
     points: torch.Tensor
@@ -61,6 +62,7 @@ class PreparedCloud:
     uniform: bool = True
     dense_costs: torch.Tensor | None = field(default=None, repr=False)
     coarse: "Coarsening | None" = field(default=None, repr=False)
+    principal: "tuple[float, torch.Tensor] | None" = field(default=None, repr=False)
 
     @property
     def n_points(self) -> int:
@@ -90,6 +92,17 @@ class PreparedCloud:
             return self
         return dataclasses.replace(self, dense_costs=pairwise_costs(self.points, self.sq_norms))
 
+    def with_principal(self, tol: float) -> "PreparedCloud":
+        """A copy that carries its leading principal coordinates ([N, r], r <= d).
+
+        r is the smallest rank whose Gram matrix ``X_r X_r^T`` keeps all but ``tol`` of the
+        squared Frobenius norm of ``X X^T`` (sum of sigma^4): the rest of the cost is
+        ``-2 X_perp X_perp^T``, small when the spectrum decays, as it does for model features.
+        """
+        if self.principal is not None and self.principal[0] == tol:
+            return self
+        return dataclasses.replace(self, principal=(tol, principal_coordinates(self.points, tol)))
+
     def with_coarse(self, n_clusters: int | None = None) -> "PreparedCloud":
         """A copy that carries its k-means coarsening (for the solver's multiscale start)."""
         if self.coarse is not None and (n_clusters is None or self.coarse.n_clusters == n_clusters):
@@ -103,6 +116,18 @@ def pairwise_costs(points: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor
     costs.clamp_(min=0.0)
     costs.fill_diagonal_(0.0)
     return costs
+
+
+def principal_coordinates(points: torch.Tensor, tol: float) -> torch.Tensor:
+    """Coordinates of centred ``points`` on their leading principal axes (see
+    :meth:`PreparedCloud.with_principal`); all of them when ``tol <= 0``."""
+    if tol <= 0:
+        return points
+    u, s, _ = torch.linalg.svd(points.double(), full_matrices=False)
+    energy = s ** 4
+    kept = torch.cumsum(energy, 0) / energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    rank = min(int((kept < 1.0 - tol).sum()) + 1, s.numel())
+    return (u[:, :rank] * s[:rank]).to(points.dtype).contiguous()
 
 
 def check_cloud(X: Any, name: str = "X") -> np.ndarray | torch.Tensor:
@@ -295,7 +320,9 @@ def default_clusters(n_points: int) -> int:
     return int(min(128, max(8, round(2 * math.sqrt(n_points)))))
 
 
-def coarsen(cloud: PreparedCloud, n_clusters: int | None = None, *, seed: int = 0, iterations: int = 10) -> Coarsening | None:
+def coarsen(
+    cloud: PreparedCloud, n_clusters: int | None = None, *, seed: int = 0, iterations: int = 10,
+) -> Coarsening | None:
     """Weighted k-means (k-means++ start, seeded, ``iterations`` Lloyd steps) of a prepared cloud.
 
     Returns None when the cloud has too few distinct points for ``n_clusters`` non-empty clusters.

@@ -30,11 +30,14 @@ reach different ones (on the benchmark's planted clouds our values were within 0
 entropic solver at the same epsilon).
 
 Stopping. Outer iterations stop when the objective's relative change is below ``tol`` (relative to
-``max(|value|, 1% of sum C1^2 pp + sum C2^2 qq)`` so near-zero values stop too), the coupling moved
-less than ``coupling_tol`` in total variation (on plateaus the objective stalls while the coupling
-still turns), and the marginal error is below ``marginal_tol`` (or Sinkhorn stalled: then
-``converged`` is False, and ``marginal_error`` says by how much). Never on the first step. Sinkhorn's own tolerance follows the
-objective: loose (1e-2) while it still moves, ``marginal_tol`` once it settles.
+``max(|value|, 1% of sum C1^2 pp + sum C2^2 qq)`` so near-zero values stop too; the objective of
+each coupling with its own marginals), the coupling moved less than ``coupling_tol`` in total
+variation since the last or the second-to-last iteration (on plateaus the objective stalls while
+the coupling still turns; inexact projections can make the iteration alternate between two nearby
+couplings), and the marginal error is below ``marginal_tol`` (or Sinkhorn stalled: then
+``converged`` is False, and ``marginal_error`` says by how much). Never on the first step.
+Sinkhorn's own tolerance follows the objective: loose (1e-2) while it still moves, ``marginal_tol``
+once it settles.
 
 Batches. Pairs of equal shapes are solved together; vector work is batched, while on CPU every
 matrix product runs pair by pair (a batched CPU matrix-vector ``bmm`` is very slow) and finished
@@ -100,6 +103,10 @@ class EntropicOptions:
         overrelaxation: Sinkhorn over-relaxation weight in [1, 2) (1 = plain Sinkhorn).
         representation: ``"auto"``, ``"factored"`` (O(N M d) products) or ``"dense"`` (O(N M (N + M))).
         init: ``"multiscale"`` (lifted k-means-coarsened solution) or ``"product"`` (``p q^T``).
+        rank_tol: iterate on the clouds' leading principal coordinates, keeping all but this
+            share of each Gram matrix's squared Frobenius norm (``0``: full rank); the reported
+            value is always the exact objective of the final coupling. With it, ``representation``
+            is factored.
     """
 
     epsilon: float = DEFAULT_EPSILON
@@ -111,6 +118,7 @@ class EntropicOptions:
     overrelaxation: float = 1.8
     representation: Literal["auto", "factored", "dense"] = "auto"
     init: Literal["multiscale", "product"] = "multiscale"
+    rank_tol: float = 1e-4
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -123,6 +131,8 @@ class EntropicOptions:
             raise ValueError(f"overrelaxation must be in [1, 2), got {self.overrelaxation}")
         if self.representation not in ("auto", "factored", "dense"):
             raise ValueError(f"representation must be 'auto', 'factored' or 'dense', got {self.representation!r}")
+        if not (isinstance(self.rank_tol, (int, float)) and 0.0 <= self.rank_tol < 1.0):
+            raise ValueError(f"rank_tol must be in [0, 1), got {self.rank_tol!r}")
         if self.init not in ("multiscale", "product"):
             raise ValueError(f"init must be 'multiscale' or 'product', got {self.init!r}")
 
@@ -160,15 +170,28 @@ def entropic_gw_batch(
     """
     opts = options or EntropicOptions()
     groups: dict[tuple, list[int]] = {}
+    pairs = list(pairs)
     for i, (a, b) in enumerate(pairs):
         check_pair(a, b)
-        dense = use_dense(a, b, opts.representation)
-        groups.setdefault((a.n_points, b.n_points, a.dim, b.dim, dense, a.device, a.dtype), []).append(i)
+        if opts.rank_tol > 0:
+            # factored on principal coordinates, zero-padded to a multiple of 16: a pair's shapes
+            # (hence its bits) never depend on its batch mates
+            a, b = a.with_principal(opts.rank_tol), b.with_principal(opts.rank_tol)
+            pairs[i] = (a, b)
+            widths = (_padded_rank(a), _padded_rank(b))
+            key = (a.n_points, b.n_points, ("principal", widths), a.device, a.dtype)
+        else:
+            key = (a.n_points, b.n_points, (a.dim, b.dim, use_dense(a, b, opts.representation)), a.device, a.dtype)
+        groups.setdefault(key, []).append(i)
     results: list[GWResult | None] = [None] * len(pairs)
-    for (_, _, _, _, dense, device, _), members in groups.items():
+    for (_, _, kind, device, _), members in groups.items():
         started = time.perf_counter()
+        group = [pairs[i] for i in members]
         with torch.no_grad(), _flush_denormals(device):
-            solved = _solve_group([pairs[i] for i in members], opts, dense, return_coupling)
+            if kind[0] == "principal":
+                solved = _solve_group(_principal_twins(group, opts), opts, False, return_coupling, exact=group)
+            else:
+                solved = _solve_group(group, opts, kind[2], return_coupling)
         seconds = (time.perf_counter() - started) / len(members)
         for i, res in zip(members, solved):
             results[i] = GWResult(**{k: v for k, v in res.items() if not k.startswith("_")}, seconds=seconds)
@@ -213,6 +236,16 @@ def _aligned_batch_like(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda or stride == per:
         return torch.empty_like(x)
     return torch.empty(batch, stride, dtype=x.dtype, device=x.device)[:, :per].view(batch, n, m)
+
+
+def _exp_rows(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` for a [B, N] tensor, each row starting on a 64-byte boundary (CPU)."""
+    batch, n = x.shape
+    stride = -(-n // 16) * 16
+    if x.is_cuda or stride == n or batch == 1:
+        return torch.exp(x)
+    out = torch.empty(batch, stride, dtype=x.dtype, device=x.device)[:, :n]
+    return torch.exp(x, out=out)
 
 
 def _per_pair(fn, *tensors: torch.Tensor) -> torch.Tensor:
@@ -265,10 +298,14 @@ class _Products:
             c2q = _per_pair(torch.mv, self.c2, q)
             h = c1p[:, :, None] * c2q[:, None, :]
             return h, ((c1p * p).sum(1, dtype=torch.float64) * (c2q * q).sum(1, dtype=torch.float64))
-        z = _per_pair(torch.mv, self.xa.transpose(1, 2), p)[:, :, None] * _per_pair(torch.mv, self.yb.transpose(1, 2), q)[:, None, :]
+        left = _per_pair(torch.mv, self.xa.transpose(1, 2), p)
+        right = _per_pair(torch.mv, self.yb.transpose(1, 2), q)
+        z = left[:, :, None] * right[:, None, :]
         return z, self._inner_from_z(z)
 
-    def state_block(self, coupling: torch.Tensor, lift_a: torch.Tensor, lift_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def state_block(
+        self, coupling: torch.Tensor, lift_a: torch.Tensor, lift_b: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """State for the block coupling ``T0 = lift_a P lift_b^T`` (never materialised; O(N k (N + M)))."""
         if self.dense:
             def block_state(c1, la, pp, lb, c2):
@@ -285,15 +322,7 @@ class _Products:
         return z, self._inner_from_z(z)
 
     def _inner_from_z(self, z: torch.Tensor) -> torch.Tensor:
-        """``<C1 T C2, T>`` from ``Z = [X, a, 1]^T T [Y, b, 1]`` (every term of the expansion)."""
-        d, e = self.d, self.e
-        z = z.double()
-        k = z[:, :d, :e]  # X^T T Y
-        x_r, y_c = z[:, :d, e + 1], z[:, d + 1, :e]  # X^T r, Y^T c
-        a_r, b_c, mass = z[:, d, e + 1], z[:, d + 1, e], z[:, d + 1, e + 1]
-        a_t_b, a_t_y, x_t_b = z[:, d, e], z[:, d, :e], z[:, :d, e]
-        return (2.0 * b_c * a_r + 2.0 * mass * a_t_b - 4.0 * (a_t_y * y_c).sum(1)
-                - 4.0 * (x_t_b * x_r).sum(1) + 4.0 * (k * k).sum(dim=(1, 2)))
+        return _inner_from_z(z, self.d, self.e)
 
     def gradient(self, state: torch.Tensor) -> torch.Tensor:
         """``-4 C1 T C2`` up to rank-one terms ``u 1^T + 1 v^T`` (a new tensor)."""
@@ -307,6 +336,17 @@ class _Products:
         middle[:, d, :e] = -2.0 * z[:, d + 1, :e]
         middle[:, d, e] = z[:, d + 1, e + 1]
         return self._mm3(self.xa[:, :, : d + 1], middle.mul_(-4.0), self.yb[:, :, : e + 1].transpose(1, 2))
+
+
+def _inner_from_z(z: torch.Tensor, d: int, e: int) -> torch.Tensor:
+    """``<C1 T C2, T>`` from ``Z = [X, a, 1]^T T [Y, b, 1]`` (every term of the expansion)."""
+    z = z.double()
+    k = z[:, :d, :e]  # X^T T Y
+    x_r, y_c = z[:, :d, e + 1], z[:, d + 1, :e]  # X^T r, Y^T c
+    a_r, b_c, mass = z[:, d, e + 1], z[:, d + 1, e], z[:, d + 1, e + 1]
+    a_t_b, a_t_y, x_t_b = z[:, d, e], z[:, d, :e], z[:, :d, e]
+    return (2.0 * b_c * a_r + 2.0 * mass * a_t_b - 4.0 * (a_t_y * y_c).sum(1)
+            - 4.0 * (x_t_b * x_r).sum(1) + 4.0 * (k * k).sum(dim=(1, 2)))
 
 
 def _augmented(cloud: PreparedCloud) -> torch.Tensor:
@@ -409,9 +449,9 @@ def _sinkhorn(
     reference = err.clone()  # error at the start of the current stall window
     active_list = list(range(batch))
     for it in range(int(opts.max_inner)):
-        kv = _matvec(kernel, lv.exp(), active_list)
+        kv = _matvec(kernel, _exp_rows(lv), active_list)
         lu.lerp_(logp - kv.clamp_min(_TINY).log(), weight)
-        eu = lu.exp()
+        eu = _exp_rows(lu)
         ktu = _vecmat(eu, kernel, active_list)
         iterations += active
         if it % _CHECK_EVERY == _CHECK_EVERY - 1 or it == int(opts.max_inner) - 1:
@@ -469,9 +509,12 @@ def _solve_group(
     dense: bool,
     return_coupling: bool,
     keep_state: bool = False,
+    exact: Sequence[tuple[PreparedCloud, PreparedCloud]] | None = None,
 ) -> list[dict[str, Any]]:
     """Solve pairs of equal shapes; returns the fields of each :class:`GWResult` (plus, with
-    ``keep_state``, ``_coupling`` / ``_f`` / ``_g`` for the multiscale start)."""
+    ``keep_state``, ``_coupling`` / ``_f`` / ``_g`` for the multiscale start). With ``exact``
+    (the original pairs when ``pairs`` are their principal twins), values are recomputed with the
+    exact costs."""
     clouds_a = [a.with_dense_costs() if dense else a for a, _ in pairs]
     clouds_b = [b.with_dense_costs() if dense else b for _, b in pairs]
     products = _Products(clouds_a, clouds_b, dense)
@@ -488,7 +531,7 @@ def _solve_group(
         (coupling, lift_a, lift_b), f, g = start
         state, inner = products.state_block(coupling, lift_a, lift_b)
     prev_obj = const - 2.0 * inner
-    prev_t = None
+    prev_t = prev_t2 = None
     index = torch.arange(batch, device=p.device)  # original position of each row still running
     out: list[dict[str, Any] | None] = [None] * batch
     inner_total = torch.zeros(batch, dtype=torch.int64, device=p.device)
@@ -502,11 +545,16 @@ def _solve_group(
         t = kernel.mul_(lu.exp()[:, :, None]).mul_(lv.exp()[:, None, :])  # the coupling, in place
         del kernel
         state, inner = products.state(t)
-        obj = const - 2.0 * inner
+        # the objective of t itself, with its actual marginals (with p and q instead, a marginal
+        # error of 1e-3 shifts it by ~0.5%: more than the stopping tolerance)
+        obj = torch.stack([_self_cost_of(clouds_a[k], clouds_b[k], _aligned(t[row]))
+                           for row, k in enumerate(index.tolist())]) - 2.0 * inner
         change = (obj - prev_obj).abs() / torch.maximum(obj.abs(), 1e-2 * const)
-        moved = (torch.full_like(change, math.inf) if prev_t is None
-                 else _per_pair(lambda x, y: (x - y).abs().sum(dtype=torch.float64), t, prev_t))
-        prev_obj, prev_t = obj, t
+        moved = _distance(t, prev_t, change)
+        # ...or from two steps back: Sinkhorn solves that stop just inside their tolerance can
+        # leave the iteration alternating between two nearby couplings
+        moved = torch.minimum(moved, _distance(t, prev_t2, change))
+        prev_obj, prev_t, prev_t2 = obj, t, prev_t
         # Loose Sinkhorn while the objective moves, tight once it settles; never loosened again
         # (a loose projection moves the objective, which would loosen it further: a cycle).
         inner_tol = torch.minimum(inner_tol, (change * _INNER_TOL_FACTOR).clamp(min=opts.marginal_tol))
@@ -519,8 +567,10 @@ def _solve_group(
             continue
         for row in done.nonzero().squeeze(1).tolist():
             orig = int(index[row])
-            out[orig] = _finish(t[row], clouds_a[orig], clouds_b[orig], float(inner[row]), it,
-                                bool(settled[row] & feasible[row]), int(inner_total[orig]), opts, return_coupling)
+            a, b = exact[orig] if exact is not None else (clouds_a[orig], clouds_b[orig])
+            pair_inner = _exact_inner(a, b, t[row]) if exact is not None else float(inner[row])
+            out[orig] = _finish(t[row], a, b, pair_inner, it, bool(settled[row] & feasible[row]),
+                                int(inner_total[orig]), opts, return_coupling)
             if keep_state:
                 eps = opts.epsilon
                 out[orig].update(_coupling=t[row], _f=f[row] + eps * lu[row], _g=g[row] + eps * lv[row])
@@ -528,10 +578,58 @@ def _solve_group(
         if not bool(keep.any()):
             break
         products.select(keep)
-        state, f, g, const, prev_obj, index, inner_tol, prev_t = (
-            x[keep] for x in (state, f, g, const, prev_obj, index, inner_tol, prev_t))
+        state, f, g, const, prev_obj, index, inner_tol = (
+            x[keep] for x in (state, f, g, const, prev_obj, index, inner_tol))
+        prev_t, prev_t2 = (None if x is None else x[keep] for x in (prev_t, prev_t2))
         marg = tuple(x[keep] for x in marg)
     return out  # type: ignore[return-value]
+
+
+def _self_cost_of(a: PreparedCloud, b: PreparedCloud, t: torch.Tensor) -> torch.Tensor:
+    """``sum C1^2 r r + sum C2^2 c c`` with ``r``, ``c`` the marginals of the coupling ``t``."""
+    return self_cost_sq(a, t.sum(1)) + self_cost_sq(b, t.sum(0))
+
+
+def _distance(t: torch.Tensor, other: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``|t - other|_1`` per pair (inf without ``other``)."""
+    if other is None:
+        return torch.full_like(like, math.inf)
+    return _per_pair(lambda x, y: (x - y).abs().sum(dtype=torch.float64), t, other)
+
+
+def _principal_twins(
+    pairs: Sequence[tuple[PreparedCloud, PreparedCloud]], opts: EntropicOptions,
+) -> list[tuple[PreparedCloud, PreparedCloud]]:
+    """Each pair's clouds on their principal coordinates (exact squared norms kept), zero-padded to
+    a multiple of 16 (the group shares the widths); coarsenings carried over."""
+    multiscale = opts.init == "multiscale" and min(pairs[0][0].n_points, pairs[0][1].n_points) >= _MIN_MULTISCALE_POINTS
+    sides = []
+    for side in (0, 1):
+        clouds = [p[side].with_principal(opts.rank_tol) for p in pairs]
+        if multiscale:
+            clouds = [c.with_coarse() for c in clouds]
+        rank = _padded_rank(clouds[0])
+        twins = []
+        for c in clouds:
+            coords = c.principal[1]
+            if coords.shape[1] < rank:
+                coords = torch.nn.functional.pad(coords, (0, rank - coords.shape[1]))
+            twins.append(PreparedCloud(points=coords, sq_norms=c.sq_norms, weights=c.weights, scale=c.scale,
+                                       normalisation=c.normalisation, key=c.key, uniform=c.uniform,
+                                       coarse=c.coarse))
+        sides.append(twins)
+    return list(zip(*sides))
+
+
+def _padded_rank(cloud: PreparedCloud) -> int:
+    rank = cloud.principal[1].shape[1]
+    return min(-(-rank // 16) * 16, max(rank, cloud.dim))
+
+
+def _exact_inner(a: PreparedCloud, b: PreparedCloud, t: torch.Tensor) -> float:
+    """``<C1 t C2, t>`` with the clouds' exact costs (one O(N M d) product)."""
+    z = _aligned(_augmented(a)).T @ _aligned(t) @ _augmented(b)
+    return float(_inner_from_z(z[None], a.dim, b.dim)[0])
 
 
 def _multiscale_start(

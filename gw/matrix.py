@@ -13,25 +13,30 @@ canonical order (by key), so a value never depends on which id came first.
 Skipping (lower bounds, :mod:`gw.bounds`): a pair whose bound is at least the grouping threshold
 ``tau`` can never be grouped (the planner never groups ``D >= tau``), so its value is recorded as
 the bound and it is flagged in ``skipped``; no plan that uses ``tau`` changes. The bound is
-Mémoli's second lower bound for every pair (from one profile per cloud, O(K) a pair), tightened by
-his third lower bound for the pairs that are about to be solved (``third_bound``).
+Mémoli's second lower bound for every pair (from one profile per cloud, O(K) a pair), optionally
+tightened by his third lower bound for the pairs that are about to be solved (``third_bound``).
 
 * explicit ``skip_tau``: skip every pair with ``bound >= skip_tau``.
 * ``skip_tau_quantile = q`` (tau is the q-quantile of the off-diagonal values, as in
-  :func:`gw.plan.solve_plan`, numpy's linear interpolation between the order statistics at ranks
-  ``lo = floor(q (m - 1))`` and ``hi = ceil(q (m - 1))`` of the m pairs): pairs are computed in
+  :func:`gw.plan.solve_plan`: numpy's linear interpolation between the order statistics at ranks
+  ``lo = floor(q (m - 1))`` and ``hi = ceil(q (m - 1))`` of the m pairs). Pairs are computed in
   ascending order of their bound (cached pairs count as computed). Let ``U`` be the rank-``hi``
-  value of {computed values} together with +inf for every pair not computed yet; ``U`` can only
-  fall as pairs are computed, and ``U >= tau`` always. Once every remaining pair has
-  ``bound >= U``, their true values are all ``>= U``, so the order statistics at ranks ``lo`` and
-  ``hi`` are already among the computed values: recording the remaining pairs at their bounds
-  (all ``>= U >= tau``) leaves the quantile, hence tau, exactly as the full matrix would give it,
-  and leaves every pair below tau computed. The result carries that tau; passing either it or the
-  same quantile to the planner yields the plan of the full matrix.
+  value of {computed values} padded with +inf for every pair not computed yet; ``U`` only falls
+  as pairs are computed, and ``U >= tau`` always. A pair whose bound reaches the current ``U`` is
+  dropped (its bound then also reaches every later ``U``). At the end every dropped pair has a
+  true value ``>= bound >= U``, so the order statistics at ranks ``lo`` and ``hi`` are among the
+  computed values: recording the dropped pairs at their bounds (all ``>= U >= tau``) leaves the
+  quantile, hence tau, exactly what the full matrix gives, with every pair below tau computed.
+  The result carries that tau; passing it, or the same quantile, to the planner yields the plan of
+  the full matrix. (Exactly, because a pair's value is bit-for-bit the same whatever is computed
+  alongside it; see :mod:`gw.entropic`.) Plans that read every distance (e.g. average linkage)
+  need the full matrix: do not skip for them.
 
 Fan-out. A distributed layer can do the same with :func:`prepare_fleet` (prepare once per cloud),
-:func:`~gw.solvers.gw_pair` (one pair), :func:`pair_cache_key` and :func:`quantile_cutoff` (the
-``U`` above, for batches of pairs in bound order).
+:func:`~gw.solvers.gw_pair` or :func:`~gw.entropic.entropic_gw_batch` (pairs),
+:func:`pair_cache_key` / :func:`solver_config` (cache keys), :func:`gw.bounds.bound_matrix` /
+:func:`gw.bounds.third_lower_bound` (bounds) and :func:`quantile_cutoff` (the ``U`` above, for
+batches of pairs in bound order).
 
 Pure math: numpy, torch, POT; no I/O.
 """
@@ -48,10 +53,12 @@ import numpy as np
 import torch
 
 from .bounds import DEFAULT_LEVELS, bound_matrix, cost_profile, row_profiles, third_lower_bound
-from .clouds import DEFAULT_NORMALISATION, Normalisation, PreparedCloud, check_cloud, feature_key, prepare, resolve_device
+from .clouds import (DEFAULT_NORMALISATION, Normalisation, PreparedCloud, check_cloud, feature_key, prepare,
+                     resolve_device)
 from .solvers import SOLVERS, EntropicOptions, GWResult, entropic_gw_batch, exact_gw, use_dense
 
 Progress = Callable[[int, int], None]
+_TLB_REACH = 4.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,11 +158,12 @@ def prepare_fleet(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     keys: Mapping[str, str] | None = None,
-    coarse: bool = True,
+    options: EntropicOptions | None = None,
 ) -> dict[str, PreparedCloud]:
-    """Prepare every cloud once: validated, centred, normalised, keyed by content, with the dense
-    costs when the solver will use them and (``coarse``) the k-means coarsening of the multiscale
-    start."""
+    """Prepare every cloud once: validated, centred, normalised, keyed by content, with what the
+    entropic solver (with ``options``) will reuse across pairs: principal coordinates, k-means
+    coarsening, or dense costs."""
+    opts = options or EntropicOptions()
     if not features:
         return {}
     first = next(iter(features.values()))
@@ -166,9 +174,11 @@ def prepare_fleet(
         key = (keys or {}).get(scorer_id) or feature_key(X)
         cloud = prepare(X, normalisation=normalisation, device=target, dtype=dtype, key=key,
                         name=f"features[{scorer_id!r}]")
-        if use_dense(cloud, cloud):
+        if opts.rank_tol > 0:
+            cloud = cloud.with_principal(opts.rank_tol)
+        elif use_dense(cloud, cloud, opts.representation):
             cloud = cloud.with_dense_costs()
-        out[scorer_id] = cloud.with_coarse() if coarse else cloud
+        out[scorer_id] = cloud.with_coarse() if opts.init == "multiscale" else cloud
     return out
 
 
@@ -186,7 +196,7 @@ def gw_matrix(
     skip_tau: float | None = None,
     skip_tau_quantile: float | None = None,
     bound_levels: int = DEFAULT_LEVELS,
-    third_bound: bool = True,
+    third_bound: bool = False,
     batch_size: int = 16,
 ) -> GWMatrix:
     """Pairwise GW between feature clouds.
@@ -205,8 +215,10 @@ def gw_matrix(
         skip_tau_quantile: skip with tau = this quantile of the off-diagonal values (exactly; see
             the module docstring). Give at most one of the two.
         bound_levels: resolution of the lower bounds (see :mod:`gw.bounds`).
-        third_bound: also try Mémoli's third lower bound (tighter, ~10 ms a pair) on each pair
-            about to be solved once a cutoff is known.
+        third_bound: also try Mémoli's third lower bound (2-4x tighter, ~10 ms a pair at 500
+            points) on each pair about to be solved once a cutoff is known and its second bound is
+            within a factor 4 of it. Off by default: on the planted benchmark fleets it skipped a
+            few more pairs but cost more time than they saved.
         batch_size: pairs per batched solver call (a pair's value does not depend on its batch
             mates; on CPU bit for bit).
 
@@ -247,9 +259,9 @@ def gw_matrix(
 
     # Only clouds with a pair left to solve are prepared (a rerun with nothing new does ~nothing).
     needed = sorted({k for ij in todo for k in ij})
-    multiscale = solver == "entropic" and (options or EntropicOptions()).init == "multiscale"
     clouds = prepare_fleet({ids[k]: checked[ids[k]] for k in needed}, normalisation=normalisation,
-                           device=device, dtype=dtype, keys=content_keys, coarse=multiscale)
+                           device=device, dtype=dtype, keys=content_keys,
+                           options=options if solver == "entropic" else EntropicOptions(rank_tol=0.0, init="product"))
     bounds = None
     tau = None
     skipped: set[tuple[int, int]] = set()
@@ -286,9 +298,10 @@ def gw_matrix(
                 break
         batch, todo = todo[:batch_size], todo[batch_size:]
         if skipping and third_bound and math.isfinite(cutoff):
-            # Tighter (and dearer) bound, only for pairs about to be solved.
+            # Tighter (and dearer, ~10 ms) bound, only for pairs about to be solved whose cheap
+            # bound is within reach of the cutoff (the third bound rarely exceeds 4x the second).
             for i, j in batch:
-                if (i, j) not in with_tlb:
+                if (i, j) not in with_tlb and bounds[i, j] * _TLB_REACH >= cutoff:
                     with_tlb.add((i, j))
                     tlb = third_lower_bound(row_laws[ids[i]], row_laws[ids[j]])
                     bounds[i, j] = bounds[j, i] = max(bounds[i, j], tlb)

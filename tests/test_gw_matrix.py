@@ -152,9 +152,10 @@ def test_explicit_tau_skips_only_pairs_whose_bound_reaches_it(fleet, full):
     assert with_skip.groups == without.groups
 
 
-def test_quantile_tau_is_exact_and_the_plan_unchanged(fleet, full):
+@pytest.mark.parametrize("third_bound", [False, True])
+def test_quantile_tau_is_exact_and_the_plan_unchanged(fleet, full, third_bound):
     q = 0.25
-    skipped = gw_matrix(fleet.features, skip_tau_quantile=q)
+    skipped = gw_matrix(fleet.features, skip_tau_quantile=q, third_bound=third_bound)
     upper = full.values[np.triu_indices(len(full.ids), 1)]
     assert skipped.tau == pytest.approx(float(np.quantile(upper, q)), rel=1e-12)
     assert 0 < skipped.skipped_fraction < 1
