@@ -336,6 +336,38 @@ def _chunk_by_distance(D: np.ndarray, sizes: list[int]) -> list[list[int]]:
     return chunks
 
 
+def module_plan(modules: Mapping[str, str], sizes: Sequence[int], *, ids: Sequence[str] | None = None) -> Plan:
+    """A person's plan by module at given group sizes (e.g. those of a GW plan, to compare at equal size).
+
+    Each module, its members in sorted order, is cut into groups of the largest sizes still unused that
+    fit; the members left over in every module (a module of 19 with sizes of 3 leaves one) then fill
+    the remaining sizes in order, across modules. Ids in no group are singletons.
+    """
+    ids = _check_ids(list(modules) if ids is None else ids)
+    unknown = sorted(set(modules) - set(ids))
+    if unknown:
+        raise ValueError(f"modules name ids that are not in ids: {unknown[:5]}")
+    remaining = sorted((int(s) for s in sizes), reverse=True)
+    if any(s < 2 for s in remaining) or sum(remaining) > len(ids):
+        raise ValueError(f"group sizes {remaining} need sizes >= 2 and at most {len(ids)} ids in all")
+    groups: list[list[str]] = []
+    leftovers: list[str] = []
+    for module in sorted({str(m) for m in modules.values()}):
+        pool = sorted(i for i in modules if str(modules[i]) == module)
+        while pool and any(s <= len(pool) for s in remaining):
+            size = max(s for s in remaining if s <= len(pool))
+            remaining.remove(size)
+            groups.append(pool[:size])
+            pool = pool[size:]
+        leftovers += pool
+    for size in remaining:
+        if len(leftovers) >= size:
+            groups.append(leftovers[:size])
+            leftovers = leftovers[size:]
+    return plan_from_groups(groups, ids, "module")
+
+
+# --------------------------------------------------------------------------------------------------
 # --------------------------------------------------------------------------------------------------
 # Plans from other similarities
 # --------------------------------------------------------------------------------------------------

@@ -137,6 +137,11 @@ class GroupConsolidator:
     def tokenizer(self):
         return self._tokenizer
 
+    @property
+    def model_config(self):
+        """The members' transformers config (known once a member is loaded)."""
+        return self._config
+
     # -- building and scoring -------------------------------------------------------------------
 
     def _features(self, model: MultiHeadScorer, texts: Sequence[str]) -> np.ndarray:

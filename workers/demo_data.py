@@ -5,6 +5,14 @@ phrasings) and misconceptions; each item draws three concepts from its topic's p
 topic share vocabulary and rubric concepts while items of different topics share almost none — the
 structure a good consolidation plan should find. Multi-class items score 0/1/2 by how many of their
 concepts a response states (a misconception scores 0); multi-label items mark each concept present.
+
+What a GW plan can see of this: the topics differ only in their words. Every topic has the same
+template (five concepts with four phrasings each, the same presence rates and scoring rule), so an
+item's responses look the same, up to a relabelling of the content, as an item of another topic with
+the same task. GW on each scorer's features over its own responses cannot tell such items apart
+(it is blind to isometries). The fine-tuned scorers' geometry follows their labels, so such a plan
+groups items by task (multi-class with multi-class, multi-label with multi-label) across topics, not
+by topic. The topics do show in the base encoder's features (measured on the default demo).
 """
 from __future__ import annotations
 

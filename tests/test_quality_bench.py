@@ -1,0 +1,57 @@
+"""The quality benchmark's pure pieces: the module plan at given sizes and the paired statistics."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from _quality_stats import fleet_summary, paired_comparison, sign_test, storage  # noqa: E402
+
+from gw.baselines import module_plan  # noqa: E402
+
+
+def test_module_plan_groups_within_modules_and_pools_leftovers():
+    modules = {f"a{i}": "A" for i in range(7)} | {f"b{i}": "B" for i in range(4)} | {"c0": "C"}
+    plan = module_plan(modules, [3, 3, 3, 2])
+    groups = [tuple(g) for g in plan.groups]
+    assert sorted(groups) == sorted([("a0", "a1", "a2"), ("a3", "a4", "a5"), ("b0", "b1", "b2"), ("a6", "b3")])
+    assert set(plan.singletons) == {"c0"}
+    # A size that no module can fill is filled from the leftovers of all modules.
+    assert sorted(map(len, module_plan(modules, [3, 3, 3, 3]).groups)) == [3, 3, 3, 3]
+
+
+def test_module_plan_errors():
+    with pytest.raises(ValueError, match="sizes"):
+        module_plan({"a": "A", "b": "A"}, [3])
+    with pytest.raises(ValueError, match="not in ids"):
+        module_plan({"a": "A", "z": "A"}, [2], ids=["a", "b"])
+
+
+def test_sign_test_matches_the_binomial():
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == pytest.approx(2 / 32)
+    assert sign_test(3, 3) == 1.0
+    assert sign_test(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+
+
+def test_paired_comparison_counts_and_interval():
+    ours = {"a": 0.9, "b": 0.8, "c": 0.5}
+    theirs = {"a": 0.7, "b": 0.8, "c": 0.6}
+    out = paired_comparison(ours, theirs, {"a": 2, "b": 1, "c": 1}, n_boot=2000)
+    assert (out["wins"], out["losses"], out["ties"]) == (1, 1, 1)
+    assert out["mean_diff"] == pytest.approx((2 * 0.2 + 0 - 0.1) / 4, abs=1e-4)
+    assert out["ci95"][0] <= out["mean_diff"] <= out["ci95"][1]
+
+
+def test_fleet_summary_micro_f1_pools_answers_and_storage_ratio():
+    per_item = {"a": {"accuracy": 1.0, "macro_f1": 1.0, "qwk": float("nan"), "n": 1},
+                "b": {"accuracy": 0.5, "macro_f1": 0.4, "qwk": 0.2, "n": 3}}
+    out = fleet_summary(per_item, {"a": [1], "b": [0, 1, 1]}, {"a": [1], "b": [0, 0, 0]})
+    assert out["micro_f1"] == pytest.approx(2 / 4)
+    assert out["macro_f1"] == pytest.approx((1.0 + 3 * 0.4) / 4, abs=1e-4)
+    assert out["qwk"] == pytest.approx(0.2)
+    s = storage(n_items=6, n_backbones=2, backbone_bytes=100, head_bytes=1)
+    assert s["ratio"] == pytest.approx(606 / 206, abs=1e-3)
+    assert not math.isnan(s["ratio"])
