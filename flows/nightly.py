@@ -36,6 +36,7 @@ class ConsolidateConfig:
     tau: float | None = None
     tau_quantile: float = 0.3
     k: int = 3
+    skip_by_bounds: bool = True  # skip GW pairs whose lower bound shows they can never be grouped under tau
     method: str = "ties"
     grid: list[dict] | None = None  # None: the method's default grid; []: its defaults only
     refit_heads: bool = True
@@ -119,10 +120,25 @@ def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: d
     def progress(done: int, total: int) -> None:
         bar.update(done / max(total, 1))
 
-    result = compute_distances(store, refs, solver=cfg["solver"], progress=progress, timeout_s=RAY_WAIT_S)
+    result = compute_distances(store, refs, solver=cfg["solver"], progress=progress, timeout_s=RAY_WAIT_S,
+                               **_skipping(cfg))
     logger.info(f"GW matrix: {result['computed']} pairs computed, {result['reused']} reused, "
                 f"{result['skipped']} skipped by the lower bound")
     return result
+
+
+def _skipping(cfg: dict) -> dict:
+    """How the GW step may skip pairs: by the plan's own threshold, so the plan is that of the full matrix.
+
+    Nothing downstream needs the pairs at or above tau: the planner (cliques under tau) never groups
+    them, and a quantile tau comes out exact (see gw.matrix). The heatmap shows a skipped pair at its
+    lower bound, itself >= tau. A plan that reads every distance (average linkage) would need the full
+    matrix: this flow has none; add one only with skip_by_bounds off. (Bootstrap stability would be
+    fine: it recomputes full matrices on the resamples and reads only grouped pairs of this one.)
+    """
+    if not cfg["skip_by_bounds"]:
+        return {}
+    return {"skip_tau": cfg["tau"]} if cfg["tau"] is not None else {"skip_tau_quantile": cfg["tau_quantile"]}
 
 
 @task(name="plan")
@@ -245,6 +261,7 @@ def consolidate(fleet: str = "fleet.yaml", store: str = ".fleetmerge/demo/fleet"
                      "merges": sum(not r["reused"] for r in records)},
         "reused": {"features": len(features["reused"]), "pairs": distances["reused"],
                    "merges": sum(r["reused"] for r in records)},
+        "skipped": {"pairs": distances["skipped"]},
         "items": _item_table(records, individual),
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
     }

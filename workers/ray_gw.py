@@ -5,14 +5,25 @@ keys of the two feature files (which carry checkpoint, data and extraction hashe
 options, so adding one scorer to a fleet of n computes only its n new pairs and a rerun with nothing
 changed computes none. Missing pairs go to Ray in chunks (a chunk shares one load and one preparation
 of each cloud); at most `max_in_flight` chunks run at once and every wait has a timeout.
-The result is written as the long-form distances table of DESIGN §4.
+The result is written as the long-form distances table of DESIGN §4 (plus a `skipped` column).
+
+Skipping by lower bounds (the rule of `gw.matrix.gw_matrix`; see its docstring for why it is exact).
+With `skip_tau` or `skip_tau_quantile`, each feature set gets one cost profile (`gw.bounds`), computed
+where the features are and cached under `gw/profiles/<hash of feature key + profile settings>.json`.
+The uncached pairs are submitted in ascending order of their bound; pairs not yet submitted whose
+bound reaches the cutoff are dropped: explicit tau up front, a quantile after each finished chunk
+(`gw.matrix.quantile_cutoff` over the known values, cached pairs included). A dropped pair is recorded
+at its bound (`skipped` True, solver "bound") and never written to the pair cache, so a later run
+with another tau can still solve it.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -20,15 +31,20 @@ import pyarrow as pa
 
 import torch
 
-from gw.clouds import prepare
+from gw.bounds import DEFAULT_BINS, DEFAULT_LEVELS, CostProfile, bound_matrix, cost_profile
+from gw.clouds import PreparedCloud, prepare
 from gw.matrix import pair_cache_key as gw_pair_key
-from gw.matrix import solver_config
+from gw.matrix import quantile_cutoff, solver_config
 from gw.solvers import EntropicOptions, entropic_gw_batch, gw_pair
 from infra.storage import Store
 from workers.extract import FeatureRef, read_features
 
 PAIRS_PREFIX = "gw/pairs"
+PROFILES_PREFIX = "gw/profiles"
 DISTANCES_PREFIX = "gw/distances"
+# Everything a profile depends on besides the features (prepare's defaults, as compute_chunk uses them).
+PROFILE_SETTINGS = {"normalisation": "mean", "dtype": "float32", "n_levels": DEFAULT_LEVELS, "n_bins": DEFAULT_BINS}
+_CUTOFF_GROWTH = 1.01  # recompute the quantile cutoff once the known values grew by 1 %
 
 
 def _short(text: str) -> str:
@@ -41,6 +57,30 @@ def pair_cache_key(solver: str, options: EntropicOptions | None, a: FeatureRef, 
     return f"{PAIRS_PREFIX}/{gw_pair_key(a.key, b.key, config).removeprefix('gw:')}.json"
 
 
+def profile_cache_key(ref: FeatureRef) -> str:
+    """Store key of a feature set's cost profile: its feature key and the profile settings."""
+    return f"{PROFILES_PREFIX}/{_short(json.dumps({'features': ref.key, **PROFILE_SETTINGS}, sort_keys=True))}.json"
+
+
+def _prepared(store: Store, ref: FeatureRef) -> PreparedCloud:
+    """A feature set prepared exactly as the solver sees it."""
+    return prepare(np.array(read_features(store, ref)[1]), key=ref.key, name=ref.scorer_id)
+
+
+def compute_profile(store: Store, ref: FeatureRef, cache_key: str) -> dict:
+    """The cost profile of one feature set, written under `cache_key`; returns the stored record."""
+    profile = cost_profile(_prepared(store, ref), n_levels=PROFILE_SETTINGS["n_levels"],
+                           n_bins=PROFILE_SETTINGS["n_bins"])
+    record = {"key": ref.key, **PROFILE_SETTINGS, "lower": profile.lower.tolist(), "upper": profile.upper.tolist()}
+    store.write_json(cache_key, record)
+    return record
+
+
+def _as_profile(record: dict) -> CostProfile:
+    return CostProfile(lower=np.asarray(record["lower"], dtype=np.float64),
+                       upper=np.asarray(record["upper"], dtype=np.float64))
+
+
 def compute_chunk(store: Store, refs: Sequence[FeatureRef], pairs: Sequence[tuple[int, int]], solver: str,
                   options: EntropicOptions | None, cache_keys: Sequence[str]) -> list[dict]:
     """Solve `pairs` (indices into `refs`), write each under its cache key, return their records.
@@ -48,8 +88,7 @@ def compute_chunk(store: Store, refs: Sequence[FeatureRef], pairs: Sequence[tupl
     The driver names the cache keys, so reader and writer agree even if a worker runs other code.
     """
     needed = sorted({i for pair in pairs for i in pair})
-    clouds = {i: prepare(np.array(read_features(store, refs[i])[1]), key=refs[i].key, name=refs[i].scorer_id)
-              for i in needed}
+    clouds = {i: _prepared(store, refs[i]) for i in needed}
     # Solve each pair in a canonical order (by content key) so its value never depends on id order.
     ordered = [(i, j) if refs[i].key <= refs[j].key else (j, i) for i, j in pairs]
     if solver == "entropic":
@@ -58,21 +97,201 @@ def compute_chunk(store: Store, refs: Sequence[FeatureRef], pairs: Sequence[tupl
         results = [gw_pair(clouds[i], clouds[j], solver=solver) for i, j in ordered]
     records = []
     for (i, j), result, cache_key in zip(pairs, results, cache_keys):
+        # n_a / n_b follow a / b, not the canonical order the solver saw.
         record = {"a": refs[i].scorer_id, "b": refs[j].scorer_id, "key_a": refs[i].key, "key_b": refs[j].key,
-                  **result.to_dict()}
+                  **result.to_dict(), "n_a": clouds[i].n_points, "n_b": clouds[j].n_points}
         store.write_json(cache_key, record)
         records.append(record)
     return records
 
 
+# --------------------------------------------------------------------------------------------------
+# Running jobs: in this process, or as Ray tasks with a bounded window and a deadline
+# --------------------------------------------------------------------------------------------------
+
+
+class _Local:
+    """Runs each job as it is submitted, in this process."""
+
+    def __init__(self, fn: Callable, shared: tuple) -> None:
+        self._fn, self._shared, self._done = fn, shared, []
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def submit(self, tag, *args) -> None:
+        self._done.append((tag, self._fn(*self._shared, *args)))
+
+    def wait(self) -> list:
+        done, self._done = self._done, []
+        return done
+
+
+class _OnRay:
+    """Jobs as Ray tasks (half a CPU each); `shared` arguments are put in the object store once."""
+
+    def __init__(self, fn: Callable, shared: tuple, deadline: float, timeout_s: float) -> None:
+        import ray
+
+        # Half a CPU each: never wait forever for CPUs that extraction actors or other jobs hold.
+        self._remote = ray.remote(num_cpus=0.5, max_retries=2)(fn)
+        self._shared = tuple(ray.put(value) for value in shared)
+        self._pending: dict = {}
+        self._deadline, self._timeout_s = deadline, timeout_s
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def submit(self, tag, *args) -> None:
+        self._pending[self._remote.remote(*self._shared, *args)] = tag
+
+    def wait(self) -> list:
+        import ray
+
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            for ref in self._pending:
+                ray.cancel(ref, force=True)
+            raise TimeoutError(f"GW matrix: {len(self._pending)} tasks still unfinished after {self._timeout_s} s")
+        done, _ = ray.wait(list(self._pending), num_returns=1, timeout=min(left, 60.0))
+        return [(self._pending.pop(ref), ray.get(ref, timeout=60.0)) for ref in done]
+
+
+def _runner(fn: Callable, shared: tuple, use_ray: bool, max_in_flight: int | None, deadline: float,
+            timeout_s: float):
+    """(runner, window): one job at a time in process (so the cutoff moves after each), else Ray's CPUs."""
+    if not use_ray:
+        return _Local(fn, shared), 1
+    import ray
+
+    from infra.ray_conn import ensure_ray
+
+    ensure_ray()
+    window = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return _OnRay(fn, shared, deadline, timeout_s), window
+
+
+def _run_all(runner, window: int, jobs: Sequence[tuple], on_result: Callable) -> None:
+    """Submit `jobs` ((tag, *args)) keeping at most `window` in flight; `on_result(tag, result)` each."""
+    queue = deque(jobs)
+    while queue or len(runner):
+        while queue and len(runner) < window:
+            runner.submit(*queue.popleft())
+        for tag, result in runner.wait():
+            on_result(tag, result)
+
+
+# --------------------------------------------------------------------------------------------------
+# Skipping by lower bounds
+# --------------------------------------------------------------------------------------------------
+
+
+class _BoundQueue:
+    """Pairs not yet submitted, in ascending order of their bound; the tail that reaches a cutoff is dropped."""
+
+    def __init__(self, pairs: Sequence[tuple[int, int]], bounds: Mapping[tuple[int, int], float] | None) -> None:
+        self.bounds = bounds
+        self.pairs = deque(sorted(pairs, key=lambda p: (bounds[p], p)) if bounds is not None else pairs)
+        self.skipped: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        return [self.pairs.popleft() for _ in range(min(n, len(self.pairs)))]
+
+    def drop_reaching(self, cutoff: float) -> None:
+        while self.pairs and self.bounds[self.pairs[-1]] >= cutoff:
+            self.skipped.append(self.pairs.pop())
+
+
+class _QuantileCutoff:
+    """`quantile_cutoff` of the known values, recomputed only once they have grown by 1 %.
+
+    A stale cutoff is never lower than the current one (the cutoff only falls as values arrive), so
+    dropping by it stays exact; it only drops later. This keeps the driver's sorting cheap at scale.
+    """
+
+    def __init__(self, quantile: float, n_pairs: int) -> None:
+        self._quantile, self._n_pairs = quantile, n_pairs
+        self._seen, self._value = -1, math.inf
+
+    def __call__(self, known: Sequence[float]) -> float:
+        if len(known) > self._seen and len(known) >= self._seen * _CUTOFF_GROWTH:
+            self._seen, self._value = len(known), quantile_cutoff(known, self._n_pairs, self._quantile)
+        return self._value
+
+
+def _cutoff(skip_tau: float | None, skip_tau_quantile: float | None, n_pairs: int) -> Callable | None:
+    """known values -> the bound at which a pair not yet submitted is dropped; None without skipping."""
+    if skip_tau is not None:
+        return lambda _known: float(skip_tau)
+    if skip_tau_quantile is not None:
+        return _QuantileCutoff(float(skip_tau_quantile), n_pairs)
+    return None
+
+
+def _check_skipping(skip_tau: float | None, skip_tau_quantile: float | None) -> None:
+    if skip_tau is not None and skip_tau_quantile is not None:
+        raise ValueError("give skip_tau or skip_tau_quantile, not both")
+    if skip_tau is not None and not math.isfinite(float(skip_tau)):
+        raise ValueError(f"skip_tau must be finite, got {skip_tau}")
+    if skip_tau_quantile is not None and not 0.0 <= float(skip_tau_quantile) <= 1.0:
+        raise ValueError(f"skip_tau_quantile must be in [0, 1], got {skip_tau_quantile}")
+
+
+def load_profiles(store: Store, refs: Sequence[FeatureRef], needed: Sequence[int], make_runner: Callable
+                  ) -> tuple[dict[int, CostProfile], int]:
+    """Cost profiles of `refs[needed]`: cached ones read, the others computed (as tasks); (profiles, computed)."""
+    profiles, missing = {}, []
+    for i in needed:
+        key = profile_cache_key(refs[i])
+        if store.exists(key):
+            profiles[i] = _as_profile(store.read_json(key))
+        else:
+            missing.append(i)
+    if missing:
+        runner, window = make_runner(compute_profile, (store,))
+        _run_all(runner, window, [(i, refs[i], profile_cache_key(refs[i])) for i in missing],
+                 lambda i, record: profiles.__setitem__(i, _as_profile(record)))
+    return profiles, len(missing)
+
+
+def pair_bounds(profiles: Mapping[int, CostProfile], pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """Lower bound of each pair (indices into the fleet) from the profiles of its two feature sets."""
+    order = sorted(profiles)
+    at = {i: n for n, i in enumerate(order)}
+    matrix = bound_matrix([profiles[i] for i in order])
+    return {(i, j): float(matrix[at[i], at[j]]) for i, j in pairs}
+
+
+def _skipped_record(refs: Sequence[FeatureRef], i: int, j: int, bound: float) -> dict:
+    return {"a": refs[i].scorer_id, "b": refs[j].scorer_id, "key_a": refs[i].key, "key_b": refs[j].key,
+            "value": float(bound), "solver": "bound", "n_a": refs[i].n, "n_b": refs[j].n, "seconds": 0.0,
+            "skipped": True}
+
+
+# --------------------------------------------------------------------------------------------------
+# The matrix
+# --------------------------------------------------------------------------------------------------
+
+
 def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solver: str = "entropic",
                       options: EntropicOptions | None = None, chunk_size: int = 8, max_in_flight: int | None = None,
                       progress: Callable[[int, int], None] | None = None, timeout_s: float = 3600.0,
-                      use_ray: bool = True) -> dict:
-    """All pairwise GW distances; returns {key (distances table), ids, computed, reused, skipped, seconds}."""
+                      use_ray: bool = True, skip_tau: float | None = None,
+                      skip_tau_quantile: float | None = None) -> dict:
+    """All pairwise GW distances, or all that a threshold needs (`skip_tau` / `skip_tau_quantile`).
+
+    Returns {key (distances table), ids, computed, reused, skipped, tau, profiles {computed, reused},
+    seconds}; `tau` is the explicit tau or the exact quantile tau of the full matrix (None without skipping).
+    """
     started = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
     if solver not in ("entropic", "exact"):
         raise ValueError(f"solver must be 'entropic' or 'exact', got {solver!r}")
+    _check_skipping(skip_tau, skip_tau_quantile)
+    skipping = skip_tau is not None or skip_tau_quantile is not None
     ids = sorted(features)
     if len(ids) < 2:
         raise ValueError(f"need at least two feature sets for a distance matrix, got {ids}")
@@ -88,59 +307,80 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
     reused, total = len(records), len(records) + len(todo)
     if progress:
         progress(reused, total)
-    chunks = [todo[n:n + chunk_size] for n in range(0, len(todo), chunk_size)]
-    if chunks and use_ray:
-        _run_on_ray(store, refs, chunks, solver, options, keys, records, max_in_flight, timeout_s,
-                    lambda: progress(len(records), total) if progress else None)
-    else:
-        for chunk in chunks:
-            for (i, j), record in zip(chunk, compute_chunk(store, refs, chunk, solver, options, [keys[p] for p in chunk])):
-                records[(i, j)] = record
-            if progress:
-                progress(len(records), total)
-    table = pa.Table.from_pylist([_row(records[pair]) for pair in sorted(records)])
-    tag = json.dumps([[r.key for r in refs], solver_config(solver, options, "mean", torch.float32)], default=str)
-    key = f"{DISTANCES_PREFIX}/{_short(tag)}.parquet"
-    store.write_table(key, table)
-    return {"key": key, "ids": ids, "computed": len(todo), "reused": reused,
-            "skipped": sum(bool(r.get("skipped")) for r in records.values()),
+
+    def make_runner(fn: Callable, shared: tuple):
+        return _runner(fn, shared, use_ray, max_in_flight, deadline, timeout_s)
+
+    bounds, profiles_computed, needed = None, 0, sorted({k for pair in todo for k in pair})
+    if skipping and todo:
+        profiles, profiles_computed = load_profiles(store, refs, needed, make_runner)
+        bounds = pair_bounds(profiles, todo)
+    queue = _BoundQueue(todo, bounds)
+    cutoff = _cutoff(skip_tau, skip_tau_quantile, total)
+    known = [float(r["value"]) for r in records.values()]
+
+    def on_chunk(chunk: list, results: list) -> None:
+        for pair, record in zip(chunk, results):
+            records[pair] = record
+            known.append(float(record["value"]))
+        if progress:
+            progress(len(records) + len(queue.skipped), total)
+
+    _solve_in_bound_order(queue, cutoff, known, chunk_size,
+                          lambda: make_runner(compute_chunk, (store, list(refs))),
+                          lambda chunk: (chunk, solver, options, [keys[p] for p in chunk]), on_chunk)
+    for i, j in queue.skipped:
+        records[(i, j)] = _skipped_record(refs, i, j, bounds[(i, j)])
+    if queue.skipped and progress:
+        progress(total, total)
+
+    key = _write_table(store, refs, records, solver, options, skip_tau, skip_tau_quantile)
+    return {"key": key, "ids": ids, "computed": len(todo) - len(queue.skipped), "reused": reused,
+            "skipped": len(queue.skipped), "tau": _tau(records, skip_tau, skip_tau_quantile),
+            "profiles": {"computed": profiles_computed, "reused": len(needed) - profiles_computed if skipping else 0},
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _solve_in_bound_order(queue: _BoundQueue, cutoff: Callable | None, known: list, chunk_size: int,
+                          make_runner: Callable, job_args: Callable, on_chunk: Callable) -> None:
+    """Submit chunks from the front of `queue`; before each round drop the tail that reaches the cutoff."""
+    runner = window = None
+    while True:
+        if cutoff is not None:
+            queue.drop_reaching(cutoff(known))
+        if not queue and not (runner and len(runner)):
+            return
+        if runner is None:  # only now, so a run with nothing left to solve never starts Ray
+            runner, window = make_runner()
+        while queue and len(runner) < window:
+            chunk = queue.take(chunk_size)
+            runner.submit(chunk, *job_args(chunk))
+        for chunk, results in runner.wait():
+            on_chunk(chunk, results)
+
+
+def _tau(records: Mapping, skip_tau: float | None, skip_tau_quantile: float | None) -> float | None:
+    if skip_tau is not None:
+        return float(skip_tau)
+    if skip_tau_quantile is not None:  # exact: skipped pairs sit at bounds >= the full matrix's tau
+        return float(np.quantile([float(r["value"]) for r in records.values()], float(skip_tau_quantile)))
+    return None
+
+
+def _write_table(store: Store, refs: Sequence[FeatureRef], records: Mapping, solver: str,
+                 options: EntropicOptions | None, skip_tau: float | None, skip_tau_quantile: float | None) -> str:
+    """Write the distances table; its key names the feature keys, the solver and any skipping threshold."""
+    table = pa.Table.from_pylist([_row(records[pair]) for pair in sorted(records)])
+    parts: list = [[r.key for r in refs], solver_config(solver, options, "mean", torch.float32)]
+    if skip_tau is not None or skip_tau_quantile is not None:  # unchanged key without skipping
+        parts.append({"skip_tau": skip_tau, "skip_tau_quantile": skip_tau_quantile})
+    key = f"{DISTANCES_PREFIX}/{_short(json.dumps(parts, default=str))}.parquet"
+    store.write_table(key, table)
+    return key
 
 
 def _row(record: dict) -> dict:
     return {"a": record["a"], "b": record["b"], "value": float(record["value"]), "solver": record["solver"],
             "n_a": int(record["n_a"]), "n_b": int(record["n_b"]), "seconds": float(record.get("seconds", 0.0)),
             "key_a": record["key_a"], "key_b": record["key_b"], "converged": bool(record.get("converged", True)),
-            "marginal_error": float(record.get("marginal_error", 0.0))}
-
-
-def _run_on_ray(store: Store, refs: Sequence[FeatureRef], chunks: list, solver: str,
-                options: EntropicOptions | None, keys: dict, records: dict,
-                max_in_flight: int | None, timeout_s: float, on_done: Callable[[], None]) -> None:
-    import ray
-
-    from infra.ray_conn import ensure_ray
-
-    ensure_ray()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    window = max_in_flight or cpus
-    # Half a CPU each: never wait forever for CPUs that extraction actors or other jobs hold.
-    remote = ray.remote(num_cpus=0.5, max_retries=2)(compute_chunk)
-    pending: dict = {}
-    queue = list(chunks)
-    deadline = time.monotonic() + timeout_s
-    while queue or pending:
-        while queue and len(pending) < window:
-            chunk = queue.pop(0)
-            pending[remote.remote(store, list(refs), chunk, solver, options, [keys[p] for p in chunk])] = chunk
-        left = deadline - time.monotonic()
-        if left <= 0:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise TimeoutError(f"GW matrix: {len(pending) + len(queue)} chunks still unfinished after {timeout_s} s")
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, 60.0))
-        for ref in done:
-            chunk = pending.pop(ref)
-            for pair, record in zip(chunk, ray.get(ref, timeout=60.0)):
-                records[pair] = record
-            on_done()
+            "marginal_error": float(record.get("marginal_error", 0.0)), "skipped": bool(record.get("skipped", False))}

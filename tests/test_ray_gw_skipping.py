@@ -1,0 +1,129 @@
+"""Lower-bound skipping in the distributed GW matrix (workers/ray_gw.py) against the full matrix."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gw.bounds import bound_matrix, cost_profile
+from gw.clouds import prepare
+from gw.plan import solve_plan
+from gw.synthetic import planted_fleet
+from infra.storage import open_store
+from workers.extract import FeatureRef, features_table
+from workers.fleet_gw import distance_matrix
+from workers.ray_gw import PROFILES_PREFIX, compute_distances, pair_cache_key
+
+Q = 0.25
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    return planted_fleet(n_families=4, models_per_family=3, n_points=48, dim=32, seed=11)
+
+
+def _store_with(fleet, root):
+    """A local store holding the fleet's features, and their references."""
+    store = open_store(str(root))
+    refs = {}
+    for scorer_id, x in fleet.features.items():
+        key = f"features/{scorer_id}.parquet"
+        store.write_table(key, features_table([f"r{n}" for n in range(len(x))], x, {}))
+        refs[scorer_id] = FeatureRef(scorer_id, key, x.shape[0], x.shape[1], "ckpt", "data", "config")
+    return store, refs
+
+
+def _matrix(store, result):
+    return distance_matrix(store, result["key"], result["ids"])
+
+
+def _skipped_pairs(store, result) -> set[tuple[str, str]]:
+    rows = store.read_table(result["key"], columns=["a", "b", "skipped", "solver"]).to_pylist()
+    assert all((r["solver"] == "bound") == r["skipped"] for r in rows)
+    return {(r["a"], r["b"]) for r in rows if r["skipped"]}
+
+
+@pytest.fixture(scope="module")
+def full(fleet, tmp_path_factory):
+    store, refs = _store_with(fleet, tmp_path_factory.mktemp("full"))
+    result = compute_distances(store, refs, use_ray=False)
+    return result, _matrix(store, result)
+
+
+@pytest.fixture(scope="module")
+def bounds(fleet):
+    """Bounds computed here, independently of the workers' profile cache."""
+    ids = sorted(fleet.features)
+    return bound_matrix([cost_profile(prepare(np.array(fleet.features[i]))) for i in ids])
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_quantile_skipping_keeps_tau_and_plan(request, fleet, full, tmp_path, use_ray):
+    if use_ray:
+        request.getfixturevalue("ray_local")
+    store, refs = _store_with(fleet, tmp_path)
+    result = compute_distances(store, refs, use_ray=use_ray, skip_tau_quantile=Q, chunk_size=4, max_in_flight=2)
+    full_result, D = full
+    S = _matrix(store, result)
+    ids = result["ids"]
+    upper = np.triu_indices(len(ids), 1)
+    assert result["tau"] == float(np.quantile(D[upper], Q))
+    assert result["skipped"] > 0 and result["computed"] + result["skipped"] == len(upper[0])
+    below = D < result["tau"]
+    assert np.array_equal(S[below], D[below])  # every pair below tau is computed, bit for bit
+    assert solve_plan(S, ids, tau_quantile=Q).groups == solve_plan(D, ids, tau_quantile=Q).groups
+    assert solve_plan(S, ids, tau=result["tau"]).groups == solve_plan(D, ids, tau_quantile=Q).groups
+    for a, b in _skipped_pairs(store, result):
+        i, j = ids.index(a), ids.index(b)
+        assert D[i, j] >= result["tau"] and S[i, j] <= D[i, j] + 1e-6
+
+
+def test_explicit_tau_skips_exactly_the_pairs_whose_bound_reaches_it(fleet, full, bounds, tmp_path):
+    _, D = full
+    ids = sorted(fleet.features)
+    tau = float(np.quantile(D[np.triu_indices(len(ids), 1)], 0.3))
+    store, refs = _store_with(fleet, tmp_path)
+    result = compute_distances(store, refs, use_ray=False, skip_tau=tau)
+    expected = {(ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)) if bounds[i, j] >= tau}
+    assert expected and _skipped_pairs(store, result) == expected
+    assert result["tau"] == tau and result["skipped"] == len(expected)
+    S = _matrix(store, result)
+    assert np.allclose(S, np.where(bounds >= tau, bounds, D), rtol=0, atol=1e-12)
+
+
+def test_skipped_pairs_stay_out_of_the_cache_and_profiles_are_reused(fleet, full, tmp_path):
+    _, D = full
+    store, refs = _store_with(fleet, tmp_path)
+    first = compute_distances(store, refs, use_ray=False, skip_tau_quantile=Q)
+    assert first["profiles"] == {"computed": len(refs), "reused": 0}
+    assert len(store.list(PROFILES_PREFIX)) == len(refs)
+    skipped = _skipped_pairs(store, first)
+    assert skipped and not any(store.exists(pair_cache_key("entropic", None, refs[a], refs[b])) for a, b in skipped)
+
+    again = compute_distances(store, refs, use_ray=False, skip_tau_quantile=Q)  # same tau: nothing to do
+    assert again["computed"] == 0 and again["skipped"] == first["skipped"] and again["tau"] == first["tau"]
+    # Profiles are read back for the feature sets of the pairs left to decide (the skipped ones).
+    assert again["profiles"] == {"computed": 0, "reused": len({i for pair in skipped for i in pair})}
+
+    unskipped = compute_distances(store, refs, use_ray=False)  # only the skipped pairs are solved
+    assert unskipped["computed"] == len(skipped) and unskipped["skipped"] == 0
+    assert unskipped["reused"] == len(D) * (len(D) - 1) // 2 - len(skipped)
+    assert np.array_equal(_matrix(store, unskipped), D)
+    assert unskipped["key"] == full[0]["key"]  # without skipping the table key is unchanged
+
+
+def test_bad_skipping_arguments(fleet, tmp_path):
+    store, refs = _store_with(fleet, tmp_path)
+    with pytest.raises(ValueError, match="not both"):
+        compute_distances(store, refs, use_ray=False, skip_tau=0.1, skip_tau_quantile=Q)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        compute_distances(store, refs, use_ray=False, skip_tau_quantile=1.5)
+
+
+def test_flow_config_passes_the_plan_threshold():
+    from dataclasses import asdict
+
+    from flows.nightly import ConsolidateConfig, _skipping
+
+    assert _skipping(asdict(ConsolidateConfig())) == {"skip_tau_quantile": 0.3}
+    assert _skipping(asdict(ConsolidateConfig(tau=0.2))) == {"skip_tau": 0.2}
+    assert _skipping(asdict(ConsolidateConfig(skip_by_bounds=False))) == {}
