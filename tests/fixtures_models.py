@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
-    """A tiny random BERT checkpoint directory (hidden 32, 2 layers) with a character-level tokenizer."""
+    """A tiny random BERT checkpoint directory (hidden 32, 3 layers) with a character-level tokenizer."""
     from workers.tiny import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("tiny-base"), seed=0)

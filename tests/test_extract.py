@@ -113,6 +113,15 @@ def test_no_texts_gives_an_empty_matrix(deep_scorer):
     assert extract_features(deep_scorer, [], ExtractConfig()).shape == (0, 32)
 
 
+def test_features_that_ignore_the_input_are_refused():
+    from workers.extract import check_spread
+
+    same = np.full((10, 8), 0.9, dtype=np.float32) + np.float32(1e-8) * np.arange(10, dtype=np.float32)[:, None]
+    with pytest.raises(ValueError, match="'item-7'.*same for every response"):
+        check_spread(same, "item-7", ExtractConfig())
+    check_spread(np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32), "item-7", ExtractConfig())
+
+
 def test_stratified_sample_keeps_label_shares_and_is_seeded():
     rng = np.random.default_rng(7)
     labels = rng.permutation(np.repeat([0, 1, 2], [613, 291, 96])).tolist()

@@ -399,6 +399,25 @@ def extract_features(scorer: Scorer, texts: Sequence[str], config: ExtractConfig
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+MIN_RELATIVE_SPREAD = 1e-5
+
+
+def check_spread(vectors: np.ndarray, scorer_id: str, config: ExtractConfig) -> None:
+    """Refuse features that are the same for every response: GW of such a cloud is noise.
+
+    It happens when the chosen layer sees no input, e.g. the first token of the embedding output
+    (layer -3 of a 2-layer encoder): every response then differs only by float rounding.
+    """
+    if len(vectors) < 2:
+        return
+    spread = float(np.max(vectors.std(axis=0)))
+    size = float(np.mean(np.abs(vectors))) + 1e-30
+    if spread <= MIN_RELATIVE_SPREAD * size:
+        raise ValueError(f"scorer {scorer_id!r}: features at layer {config.layer} ({config.pooling} pooling) are "
+                         f"the same for every response (relative spread {spread / size:.1e}); that layer sees no "
+                         f"input - choose another layer or pooling")
+
+
 # ---------------------------------------------------------------------------------------------
 # Feature files
 
@@ -509,5 +528,6 @@ def extract_for_spec(store: Store, spec: ScorerSpec, config: ExtractConfig = Ext
     device = device or default_device()
     scorer = load_spec_scorer(store, spec, device, base_model=base_model)
     vectors = extract_features(scorer, plan.texts, config)
+    check_spread(vectors, spec.id, config)
     used = model_device(scorer.model)
     return write_features(store, plan, vectors, config, device=str(used), precision=precision_name(used, config))

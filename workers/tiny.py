@@ -20,7 +20,12 @@ def tiny_vocab() -> list[str]:
     return _SPECIAL + _COMMON + chars + [f"##{c}" for c in string.ascii_lowercase + string.digits]
 
 
-def write_tiny_bert(out_dir: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
+def write_tiny_bert(out_dir: str | Path, *, hidden: int = 32, layers: int = 3, heads: int = 2, seed: int = 0) -> Path:
+    """A tiny random BERT checkpoint with a character-level tokenizer.
+
+    Three layers, not two: the default extraction layer (-3) of a 2-layer encoder is its embedding
+    output, whose first token is the same for every response.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
