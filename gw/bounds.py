@@ -201,13 +201,17 @@ def row_profiles(cloud: PreparedCloud, n_levels: int = 32) -> RowProfiles:
     return RowProfiles(means=torch.cat(out).to(cloud.dtype), weights=cloud.weights)
 
 
-def third_lower_bound(a: RowProfiles, b: RowProfiles, *, iterations: int = 16) -> float:
+def third_lower_bound(a: RowProfiles, b: RowProfiles, *, iterations: int = 10) -> float:
     """A valid lower bound on GW from Mémoli's TLB: ``min_T sum_ij T_ij Gamma_ij``.
 
     ``Gamma_ij`` = W2^2 between the cost-row laws of point i and point j, bounded below (Jensen, per
     segment) by ``mean_k (means_a[i, k] - means_b[j, k])^2``. The transport value is bounded below
-    by weak duality: a few log-domain Sinkhorn iterations (epsilon decreasing) give potentials,
-    c-transforms make them feasible, and ``p.f + q.g`` is the bound (minus a float32 margin).
+    by weak duality: feasible potentials from c-transforms (``f_i = min_j Gamma_ij - g_j`` and back,
+    so ``f_i + g_j <= Gamma_ij`` exactly), improved by a few scaling Sinkhorn iterations between
+    c-transforms (epsilon decreasing from 5% to 0.5% of the mean cost over ``iterations / 10``
+    stages; each stage's kernel is at most 1 with a 1 in every row and column, so nothing overflows);
+    ``p.f + q.g`` is the bound (minus a float32 margin). Any potentials give a valid bound once
+    c-transformed; the iterations only tighten it (~1 ms a pair at 500 points).
     GW(T) >= TLB holds for every coupling T of p and q, since for each (i, j)
     ``sum_kl T_kl (C1_ik - C2_jl)^2 >= Gamma_ij``.
     """
@@ -215,17 +219,26 @@ def third_lower_bound(a: RowProfiles, b: RowProfiles, *, iterations: int = 16) -
         raise ValueError(f"row profiles have different level counts: {a.n_levels} vs {b.n_levels}")
     A, B = a.means, b.means
     gamma = ((A * A).mean(1)[:, None] + (B * B).mean(1)[None, :] - (2.0 / A.shape[1]) * (A @ B.T)).clamp_(min=0.0)
-    logp, logq = a.weights.log(), b.weights.log()
+    p, q = a.weights.to(gamma.dtype), b.weights.to(gamma.dtype)
     scale = float(gamma.mean())
     if scale <= 0.0:
         return 0.0
-    f = torch.zeros_like(logp)
-    g = torch.zeros_like(logq)
-    for step in range(iterations):
-        eps = scale * 0.05 * (0.1 ** (step / max(1, iterations - 1)))  # 5% -> 0.5% of the mean cost
-        f = eps * (logp - torch.logsumexp((g[None, :] - gamma) / eps, dim=1))
-        g = eps * (logq - torch.logsumexp((f[:, None] - gamma) / eps, dim=0))
-    g = (gamma - f[:, None]).amin(0)  # c-transforms: f_i + g_j <= Gamma_ij exactly
-    f = (gamma - g[None, :]).amin(1)
+    f = gamma.amin(1)
+    g = (gamma - f[:, None]).amin(0)
+    stages = max(1, round(iterations / 10)) if iterations > 0 else 0
+    for stage in range(stages):
+        steps = iterations // stages + (1 if stage < iterations % stages else 0)
+        eps = scale * 0.05 * (0.1 ** (stage / max(1, stages - 1)))
+        # floored exponent: a CPU exp that underflows is ~25x slower (e^-80 is as good as 0 here)
+        kernel = (f[:, None] + g[None, :] - gamma).div_(eps).clamp_(min=-80.0).exp_()
+        u, v = torch.ones_like(p), torch.ones_like(q)
+        for _ in range(steps):
+            u = p / (kernel @ v).clamp_min_(1e-30)
+            v = q / (kernel.T @ u).clamp_min_(1e-30)
+        f_new, g_new = f + eps * u.log(), g + eps * v.log()
+        if not bool(torch.isfinite(f_new).all() & torch.isfinite(g_new).all()):
+            break
+        g = (gamma - f_new[:, None]).amin(0)  # c-transforms: f_i + g_j <= Gamma_ij exactly
+        f = (gamma - g[None, :]).amin(1)
     bound = float(a.weights.double() @ f.double() + b.weights.double() @ g.double())
     return max(0.0, bound - 1e-6 * float(gamma.max()))

@@ -12,14 +12,17 @@ products of O(N M d) per iteration instead of O(N^2 M). For clouds smaller than 
 product ``C1 T C2`` is cheaper and is used instead (``representation="auto"``).
 
 Sinkhorn. Scaling form (two matrix-vector products per iteration) with log-domain stabilisation:
-each solve starts by normalising the columns of the log-kernel (so no entry overflows); scalings that
+each solve starts by normalising the columns of the log-kernel (so no entry overflows; on large CPU
+pairs by each column's maximum, the first half-step then starting from ``log q - log colsum``;
+exponents are floored at -87, where a CPU ``exp`` would otherwise take its slow underflow path); scalings that
 leave [e^-30, e^30] are absorbed into the potentials and the rows renormalised by a log-sum-exp
 (Schmitzer 2019), which also recovers rows that underflowed. Potentials are warm started from the
 previous outer iteration. Over-relaxation (Thibault et al. 2017; weight 1.8 after 10 plain
 iterations, back to plain for a pair whose marginal error blows up) cuts the iterations on
 clustered clouds, where plain Sinkhorn crawls while mass moves between weakly coupled clusters.
 A pair whose error falls by less than 10% over 50 iterations has stalled and stops there. CPU
-float32 denormals are flushed during a solve (they slow the products ~2.5x).
+float32 denormals are flushed during a solve (they slow the products ~2.5x). The exact value's
+self terms ``sum C^2 r r`` come from a per-cloud ``C * C`` (clouds of at most 1024 points).
 
 Start. ``init="multiscale"`` (the default for clouds of >= 64 points) quantises both clouds by
 weighted k-means (about 2 sqrt(N) clusters, :func:`gw.clouds.coarsen`), solves the small pair with
@@ -39,11 +42,16 @@ couplings), and the marginal error is below ``marginal_tol`` (or Sinkhorn stalle
 Sinkhorn's own tolerance follows the objective: loose (1e-2) while it still moves, ``marginal_tol``
 once it settles.
 
-Batches. Pairs of equal shapes are solved together; vector work is batched, while on CPU every
-matrix product runs pair by pair (a batched CPU matrix-vector ``bmm`` is very slow) and finished
-pairs cost nothing. On CUDA the products are batched. On CPU a pair's result is bit-for-bit the
-same whatever its batch mates and position (per-pair slices are kept 64-byte aligned: CPU kernels
-round differently on unaligned data), which the exact-tau skipping of :mod:`gw.matrix` relies on.
+Batches. Pairs of equal shapes are solved together. On CPU, large pairs (>= 128 x 128) run their
+Sinkhorn solves pair after pair, each kernel built by one product from the state and kept in
+cache across the iterations of its solve (memory-bound: batch-wide sweeps streamed every kernel
+twice per iteration); small pairs (the multiscale start's coarse problems) run batched, their
+matrix-vector products as broadcast products and row sums, stopped pairs leaving the working set
+once they are half of it. Other matrix products run pair by pair (a batched CPU ``bmm`` is slow
+for vectors and its bits depend on the batch). On CUDA everything is batched. On CPU a pair's
+result is bit-for-bit the same whatever its batch mates and position (per-pair slices are kept
+64-byte aligned: CPU kernels round differently on unaligned data), which the exact-tau skipping
+of :mod:`gw.matrix` relies on.
 
 Threads. Many small solves on a shared CPU run best with ``OMP_WAIT_POLICY=PASSIVE`` in the
 environment (set before torch loads): idle OpenMP workers then sleep instead of spinning, which
@@ -78,6 +86,7 @@ costs squared).
 """
 
 _LOG_SCALING_LIMIT = 30.0  # absorb scalings into the potentials beyond e^+-30 (float32-safe)
+_EXP_FLOOR = -87.0  # kernel exponents are floored here: e^-87 is still a normal float32 (see _exp)
 _TINY = 1e-35  # floor for a row/column sum before its log (a normal float32)
 _CHECK_EVERY = 5  # Sinkhorn iterations between marginal-error checks
 _PLAIN_WARMUP = 10  # plain Sinkhorn iterations before over-relaxing (big early steps overshoot)
@@ -87,6 +96,8 @@ _STALL_PROGRESS = 0.9  # ...a pair whose error did not fall below this fraction 
 _LOOSE_MARGINAL_TOL = 1e-2  # Sinkhorn tolerance while the objective still moves a lot
 _INNER_TOL_FACTOR = 0.1  # Sinkhorn tolerance = this x the objective's last relative change
 _MIN_MULTISCALE_POINTS = 64  # below this, start from p q^T
+SQ_COSTS_MAX_POINTS = 1024  # exact self terms from a cached C * C up to this many points (8 MiB)
+_PAIRWISE_MIN_ENTRIES = 128 * 128  # CPU Sinkhorn pair after pair from this kernel size (cache-bound)
 
 
 @dataclass(frozen=True)
@@ -171,12 +182,25 @@ def entropic_gw_batch(
     opts = options or EntropicOptions()
     groups: dict[tuple, list[int]] = {}
     pairs = list(pairs)
+    ready: dict[int, PreparedCloud] = {}  # per-cloud work once per call (clouds recur across pairs)
+
+    def per_cloud(cloud: PreparedCloud) -> PreparedCloud:
+        out = ready.get(id(cloud))
+        if out is None:
+            # principal coordinates; C * C for the exact value's self terms (O(N^2) a pair then);
+            # the k-means coarsening of the multiscale start. All cached by prepare_fleet.
+            out = _with_sq_costs(cloud.with_principal(opts.rank_tol))
+            if opts.init == "multiscale" and out.n_points >= _MIN_MULTISCALE_POINTS:
+                out = out.with_coarse()
+            ready[id(cloud)] = out
+        return out
+
     for i, (a, b) in enumerate(pairs):
         check_pair(a, b)
         if opts.rank_tol > 0:
             # factored on principal coordinates, zero-padded to a multiple of 16: a pair's shapes
             # (hence its bits) never depend on its batch mates
-            a, b = a.with_principal(opts.rank_tol), b.with_principal(opts.rank_tol)
+            a, b = per_cloud(a), per_cloud(b)
             pairs[i] = (a, b)
             widths = (_padded_rank(a), _padded_rank(b))
             key = (a.n_points, b.n_points, ("principal", widths), a.device, a.dtype)
@@ -238,14 +262,24 @@ def _aligned_batch_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, stride, dtype=x.dtype, device=x.device)[:, :per].view(batch, n, m)
 
 
-def _exp_rows(x: torch.Tensor) -> torch.Tensor:
-    """``exp(x)`` for a [B, N] tensor, each row starting on a 64-byte boundary (CPU)."""
-    batch, n = x.shape
-    stride = -(-n // 16) * 16
-    if x.is_cuda or stride == n or batch == 1:
-        return torch.exp(x)
-    out = torch.empty(batch, stride, dtype=x.dtype, device=x.device)[:, :n]
-    return torch.exp(x, out=out)
+def _exp(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(x)`` with the arguments floored at ``_EXP_FLOOR`` (``x`` itself unchanged).
+
+    A CPU ``exp`` whose result underflows float32's normal range takes a slow path (~25x slower);
+    log-kernels have most entries far below -87, so unfloored they would dominate the solve. The
+    floor puts ~1e-38 where the exact value is smaller (or 0 after underflow): at most
+    ``N M 1e-38 e^60`` of mass even at the absorption limit of the scalings, nothing in practice.
+    """
+    out = torch.clamp(x, min=_EXP_FLOOR, out=out) if out is not None else x.clamp(min=_EXP_FLOOR)
+    return out.exp_()
+
+
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``logsumexp`` over ``dim`` without the slow underflowing ``exp`` (terms below e^-87 of the
+    largest one are floored at it: a relative change of at most ``n 1e-38``)."""
+    top = x.amax(dim=dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return (top.squeeze(dim) + _exp(x - top).sum(dim=dim).log())
 
 
 def _per_pair(fn, *tensors: torch.Tensor) -> torch.Tensor:
@@ -324,18 +358,38 @@ class _Products:
     def _inner_from_z(self, z: torch.Tensor) -> torch.Tensor:
         return _inner_from_z(z, self.d, self.e)
 
-    def gradient(self, state: torch.Tensor) -> torch.Tensor:
-        """``-4 C1 T C2`` up to rank-one terms ``u 1^T + 1 v^T`` (a new tensor)."""
-        if self.dense:
-            return state.mul(-4.0)
+    def _middle(self, z: torch.Tensor) -> torch.Tensor:
+        """M with ``gradient = [X, a] M [Y, b]^T`` (up to rank-one terms), from ``Z`` ([B, ...])."""
         d, e = self.d, self.e
-        z = state
         middle = torch.empty(z.shape[0], d + 1, e + 1, dtype=z.dtype, device=z.device)
         middle[:, :d, :e] = 4.0 * z[:, :d, :e]
         middle[:, :d, e] = -2.0 * z[:, :d, e + 1]
         middle[:, d, :e] = -2.0 * z[:, d + 1, :e]
         middle[:, d, e] = z[:, d + 1, e + 1]
-        return self._mm3(self.xa[:, :, : d + 1], middle.mul_(-4.0), self.yb[:, :, : e + 1].transpose(1, 2))
+        return middle.mul_(-4.0)
+
+    def gradient(self, state: torch.Tensor) -> torch.Tensor:
+        """``-4 C1 T C2`` up to rank-one terms ``u 1^T + 1 v^T`` (a new tensor)."""
+        if self.dense:
+            return state.mul(-4.0)
+        d, e = self.d, self.e
+        return self._mm3(self.xa[:, :, : d + 1], self._middle(state), self.yb[:, :, : e + 1].transpose(1, 2))
+
+    def log_kernels(self, state: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float):
+        """Per pair (CPU), ``(f_i + g_j - gradient_ij) / eps`` as a new aligned [N, M] tensor: one
+        product ``[X M', f / eps, 1] [Y, b, 1, g / eps]^T`` when factored (no passes over the
+        gradient itself). A generator over the pairs of the batch, in order."""
+        if self.dense:
+            for b in range(state.shape[0]):
+                yield (_aligned(state[b]) * (4.0 / eps)).add_(f[b][:, None] / eps).add_(g[b][None, :] / eps)
+            return
+        d, e = self.d, self.e
+        middle = self._middle(state).div_(-eps)
+        for b in range(state.shape[0]):
+            xa, yb = _aligned(self.xa[b]), _aligned(self.yb[b])
+            left = torch.cat([xa[:, : d + 1] @ middle[b], f[b][:, None] / eps, xa[:, d + 1:]], dim=1)
+            right = torch.cat([yb, g[b][:, None] / eps], dim=1)
+            yield left @ right.T
 
 
 def _inner_from_z(z: torch.Tensor, d: int, e: int) -> torch.Tensor:
@@ -357,6 +411,8 @@ def _augmented(cloud: PreparedCloud) -> torch.Tensor:
 def self_cost_sq(cloud: PreparedCloud, r: torch.Tensor) -> torch.Tensor:
     """``sum_ik r_i r_k C_ik^2`` as a float64 scalar (O(N^2) with dense costs, else O(N d^2))."""
     r64 = r.double()
+    if cloud.sq_costs is not None:
+        return r64 @ (cloud.sq_costs @ r64)
     if cloud.dense_costs is not None:
         c = cloud.dense_costs.double()
         return r64 @ ((c * c) @ r64)
@@ -385,31 +441,26 @@ def _flush_denormals(device: torch.device) -> Iterator[None]:
 
 
 def _matvec(kernel: torch.Tensor, v: torch.Tensor, active: list[int]) -> torch.Tensor:
-    """``K v`` for the active pairs (ones elsewhere). Batched on CUDA; pair by pair on CPU,
-    where a batched matrix-vector ``bmm`` is very slow."""
+    """``K v`` (entries of inactive pairs are not used). Batched: ``bmm`` on CUDA; on CPU (small
+    kernels: large ones go through :func:`_sinkhorn_pairwise`) a broadcast product and a row sum,
+    whose bits do not depend on the batch (a CPU ``bmm`` does, and is slow for vectors)."""
     if kernel.is_cuda:
         return torch.bmm(kernel, v.unsqueeze(2)).squeeze(2)
-    ones = v.new_ones(kernel.shape[1])
-    on = set(active)
-    return torch.stack([torch.mv(_aligned(kernel[i]), _aligned(v[i])) if i in on else ones
-                        for i in range(kernel.shape[0])])
+    return (kernel * v[:, None, :]).sum(2)
 
 
 def _vecmat(u: torch.Tensor, kernel: torch.Tensor, active: list[int]) -> torch.Tensor:
-    """``K^T u`` for the active pairs (ones elsewhere)."""
+    """``K^T u`` (entries of inactive pairs are not used)."""
     if kernel.is_cuda:
         return torch.bmm(u.unsqueeze(1), kernel).squeeze(1)
-    ones = u.new_ones(kernel.shape[2])
-    on = set(active)
-    return torch.stack([torch.mv(_aligned(kernel[i]).T, _aligned(u[i])) if i in on else ones
-                        for i in range(kernel.shape[0])])
+    return (u[:, :, None] * kernel).sum(1)
 
 
 def _lse(x: torch.Tensor, dim: int, batched: bool) -> torch.Tensor:
     """log-sum-exp over ``dim`` of a [B, N, M] tensor (pair by pair unless batched)."""
     if batched:
         return torch.logsumexp(x, dim=dim)
-    return _per_pair(lambda t: torch.logsumexp(t, dim=dim - 1), x)
+    return _per_pair(lambda t: _logsumexp(t, dim - 1), x)
 
 
 def _sinkhorn(
@@ -425,7 +476,9 @@ def _sinkhorn(
     The coupling is ``diag(e^lu) K diag(e^lv)`` with ``K = exp((f + g - grad) / eps)``; a pair stops
     once its marginal error is at most its entry of ``tol``. ``marg = (p, q, log p, log q)``.
     A pair also stops when its error fell by less than 10% over the last 50 iterations (stalled).
-    Returns ``(K, lu, lv, f, g, err, iterations, stalled)``; ``grad`` is overwritten (becomes log K).
+    Stopped pairs leave the working set once they are half of it (every operation is per pair, so
+    that changes no bits). Returns ``(K, lu, lv, f, g, err, iterations, stalled)``; ``grad`` is
+    overwritten (becomes log K).
     """
     p, q, logp, logq = marg
     eps = opts.epsilon
@@ -435,10 +488,20 @@ def _sinkhorn(
     shift = logq - _lse(log_k, 1, batched)
     log_k.add_(shift[:, None, :])
     g = g + eps * shift
-    kernel = torch.exp(log_k, out=_aligned_batch_like(log_k))
-    batch = log_k.shape[0]
+    kernel = _exp(log_k, out=_aligned_batch_like(log_k))
+    batch, n_rows = f.shape
     device = f.device
-    lu, lv = torch.zeros_like(f), torch.zeros_like(g)
+    # outputs, by original position
+    out_f, out_g = f.clone(), g.clone()
+    out_lu, out_lv = torch.zeros_like(f), torch.zeros_like(g)
+    out_err = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
+    out_iterations = torch.zeros(batch, dtype=torch.int64, device=device)
+    out_stalled = torch.zeros(batch, dtype=torch.bool, device=device)
+    # the working set
+    rows = torch.arange(batch, device=device)
+    K, LK, tol = kernel, log_k, tol.clone()
+    luv = torch.zeros(batch, n_rows + g.shape[1], dtype=f.dtype, device=device)
+    lu, lv = luv[:, :n_rows], luv[:, n_rows:]
     weight = torch.ones(batch, 1, dtype=f.dtype, device=device)  # 0 freezes a converged pair
     relaxed = float(opts.overrelaxation)
     err = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
@@ -447,14 +510,22 @@ def _sinkhorn(
     active = torch.ones(batch, dtype=torch.bool, device=device)
     stalled = torch.zeros(batch, dtype=torch.bool, device=device)
     reference = err.clone()  # error at the start of the current stall window
-    active_list = list(range(batch))
-    for it in range(int(opts.max_inner)):
-        kv = _matvec(kernel, _exp_rows(lv), active_list)
+    compacted = False
+
+    def finish(local: torch.Tensor) -> None:
+        idx = rows[local]
+        out_f[idx], out_g[idx], out_lu[idx], out_lv[idx] = f[local], g[local], lu[local], lv[local]
+        out_err[idx], out_iterations[idx], out_stalled[idx] = err[local], iterations[local], stalled[local]
+        if compacted:
+            kernel[idx] = K[local]
+
+    max_inner = int(opts.max_inner)
+    for it in range(max_inner):
+        kv = _matvec(K, lv.exp(), [])
         lu.lerp_(logp - kv.clamp_min(_TINY).log(), weight)
-        eu = _exp_rows(lu)
-        ktu = _vecmat(eu, kernel, active_list)
-        iterations += active
-        if it % _CHECK_EVERY == _CHECK_EVERY - 1 or it == int(opts.max_inner) - 1:
+        eu = lu.exp()
+        ktu = _vecmat(eu, K, [])
+        if it % _CHECK_EVERY == _CHECK_EVERY - 1 or it == max_inner - 1:
             # marginals of the current (lu, lv): rows from kv, columns from ktu
             new_err = ((eu * kv - p).abs().sum(1) + (lv.exp() * ktu - q).abs().sum(1)).double()
             err = torch.where(active, new_err, err)
@@ -465,22 +536,39 @@ def _sinkhorn(
                 # crawling (the slow inter-cluster mode): more iterations buy little; stop here
                 stalled = stalled | (active & (err > _STALL_PROGRESS * reference))
                 reference = err.clone()
-            active = active & ~(err <= tol) & ~stalled
-            if not bool(active.any()):
+            done = active & ((err <= tol) | stalled)
+            iterations = torch.where(done, torch.full_like(iterations, it + 1), iterations)
+            active = active & ~done
+            n_active = int(active.sum())
+            if n_active == 0:
                 break
-            active_list = active.nonzero().squeeze(1).tolist()
             if bool(diverged.any()):
                 weight = torch.where(diverged[:, None], torch.ones_like(weight), weight)
                 err_at_switch = torch.where(diverged, torch.full_like(err, math.inf), err_at_switch)
             weight = weight * active[:, None]
+            if n_active <= rows.shape[0] // 2:
+                finish((~active).nonzero().squeeze(1))
+                keep = active.nonzero().squeeze(1)
+                rows, K, LK, tol, luv, f, g = (x[keep] for x in (rows, K, LK, tol, luv, f, g))
+                lu, lv = luv[:, :n_rows], luv[:, n_rows:]
+                p, q, logp, logq = (x[keep] for x in (p, q, logp, logq))
+                weight, err, err_at_switch, reference = (x[keep] for x in (weight, err, err_at_switch, reference))
+                iterations, stalled, active = iterations[keep], stalled[keep], active[keep]
+                ktu = ktu[keep]
+                compacted = True
         if it + 1 == _PLAIN_WARMUP and relaxed != 1.0:
             weight = torch.where(weight > 0, torch.full_like(weight, relaxed), weight)
         lv.lerp_(logq - ktu.clamp_min(_TINY).log(), weight)
-        if bool((lu.abs().amax() > _LOG_SCALING_LIMIT) | (lv.abs().amax() > _LOG_SCALING_LIMIT)):
-            too_big = (lu.abs().amax(1) > _LOG_SCALING_LIMIT) | (lv.abs().amax(1) > _LOG_SCALING_LIMIT)
-            kernel, f, g, lu, lv = _absorb(too_big.nonzero().squeeze(1), log_k, kernel, f, g, lu, lv, logp, eps)
-    stalled = stalled | active  # still short of the tolerance at max_inner
-    return kernel, lu, lv, f, g, err, iterations, stalled
+        if float(luv.abs().amax()) > _LOG_SCALING_LIMIT:
+            too_big = luv.abs().amax(1) > _LOG_SCALING_LIMIT
+            K, f, g, lu, lv = _absorb(too_big.nonzero().squeeze(1), LK, K, f, g, lu, lv, logp, eps)
+            luv = torch.cat([lu, lv], dim=1)
+            lu, lv = luv[:, :n_rows], luv[:, n_rows:]
+    # still short of the tolerance at max_inner
+    iterations = torch.where(active, torch.full_like(iterations, it + 1), iterations)
+    stalled = stalled | active
+    finish(torch.arange(rows.shape[0], device=device))
+    return kernel, out_lu, out_lv, out_f, out_g, out_err, out_iterations, out_stalled
 
 
 def _absorb(idx, log_k, kernel, f, g, lu, lv, logp, eps):
@@ -489,13 +577,105 @@ def _absorb(idx, log_k, kernel, f, g, lu, lv, logp, eps):
     shift = logp[idx] - _lse(sub, 2, sub.is_cuda)  # rows sum to p_i afterwards: no overflow
     sub.add_(shift.unsqueeze(2))
     log_k[idx] = sub
-    kernel[idx] = torch.exp(sub)
+    kernel[idx] = _exp(sub)
     f, g, lu, lv = f.clone(), g.clone(), lu.clone(), lv.clone()
     f[idx] += eps * (lu[idx] + shift)
     g[idx] += eps * lv[idx]
     lu[idx] = 0.0
     lv[idx] = 0.0
     return kernel, f, g, lu, lv
+
+
+def _sinkhorn_pairwise(
+    products: _Products,
+    state: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    marg: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    opts: EntropicOptions,
+    tol: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_sinkhorn` pair after pair (CPU, large pairs): the same iteration and stopping rules.
+
+    A pair's whole solve runs before the next one starts, so its kernel stays in cache across the
+    two matrix-vector products of every iteration (batch-wide sweeps stream each kernel from memory
+    twice per iteration), and no work is spent on pairs that already stopped. Each kernel is built
+    from the state in one product (:meth:`_Products.log_kernels`), its columns normalised in the
+    log domain by their maximum (the first half-step of Sinkhorn then starts from ``log q - log
+    colsum``). Returns ``(T, lu, lv, f, g, err, iterations, stalled)`` with ``T`` the coupling.
+    """
+    p, q, logp, logq = marg
+    eps = opts.epsilon
+    batch, n_rows, n_cols = state.shape[0], p.shape[1], q.shape[1]
+    coupling = torch.empty(batch, -(-n_rows * n_cols // 16) * 16, dtype=p.dtype)[:, : n_rows * n_cols]
+    coupling = coupling.view(batch, n_rows, n_cols)
+    f, g = f.clone(), g.clone()
+    lu, lv = torch.zeros_like(f), torch.zeros_like(g)
+    err = torch.full((batch,), math.inf, dtype=torch.float64)
+    iterations = torch.zeros(batch, dtype=torch.int64)
+    stalled = torch.zeros(batch, dtype=torch.bool)
+    relaxed = float(opts.overrelaxation)
+    max_inner = int(opts.max_inner)
+    tols = tol.tolist()
+    for b, log_k in enumerate(products.log_kernels(state, f, g, eps)):
+        top = log_k.amax(dim=0)
+        log_k.sub_(top[None, :])  # every column's largest entry is 0: no overflow
+        k = coupling[b]
+        _exp(log_k, out=k)
+        kt = k.T
+        fb, gb = f[b], g[b] + eps * top
+        pb, qb, logpb, logqb = _aligned(p[b]), _aligned(q[b]), _aligned(logp[b]), _aligned(logq[b])
+        # scalings in one buffer (one overflow test for both); lv starts at log q - log colsum
+        luv = torch.empty(n_rows + n_cols, dtype=p.dtype)
+        lub, lvb = luv[:n_rows], luv[n_rows:]
+        lub.zero_()
+        torch.sub(logqb, k.sum(dim=0).clamp_min_(_TINY).log_(), out=lvb)
+        evb = torch.exp(lvb)
+        weight = 1.0
+        e_b, e_switch, reference = math.inf, math.inf, math.inf
+        stop = False
+        n = 0
+        for it in range(max_inner):
+            kv = torch.mv(k, evb)
+            lub.lerp_(logpb - kv.clamp_min(_TINY).log_(), weight)
+            eu = torch.exp(lub)
+            ktu = torch.mv(kt, eu)
+            n += 1
+            if it % _CHECK_EVERY == _CHECK_EVERY - 1 or it == max_inner - 1:
+                e_b = float((eu * kv - pb).abs_().sum() + (evb * ktu - qb).abs_().sum())
+                if it + 1 == _PLAIN_WARMUP:
+                    e_switch = e_b
+                diverged = e_b > _DIVERGENCE_FACTOR * e_switch or not math.isfinite(e_b)
+                if (it + 1) % _STALL_WINDOW == 0:
+                    if e_b > _STALL_PROGRESS * reference:
+                        stalled[b] = True
+                        stop = True
+                    reference = e_b
+                if e_b <= tols[b] or stop:
+                    stop = True
+                    break
+                if diverged:
+                    weight, e_switch = 1.0, math.inf
+            if it + 1 == _PLAIN_WARMUP and relaxed != 1.0:
+                weight = relaxed
+            lvb.lerp_(logqb - ktu.clamp_min_(_TINY).log_(), weight)
+            low, high = torch.aminmax(luv)
+            if max(float(high), -float(low)) > _LOG_SCALING_LIMIT:
+                # absorb the scalings into the potentials, renormalise the rows (no overflow)
+                log_k.add_(lub[:, None]).add_(lvb[None, :])
+                row_shift = logpb - _logsumexp(log_k, 1)
+                log_k.add_(row_shift[:, None])
+                _exp(log_k, out=k)
+                fb = fb + eps * (lub + row_shift)
+                gb = gb + eps * lvb
+                luv.zero_()
+            evb = torch.exp(lvb)
+        if not stop:
+            stalled[b] = True  # still short of the tolerance at max_inner
+        k.mul_(torch.exp(lub)[:, None]).mul_(evb[None, :])  # the coupling, in place, while in cache
+        err[b], iterations[b] = e_b, n
+        f[b], g[b], lu[b], lv[b] = fb, gb, lub, lvb
+    return coupling, lu, lv, f, g, err, iterations, stalled
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,6 +703,7 @@ def _solve_group(
     marg = (p, q, p.log(), q.log())
     const = torch.stack([self_cost_sq(a, a.weights) + self_cost_sq(b, b.weights) for a, b in zip(clouds_a, clouds_b)])
     batch = len(pairs)
+    pairwise = p.device.type == "cpu" and p.shape[1] * q.shape[1] >= _PAIRWISE_MIN_ENTRIES
     start = _multiscale_start(clouds_a, clouds_b, opts) if opts.init == "multiscale" else None
     if start is None:
         f, g = torch.zeros_like(p), torch.zeros_like(q)
@@ -538,12 +719,15 @@ def _solve_group(
     inner_tol = torch.full((batch,), _LOOSE_MARGINAL_TOL, dtype=torch.float64, device=p.device)
     max_iter = int(opts.max_iter)
     for it in range(1, max_iter + 1):
-        grad = products.gradient(state)
-        kernel, lu, lv, f, g, err, n_inner, stalled = _sinkhorn(grad, f, g, marg, opts, inner_tol)
-        del grad
+        if pairwise:
+            t, lu, lv, f, g, err, n_inner, stalled = _sinkhorn_pairwise(products, state, f, g, marg, opts, inner_tol)
+        else:
+            grad = products.gradient(state)
+            kernel, lu, lv, f, g, err, n_inner, stalled = _sinkhorn(grad, f, g, marg, opts, inner_tol)
+            del grad
+            t = kernel.mul_(lu.exp()[:, :, None]).mul_(lv.exp()[:, None, :])  # the coupling, in place
+            del kernel
         inner_total[index] += n_inner
-        t = kernel.mul_(lu.exp()[:, :, None]).mul_(lv.exp()[:, None, :])  # the coupling, in place
-        del kernel
         state, inner = products.state(t)
         # the objective of t itself, with its actual marginals (with p and q instead, a marginal
         # error of 1e-3 shifts it by ~0.5%: more than the stopping tolerance)
@@ -594,7 +778,11 @@ def _distance(t: torch.Tensor, other: torch.Tensor | None, like: torch.Tensor) -
     """``|t - other|_1`` per pair (inf without ``other``)."""
     if other is None:
         return torch.full_like(like, math.inf)
-    return _per_pair(lambda x, y: (x - y).abs().sum(dtype=torch.float64), t, other)
+    if t.is_cuda:
+        return (t - other).abs().sum(dim=(1, 2), dtype=torch.float64)
+    # one fused pass per pair (a float64 sum of |x - y| costs ~4x more; float32 cascade sums are
+    # accurate to ~1e-6 here, far below coupling_tol)
+    return _per_pair(lambda x, y: torch.nn.functional.l1_loss(x, y, reduction="sum"), t, other).double()
 
 
 def _principal_twins(
@@ -619,6 +807,12 @@ def _principal_twins(
                                        coarse=c.coarse))
         sides.append(twins)
     return list(zip(*sides))
+
+
+def _with_sq_costs(cloud: PreparedCloud) -> PreparedCloud:
+    """``cloud`` carrying ``C * C`` when it is small enough (a rule on the cloud alone, so a pair's
+    bits never depend on whether a fleet cached it)."""
+    return cloud.with_sq_costs() if cloud.n_points <= SQ_COSTS_MAX_POINTS else cloud
 
 
 def _padded_rank(cloud: PreparedCloud) -> int:

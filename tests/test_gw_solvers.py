@@ -136,7 +136,8 @@ def test_multiscale_start_reaches_the_same_value():
     assert multiscale.iterations <= product.iterations
 
 
-@pytest.mark.parametrize("n_points", [60, 101])  # product start; multiscale start, odd sizes
+# product start; multiscale start, odd sizes; pair-after-pair Sinkhorn (>= 128 x 128) with cached C * C
+@pytest.mark.parametrize("n_points", [60, 101, 150])
 def test_batch_results_do_not_depend_on_batch_mates(n_points):
     fl = planted_fleet(n_families=3, models_per_family=2, n_points=n_points, dim=24, seed=7)
     clouds = {k: prepare(v, device="cpu") for k, v in fl.features.items()}
@@ -317,3 +318,28 @@ def test_result_round_trips_through_a_dict(fleet):
     again = GWResult.from_dict(res.to_dict())
     assert again == res and again.coupling is None
     assert all(isinstance(v, (int, float, str, bool, type(None))) for v in res.to_dict().values())
+
+
+def test_floored_logsumexp_and_exp_match_torch():
+    from gw.entropic import _exp, _logsumexp
+
+    x = torch.randn(37, 53) * 60.0 - 40.0  # many entries far below the float32 exp range
+    assert torch.allclose(_logsumexp(x, 0), torch.logsumexp(x, 0), rtol=1e-6, atol=1e-5)
+    assert torch.allclose(_logsumexp(x, 1), torch.logsumexp(x, 1), rtol=1e-6, atol=1e-5)
+    floored = _exp(x)
+    assert torch.all(floored > 0) and torch.allclose(floored, x.exp(), rtol=1e-6, atol=1e-37)
+
+
+def test_principal_coordinates_keep_the_leading_gram():
+    from gw.clouds import principal_coordinates
+
+    rng = np.random.default_rng(12)
+    for n, d in ((80, 30), (30, 80)):
+        x = torch.from_numpy(rng.normal(size=(n, d)) * np.geomspace(1.0, 1e-3, d)).double()
+        coords = principal_coordinates(x, 1e-4)
+        u, s, _ = torch.linalg.svd(x, full_matrices=False)
+        energy = s ** 4
+        rank = int((torch.cumsum(energy, 0) / energy.sum() < 1 - 1e-4).sum()) + 1
+        assert coords.shape == (n, rank)
+        ref = u[:, :rank] * s[:rank]
+        assert torch.allclose(coords @ coords.T, ref @ ref.T, atol=1e-9 * float(s[0] ** 2))
