@@ -35,12 +35,47 @@ def targets(result: dict) -> list[str]:
     return lines
 
 
+def gate_summary(result: dict, gated: dict) -> list[str]:
+    """How the planned groups fared at the gate, and why the gate is coarse on this data."""
+    decisions = gated["decisions"]
+    whole = sum(d["passed"] and len(d["accepted"]) == len(d["members"]) for d in decisions)
+    smaller = sum(d["passed"] and len(d["accepted"]) < len(d["members"]) for d in decisions)
+    sizes = sorted(result["validation_sizes"].values())
+    median = sizes[len(sizes) // 2]
+    ungated = result["ungated"]["gw"].get(gated["method"], {}).get("by_setting", {}).get("refit_heads")
+    lines = [f"The gate kept {whole} of {len(decisions)} planned groups whole, cut {smaller} to a pair and "
+             f"rejected {len(decisions) - whole - smaller}, leaving {gated['storage']['backbones']} backbones. "
+             f"It judges each item on its validation split: {sizes[0]} to {sizes[-1]} answers (median {median}), "
+             f"so one answer more or less moves an item's accuracy by about {1 / median:.2f}, more than "
+             f"δ = {gated['delta']}, and macro F1 by as much or more."]
+    if ungated:
+        lines.append(f"Without the gate the same plan, method and head refit reach test macro F1 "
+                     f"{_f(ungated['macro_f1'])} with {result['storage_ungated']['backbones']} backbones "
+                     f"({result['storage_ungated']['ratio']:.2f}x); with it, {_f(gated['macro_f1'])} with "
+                     f"{gated['storage']['backbones']} ({gated['storage_ratio']:.2f}x).")
+    return lines + [""]
+
+
+def module_purity(result: dict) -> list[str]:
+    """Share of each plan's groups whose members all come from one curriculum module."""
+    modules = result.get("item_modules") or {}
+    if not modules:
+        return []
+    out = []
+    for plan, variants in result["plans"].items():
+        groups = [g for p in variants for g in p["groups"]]
+        pure = sum(len({modules.get(m) for m in g}) == 1 for g in groups)
+        out.append(f"{plan} {pure / len(groups):.2f}")
+    return ["Share of groups inside one Beetle module: " + ", ".join(out) + ".", ""]
+
+
 def analysis(result: dict) -> list[str]:
     """Which items and groups cost the most, computed from the per-item figures."""
     pre = {i: m["macro_f1"] for i, m in result["per_item_premerge"].items()}
     lines = []
     gated = result.get("gated")
     if gated:
+        lines += gate_summary(result, gated)
         group_of = {i: g for g in gated["groups"] for i in g}
         drops = sorted(((gated["per_item_macro_f1"][i] - pre[i], i) for i in group_of))[:8]
         lines.append("Largest test macro F1 changes of merged items, gated (item, change, its group, "
@@ -111,7 +146,7 @@ def render_markdown(result: dict) -> str:
     if s_gated:
         out.append(f"- Gated: {s_gated['bytes_after'] / 1e6:.0f} MB ({s_gated['backbones']} backbones), "
                    f"{s_gated['ratio']:.2f}x smaller.")
-    out += ["", "## Where it is lost", "", *analysis(result), "",
+    out += ["", "## Where it is lost", "", *analysis(result), "", *module_purity(result),
             "## Time per stage (seconds)", "",
             "| " + " | ".join(result["seconds"]) + " |", "|" + "---|" * len(result["seconds"]),
             "| " + " | ".join(str(v) for v in result["seconds"].values()) + " |", "",

@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--tau-quantile", type=float, default=1.0)
     parser.add_argument("--delta", type=float, default=0.02)
+    parser.add_argument("--layer", type=int, default=-3, help="feature layer for GW (the nightly default: -3)")
     parser.add_argument("--doge-steps", type=int, default=400)
     parser.add_argument("--method-random-seeds", default="",
                         help="fewer random plans for some methods, e.g. 'doge=1,ta=2' (CPU time; stated in the report)")
@@ -210,7 +211,7 @@ def main() -> None:
     lap("premerge")
 
     # 2. Features and the GW matrix, as the nightly job computes them.
-    extraction = extract_fleet(store, report.usable, ExtractConfig(max_responses=256, seed=args.seed),
+    extraction = extract_fleet(store, report.usable, ExtractConfig(layer=args.layer, max_responses=256, seed=args.seed),
                                base_model=manifest.base_model)
     if extraction.errors:
         log(f"features failed for {sorted(extraction.errors)}: those items stay individual")
@@ -275,11 +276,13 @@ def main() -> None:
         "distances": {"ids": gw_ids, "matrix": np.round(D, 6).tolist(), "computed": distances["computed"],
                       "reused": distances["reused"]},
         "per_item_premerge": {i: r["test"] for i, r in individual.items()},
+        "validation_sizes": {i: r["validation"]["n"] for i, r in individual.items()},
+        "item_modules": {i: meta[i].get("module") for i in ids},
         "settings": {"methods": methods, "gated_methods": gated_methods, "random_seeds": args.random_seeds,
                      "tau_quantile": args.tau_quantile, "delta": args.delta, "doge_steps": args.doge_steps,
                      "random_seeds_by_method": random_seeds,
                      "grids": {m: merge_grid(m, args.doge_steps) for m in methods}, "seed": args.seed,
-                     "extract": {"layer": -3, "pooling": "cls", "max_responses": 256}},
+                     "extract": {"layer": args.layer, "pooling": "cls", "max_responses": 256}},
         "seconds": seconds,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {consolidator.device}",
         "set_aside": report.rejected | dict(extraction.errors),
