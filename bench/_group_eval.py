@@ -47,6 +47,7 @@ class GroupEvaluator:
         self.cache_dir = Path(cache_dir)
         self.seed = seed
         self._hashes: dict[str, str] = {}
+        self.compute_seconds: dict[tuple[str, tuple[str, ...]], dict] = {}  # what each group took when computed
 
     def _spec(self, item: str):
         return self.consolidator.manifest.scorer(item)
@@ -99,7 +100,9 @@ class GroupEvaluator:
         members = sorted(members)
         payload = {"members": {m: self._checkpoint_hash(m) for m in members}, "method": method,
                    "grid": [dict(g) for g in grid], "seed": self.seed, "version": 1}
-        return self._cached(f"groups/{method}", payload, lambda: self._compute_group(members, method, grid))
+        result = self._cached(f"groups/{method}", payload, lambda: self._compute_group(members, method, grid))
+        self.compute_seconds[(method, tuple(members))] = result["seconds"]
+        return result
 
     def _compute_group(self, members: Sequence[str], method: str, grid: Sequence[Mapping[str, Any]]) -> dict:
         started = time.perf_counter()

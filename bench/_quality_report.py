@@ -23,7 +23,7 @@ def targets(result: dict) -> list[str]:
     if gated:
         drop = pre - gated["macro_f1"]
         lines.append(f"- Gated macro F1 within 0.02 of pre-merge: **{'met' if drop <= 0.02 else 'missed'}** "
-                     f"({_f(gated['macro_f1'])} vs {_f(pre)}, a drop of {drop:+.3f}).")
+                     f"({_f(gated['macro_f1'])} vs {_f(pre)}, a change of {-drop:+.3f}).")
         ratio = gated["storage_ratio"]
         lines.append(f"- Gated storage reduced at least 2.5x: **{'met' if ratio >= 2.5 else 'missed'}** ({ratio:.2f}x).")
     for method, by_plan in result["paired_gw_vs_baseline"].items():
@@ -151,7 +151,12 @@ def render_markdown(result: dict) -> str:
             "| " + " | ".join(result["seconds"]) + " |", "|" + "---|" * len(result["seconds"]),
             "| " + " | ".join(str(v) for v in result["seconds"].values()) + " |", "",
             f"Machine: {result['machine']}. Cached stages (fleet, features, GW pairs, merged groups) read "
-            "near zero on a rerun.", "",
+            "near zero on a rerun. What merging took when each group was computed (summed over the distinct "
+            "groups of all plans, gate fallbacks included; merge = the merges alone, total = merges, "
+            "forward passes, head refits and scoring; measured on a shared machine):", "",
+            "| method | groups | merge s | total s |", "|---|---|---|---|",
+            *[f"| {METHOD_NAMES.get(m, m)} | {v['groups']} | {v['merge']} | {v['total']} |"
+              for m, v in result.get("group_compute_seconds", {}).items()], "",
             "## Plans", ""]
     for plan, variants in result["plans"].items():
         for n, p in enumerate(variants):
