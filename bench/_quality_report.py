@@ -85,6 +85,7 @@ def analysis(result: dict) -> list[str]:
             n = result["per_item_premerge"][item]["n"]
             lines.append(f"- `{item}`: {change:+.3f} in {' + '.join(group_of[item])} (n = {n})")
         lines.append("")
+    behind = []
     for method, by_plan in result["paired_gw_vs_baseline"].items():
         for plan, cmp in by_plan.items():
             if cmp["mean_diff"] >= 0:
@@ -95,6 +96,13 @@ def analysis(result: dict) -> list[str]:
             items = ", ".join(f"`{i}` ({d:+.3f})" for d, i in worst)
             lines.append(f"- {METHOD_NAMES.get(method, method)}, GW behind {plan} by {-cmp['mean_diff']:.3f} "
                          f"(95% CI {cmp['ci95']}, sign test p = {cmp['sign_test_p']}): most of it from {items}.")
+            behind.append(cmp["ci95"][0] <= 0.0 <= cmp["ci95"][1])
+    if behind:
+        verdict = ("every one of these intervals contains 0: at this test size the plans are not told apart"
+                   if all(behind) else "some of these intervals exclude 0: those baselines are ahead beyond noise")
+        sizes = [m["n"] for m in result["per_item_premerge"].values()]
+        lines.append(f"- Where GW is behind, {verdict} ({result['n_test']} test answers over {result['n_items']} "
+                     f"items, {min(sizes)} to {max(sizes)} per item).")
     return lines
 
 
