@@ -152,6 +152,16 @@ def quantile_cutoff(known_values: Sequence[float], n_pairs: int, quantile: float
     return float(known[hi]) if known.size > hi else math.inf
 
 
+def check_skipping(skip_tau: float | None, skip_tau_quantile: float | None) -> None:
+    """Raise ValueError unless at most one of an explicit (finite) tau and a quantile in [0, 1] is given."""
+    if skip_tau is not None and skip_tau_quantile is not None:
+        raise ValueError("give skip_tau or skip_tau_quantile, not both")
+    if skip_tau is not None and not math.isfinite(float(skip_tau)):
+        raise ValueError(f"skip_tau must be finite, got {skip_tau}")
+    if skip_tau_quantile is not None and not 0.0 <= float(skip_tau_quantile) <= 1.0:
+        raise ValueError(f"skip_tau_quantile must be in [0, 1], got {skip_tau_quantile}")
+
+
 def prepare_fleet(
     features: Mapping[str, Any],
     *,
@@ -228,12 +238,7 @@ def gw_matrix(
     Returns:
         A :class:`GWMatrix`.
     """
-    if skip_tau is not None and skip_tau_quantile is not None:
-        raise ValueError("give skip_tau or skip_tau_quantile, not both")
-    if skip_tau is not None and not math.isfinite(float(skip_tau)):
-        raise ValueError(f"skip_tau must be finite, got {skip_tau}")
-    if skip_tau_quantile is not None and not 0.0 <= float(skip_tau_quantile) <= 1.0:
-        raise ValueError(f"skip_tau_quantile must be in [0, 1], got {skip_tau_quantile}")
+    check_skipping(skip_tau, skip_tau_quantile)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     config = solver_config(solver, options, normalisation, dtype)

@@ -34,7 +34,7 @@ import torch
 from gw.bounds import DEFAULT_BINS, DEFAULT_LEVELS, CostProfile, bound_matrix, cost_profile
 from gw.clouds import PreparedCloud, prepare
 from gw.matrix import pair_cache_key as gw_pair_key
-from gw.matrix import quantile_cutoff, solver_config
+from gw.matrix import check_skipping, quantile_cutoff, solver_config
 from gw.solvers import EntropicOptions, entropic_gw_batch, gw_pair
 from infra.storage import Store
 from workers.extract import FeatureRef, read_features
@@ -231,15 +231,6 @@ def _cutoff(skip_tau: float | None, skip_tau_quantile: float | None, n_pairs: in
     return None
 
 
-def _check_skipping(skip_tau: float | None, skip_tau_quantile: float | None) -> None:
-    if skip_tau is not None and skip_tau_quantile is not None:
-        raise ValueError("give skip_tau or skip_tau_quantile, not both")
-    if skip_tau is not None and not math.isfinite(float(skip_tau)):
-        raise ValueError(f"skip_tau must be finite, got {skip_tau}")
-    if skip_tau_quantile is not None and not 0.0 <= float(skip_tau_quantile) <= 1.0:
-        raise ValueError(f"skip_tau_quantile must be in [0, 1], got {skip_tau_quantile}")
-
-
 def load_profiles(store: Store, refs: Sequence[FeatureRef], needed: Sequence[int], make_runner: Callable
                   ) -> tuple[dict[int, CostProfile], int]:
     """Cost profiles of `refs[needed]`: cached ones read, the others computed (as tasks); (profiles, computed)."""
@@ -290,7 +281,7 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
     deadline = time.monotonic() + timeout_s
     if solver not in ("entropic", "exact"):
         raise ValueError(f"solver must be 'entropic' or 'exact', got {solver!r}")
-    _check_skipping(skip_tau, skip_tau_quantile)
+    check_skipping(skip_tau, skip_tau_quantile)
     skipping = skip_tau is not None or skip_tau_quantile is not None
     ids = sorted(features)
     if len(ids) < 2:
