@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gw.head_fit import refit_head
 from gw.merge import merge
-from gw.metrics import classification_metrics
 from gw.tuning import worst_change
-from workers.batching import map_batches
 from workers.consolidate import GroupConsolidator, Member, _schema
+from workers.evaluate import item_metrics
 from workers.extract import store_checkpoint_hash
 from workers.multihead import MultiHeadScorer
 
@@ -34,9 +32,9 @@ HEAD_SETTINGS = {"own_heads": False, "refit_heads": True}
 
 
 def _metrics(member: Member, split: str, predicted: np.ndarray) -> dict:
-    labels = list(range(member.spec.n_labels))
-    result = classification_metrics(member.spec.task, member.labels[split], predicted, labels)
-    return {k: (None if v != v else round(float(v), 6)) for k, v in result.items()} | {"n": len(predicted)}
+    result = item_metrics(member.spec.task, member.labels[split], predicted, member.spec.n_labels)
+    return {k: (None if v != v else round(float(v), 6)) if isinstance(v, (int, float)) else v
+            for k, v in result.items()} | {"n": len(predicted)}
 
 
 class GroupEvaluator:
@@ -69,15 +67,6 @@ class GroupEvaluator:
         tmp.replace(path)  # a killed run never leaves a half-written entry
         return result
 
-    def _features(self, model: MultiHeadScorer, texts: Sequence[str]) -> np.ndarray:
-        return map_batches(model.encode, self.consolidator.tokenizer, texts, batch_size=64, max_length=128,
-                           device=self.consolidator.device)
-
-    def _predict(self, model: MultiHeadScorer, item: str, features: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            logits = model.heads[item](torch.as_tensor(features, device=self.consolidator.device)).float().cpu()
-        return logits.argmax(-1).numpy()
-
     def individual(self, item: str) -> dict:
         """The item's own scorer: validation and test metrics, and its test predictions."""
         payload = {"item": item, "checkpoint": self._checkpoint_hash(item)}
@@ -87,7 +76,7 @@ class GroupEvaluator:
             model = self.consolidator.individual(member.spec)
             out = {}
             for split in ("validation", "test"):
-                predicted = self._predict(model, item, self._features(model, member.texts[split]))
+                predicted = self.consolidator.predict(model, item, self.consolidator.features(model, member.texts[split]))
                 out[split] = _metrics(member, split, predicted)
             out["test_predictions"] = predicted.tolist()
             out["test_labels"] = np.asarray(member.labels["test"]).tolist()
@@ -118,7 +107,7 @@ class GroupEvaluator:
             heads = {m.spec.id: m.head for m in loaded}
             model = MultiHeadScorer(self.consolidator.model_config, result.state_dict, heads,
                                     {m.spec.id: _schema(m.spec) for m in loaded}).to(self.consolidator.device)
-            features = {m.spec.id: {s: self._features(model, m.texts[s]) for s in SPLITS} for m in loaded}
+            features = {m.spec.id: {s: self.consolidator.features(model, m.texts[s]) for s in SPLITS} for m in loaded}
             candidate = {"params": dict(result.params)}
             for setting, refit in HEAD_SETTINGS.items():
                 candidate[setting] = self._score_heads(model, loaded, features, refit)
@@ -147,7 +136,7 @@ class GroupEvaluator:
                                     device=self.consolidator.device)
                 head.load_head_state(fitted.state_dict)
             for split in ("validation", "test"):
-                predicted = self._predict(model, item, feats[split])
+                predicted = self.consolidator.predict(model, item, feats[split])
                 out[split][item] = _metrics(m, split, predicted)
             out["test_predictions"][item] = predicted.tolist()
             if refit:

@@ -19,6 +19,13 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 
+def add_threads_argument(parser) -> None:
+    """``--threads`` (default 1) for the CPU-seconds benchmarks."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and BLAS alike (1: CPU seconds then measure work, "
+                             "not the spinning of idle threads on a shared machine)")
+
+
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` threads (default: every core) for torch and for numpy's BLAS alike.
 

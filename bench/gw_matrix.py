@@ -33,7 +33,7 @@ import warnings  # noqa: E402
 import _util  # noqa: E402,F401  (puts the repository on sys.path)
 import numpy as np  # noqa: E402
 
-from _util import emit, machine, ratio, set_threads, timed  # noqa: E402
+from _util import add_threads_argument, emit, machine, ratio, set_threads, timed  # noqa: E402
 from gw.clouds import prepare  # noqa: E402
 from gw.matrix import gw_matrix  # noqa: E402
 from gw.plan import solve_plan  # noqa: E402
@@ -72,9 +72,7 @@ def main() -> None:
     parser.add_argument("--per-family", type=int, default=3)
     parser.add_argument("--n-points", type=int, default=500)
     parser.add_argument("--pot-pairs", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for torch and BLAS alike (1: CPU seconds then measure work, "
-                             "not the spinning of idle threads on a shared machine)")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args()

@@ -36,7 +36,7 @@ import _util  # noqa: E402,F401  (puts the repository on sys.path)
 import numpy as np  # noqa: E402
 import ot  # noqa: E402
 
-from _util import emit, machine, ratio, set_threads, timed  # noqa: E402
+from _util import add_threads_argument, emit, machine, ratio, set_threads, timed  # noqa: E402
 from gw.clouds import prepare  # noqa: E402
 from gw.entropic import DEFAULT_EPSILON, EntropicOptions, entropic_gw  # noqa: E402
 from gw.matrix import gw_matrix  # noqa: E402
@@ -103,9 +103,7 @@ def main() -> None:
     parser.add_argument("--plan-points", type=int, default=300)
     parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for torch and BLAS alike (1: CPU seconds then measure work, "
-                             "not the spinning of idle threads on a shared machine)")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args()

@@ -58,7 +58,7 @@ from infra.settings import offline_env  # noqa: E402
 from infra.storage import open_store  # noqa: E402
 from infra.validation import validate_fleet  # noqa: E402
 from workers.consolidate import GroupConsolidator  # noqa: E402
-from workers.extract import ExtractConfig  # noqa: E402
+from workers.extract import ExtractConfig, pool  # noqa: E402
 from workers.finetune import FinetuneConfig  # noqa: E402
 from workers.fleet_build import build_fleet, load_items  # noqa: E402
 from workers.fleet_gw import distance_matrix  # noqa: E402
@@ -95,9 +95,7 @@ def question_embeddings(questions: list[str]) -> np.ndarray:
     model = AutoModel.from_pretrained(str(base), local_files_only=True, use_safetensors=True).eval()
     batch = tokenizer(questions, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.inference_mode():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].float()
-    pooled = (hidden * mask).sum(1) / mask.sum(1)
+        pooled = pool(model(**batch).last_hidden_state, batch["attention_mask"], "mean")
     return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
@@ -112,15 +110,22 @@ def plan_items(plan: Plan, item_results) -> dict:
     return {"test": per_item, "predictions": predictions, "validation": validation}
 
 
+def with_individual(grouped: dict, individual: dict) -> tuple[dict, dict, dict]:
+    """Every item's test figures, test predictions and validation figures: from its merged group where
+    it has one, else from its own scorer."""
+    def pick(key: str, own: str) -> dict:
+        return {i: grouped[key].get(i, individual[i][own]) for i in individual}
+
+    return pick("test", "test"), pick("predictions", "test_predictions"), pick("validation", "validation")
+
+
 def summarise(plan: Plan, evaluator: GroupEvaluator, individual: dict, method: str, grid: list[dict]) -> dict:
     """Fleet figures of one plan x method for each head setting, and the setting validation picks."""
     out = {}
     labels = {i: r["test_labels"] for i, r in individual.items()}
     for setting in HEAD_SETTINGS:
         grouped = plan_items(plan, lambda g: evaluator.group(g, method, grid)["chosen"][setting])
-        test = {i: grouped["test"].get(i, individual[i]["test"]) for i in individual}
-        predictions = {i: grouped["predictions"].get(i, individual[i]["test_predictions"]) for i in individual}
-        validation = {i: grouped["validation"].get(i, individual[i]["validation"]) for i in individual}
+        test, predictions, validation = with_individual(grouped, individual)
         out[setting] = {**fleet_summary(test, predictions, labels),
                         "validation_macro_f1": fleet_summary(validation)["macro_f1"],
                         "per_item_macro_f1": {i: m["macro_f1"] for i, m in test.items()}}
@@ -147,8 +152,7 @@ def gated_run(plan: Plan, evaluator: GroupEvaluator, individual: dict, method: s
     shipped = plan_from_groups([list(g) for g in accepted], list(individual), "gw+gate")
     grouped = plan_items(shipped, refit)
     labels = {i: r["test_labels"] for i, r in individual.items()}
-    test = {i: grouped["test"].get(i, individual[i]["test"]) for i in individual}
-    predictions = {i: grouped["predictions"].get(i, individual[i]["test_predictions"]) for i in individual}
+    test, predictions, _ = with_individual(grouped, individual)
     return {**fleet_summary(test, predictions, labels), "method": method, "head_setting": "refit_heads",
             "delta": delta, "groups": [list(g) for g in accepted], "decisions": decisions,
             "per_item_macro_f1": {i: m["macro_f1"] for i, m in test.items()}}

@@ -144,17 +144,22 @@ class GroupConsolidator:
 
     # -- building and scoring -------------------------------------------------------------------
 
-    def _features(self, model: MultiHeadScorer, texts: Sequence[str]) -> np.ndarray:
+    def features(self, model: MultiHeadScorer, texts: Sequence[str]) -> np.ndarray:
+        """First-token features of `texts` through `model`'s backbone (what every head reads)."""
         return map_batches(model.encode, self._tokenizer, texts, batch_size=64, max_length=128, device=self.device)
+
+    def predict(self, model: MultiHeadScorer, item: str, features: np.ndarray) -> np.ndarray:
+        """`item`'s predictions from backbone features: class indices, or multi-hot for multi-label items."""
+        with torch.inference_mode():
+            logits = model.heads[item](torch.as_tensor(features, device=self.device)).float().cpu().numpy()
+        return (logits > 0).astype(np.int64) if self._members[item].spec.task == "multilabel" else logits.argmax(-1)
 
     def _scores(self, model: MultiHeadScorer, item: str, split: str, features: np.ndarray | None = None) -> dict:
         member = self._members[item]
         spec, texts = member.spec, member.texts[split]
         if features is None:
-            features = self._features(model, texts)
-        with torch.inference_mode():
-            logits = model.heads[item](torch.as_tensor(features, device=self.device)).float().cpu().numpy()
-        predicted = (logits > 0).astype(np.int64) if spec.task == "multilabel" else logits.argmax(-1)
+            features = self.features(model, texts)
+        predicted = self.predict(model, item, features)
         labels = list(range(spec.n_labels)) if spec.task == "multiclass" else None
         result = classification_metrics(spec.task, member.labels[split], predicted, labels)
         return {**result, "n": len(texts)}
@@ -168,9 +173,9 @@ class GroupConsolidator:
         model.to(self.device)
         validation = {}
         for m in members:
-            val_features = self._features(model, m.texts["validation"])
+            val_features = self.features(model, m.texts["validation"])
             if config.refit_heads:
-                train_features = self._features(model, m.texts["train"])
+                train_features = self.features(model, m.texts["train"])
                 fitted = refit_head(train_features, m.labels["train"], m.head, val_features=val_features,
                                     val_labels=m.labels["validation"], task=m.spec.task, seed=config.seed,
                                     device=self.device)
