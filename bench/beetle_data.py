@@ -1,8 +1,10 @@
 """Turn a SemEval-2013-style dataset directory (train/test_ua parquet + items.jsonl) into fleet inputs.
 
-Used by the Beetle benchmarks. Items with both train and test_ua answers are kept; `test_ua`
-(unseen answers to the same questions) becomes the test split and a stratified, seeded share of each
-item's training answers becomes its validation split. The data is read where it lies (../shared) and
+Used by the Beetle benchmarks. Items with both train and test_ua answers are kept. With one fold
+(the official split) `test_ua` (unseen answers to the same questions) becomes the test split; with
+K folds, each item's labelled answers (train + test_ua) are dealt into K stratified, seeded folds and
+fold f is the test split. Either way a stratified, seeded share of the remaining answers becomes the
+validation split and the rest is train. The data is read where it lies (../shared) and
 only derived files are written, under a git-ignored cache directory.
 """
 from __future__ import annotations
@@ -17,6 +19,11 @@ import pyarrow.parquet as pq
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "semeval2013_beetle"
 
 
+def fold_dir(work: str | Path, folds: int, fold: int) -> Path:
+    """Where one fold's derived data and fleet live: the work directory itself for the official split."""
+    return Path(work) if folds == 1 else Path(work) / f"fold{fold}of{folds}"
+
+
 def carve_validation(labels: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask of validation rows: `share` of each label's rows (at least one where a label has 3+)."""
     mask = np.zeros(len(labels), dtype=bool)
@@ -27,7 +34,22 @@ def carve_validation(labels: np.ndarray, share: float, rng: np.random.Generator)
     return mask
 
 
-def prepare(data_dir: str | Path, out_dir: str | Path, *, validation_share: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
+def fold_of(labels: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold index of each row: every label's rows dealt round-robin into `folds` folds after a shuffle."""
+    fold = np.zeros(len(labels), dtype=np.int64)
+    start = int(rng.integers(folds))  # so that small labels do not always land in fold 0
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        fold[rows] = (start + np.arange(len(rows))) % folds
+        start = (start + len(rows)) % folds
+    return fold
+
+
+def prepare(data_dir: str | Path, out_dir: str | Path, *, validation_share: float = 0.2, seed: int = 0,
+            folds: int = 1, fold: int = 0) -> tuple[Path, Path]:
+    """Write responses.parquet and items.jsonl for one fold under out_dir; returns their paths."""
+    if folds < 1 or not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: need folds >= 1 and 0 <= fold < folds")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     for name in ("train.parquet", "test_ua.parquet", "items.jsonl"):
         if not (data_dir / name).is_file():
@@ -39,9 +61,14 @@ def prepare(data_dir: str | Path, out_dir: str | Path, *, validation_share: floa
     for item in keep:
         rng = np.random.default_rng([seed, keep.index(item)])
         rows = train.filter(pa.compute.equal(train.column("item_id"), item))
+        test_rows = test.filter(pa.compute.equal(test.column("item_id"), item))
+        if folds > 1:  # pool every labelled answer, then deal the folds
+            pooled = pa.concat_tables([rows.select(test_rows.column_names), test_rows])
+            in_test = fold_of(np.asarray(pooled.column("label").to_pylist()), folds,
+                              np.random.default_rng([seed, keep.index(item), folds])) == fold
+            rows, test_rows = pooled.filter(pa.array(~in_test)), pooled.filter(pa.array(in_test))
         labels = np.asarray(rows.column("label").to_pylist())
         validation = carve_validation(labels, validation_share, rng)
-        test_rows = test.filter(pa.compute.equal(test.column("item_id"), item))
         for table, splits in ((rows, np.where(validation, "validation", "train")), (test_rows, ["test"] * test_rows.num_rows)):
             columns["item_id"] += table.column("item_id").to_pylist()
             columns["response_id"] += table.column("response_id").to_pylist()

@@ -3,7 +3,8 @@
     .venv/bin/python bench/build_beetle_fleet.py [--data DIR] [--work DIR] [--out docs/results/beetle_premerge.json]
 
 Items with train and test answers are used (47 in Beetle); validation is carved from train (seeded,
-stratified); test is the official test_ua split. Scorers are reused when their inputs are unchanged,
+stratified); test is the official test_ua split, or with `--folds K --fold f` fold f of K stratified
+folds over all labelled answers (that fold's fleet lives under WORK/fold<f>of<K>). Scorers are reused when their inputs are unchanged,
 so a rerun only re-evaluates. Fleet figures are weighted by test size (as GW-SMM reports them).
 The last line printed is one JSON object.
 """
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from beetle_data import DEFAULT_DATA, prepare  # noqa: E402
+from beetle_data import DEFAULT_DATA, fold_dir, prepare  # noqa: E402
 
 from infra.manifest import load_manifest  # noqa: E402
 from infra.settings import offline_env  # noqa: E402
@@ -47,13 +48,15 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / ".fleetmerge" / "beetle"), help="cache for the derived data and fleet")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "beetle_premerge.json"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=int, default=1, help="K stratified folds over all labelled answers (1: official split)")
+    parser.add_argument("--fold", type=int, default=0, help="which fold is the test split")
     args = parser.parse_args()
     offline_env()
     quiet_transformers()
 
     started = time.perf_counter()
-    work = Path(args.work)
-    responses, items_path = prepare(args.data, work / "data", seed=args.seed)
+    work = fold_dir(args.work, args.folds, args.fold)
+    responses, items_path = prepare(args.data, work / "data", seed=args.seed, folds=args.folds, fold=args.fold)
     store = open_store(str(work / "fleet"))
     config = FinetuneConfig(seed=args.seed)
     build_started = time.perf_counter()
@@ -67,7 +70,7 @@ def main() -> None:
     fleet = fleet_figures(per_item)
 
     result = {
-        "dataset": Path(args.data).resolve().name,
+        "dataset": Path(args.data).resolve().name, "folds": args.folds, "fold": args.fold,
         "n_items": len(report.usable),
         "n_test": sum(m["n"] for m in per_item.values()),
         "premerge": {k: _figure(fleet[k]) for k in PRIMARY},
