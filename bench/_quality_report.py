@@ -1,181 +1,171 @@
-"""Render the quality benchmark's JSON result as markdown (docs/results/<name>.md)."""
+"""Render the quality benchmark's JSON result as markdown: docs/results/<name>.md and defaults.md."""
 from __future__ import annotations
 
-PLAN_NAMES = {"gw": "GW (ours)", "linkage": "GW + average linkage (paper)", "module": "module (person)",
-              "description": "description (GPT-o1 stand-in)", "random": "random (mean over seeds)"}
-METHOD_NAMES = {"ties": "TIES", "doge": "DOGE", "ta": "Task Arithmetic"}
+import json
+
+PLAN_NAMES = {"gw": "GW plan (shipped τ quantile)", "gw_tau1": "GW plan, τ quantile 1.0 (all grouped)",
+              "gw_tau0.3": "GW plan, τ quantile 0.3",
+              "module": "module (person's plan)", "random0": "random (seed 0)", "random1": "random (seed 1)",
+              "random2": "random (seed 2)"}
+METHOD_NAMES = {"ties": "TIES", "doge": "DOGE", "task_arithmetic": "Task Arithmetic"}
+SETTING_NAMES = {"refit_heads": "heads refit", "own_heads": "own heads", "bound": "gate: bound (default)",
+                 "delta": "gate: δ-rule"}
 
 
 def _f(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _row(name: str, figures: dict, premerge: dict, extra: str = "") -> str:
-    delta = None if figures.get("macro_f1") is None else figures["macro_f1"] - premerge["macro_f1"]
-    return (f"| {name} | {_f(figures.get('accuracy'))} | {_f(figures.get('macro_f1'))} | {_f(figures.get('micro_f1'))} "
-            f"| {_f(figures.get('qwk'))} | {'–' if delta is None else f'{delta:+.3f}'} | {extra} |")
+def row_label(name: str) -> str:
+    if name in ("premerge", "shipped"):
+        return {"premerge": "pre-merge (one scorer per item)",
+                "shipped": "**shipped**: `fleetmerge consolidate`, no options"}[name]
+    kind, plan, method, setting = name.split("/")
+    return f"{kind}, {PLAN_NAMES.get(plan, plan)}, {METHOD_NAMES.get(method, method)}, {SETTING_NAMES[setting]}"
 
 
-def targets(result: dict) -> list[str]:
-    """Plain statements of each target, met or missed."""
-    lines = []
-    pre, gated = result["premerge"]["macro_f1"], result.get("gated")
-    if gated:
-        drop = pre - gated["macro_f1"]
-        lines.append(f"- Gated macro F1 within 0.02 of pre-merge: **{'met' if drop <= 0.02 else 'missed'}** "
-                     f"({_f(gated['macro_f1'])} vs {_f(pre)}, a change of {-drop:+.3f}).")
-        ratio = gated["storage_ratio"]
-        lines.append(f"- Gated storage reduced at least 2.5x: **{'met' if ratio >= 2.5 else 'missed'}** ({ratio:.2f}x).")
-    for method, by_plan in result["paired_gw_vs_baseline"].items():
-        ours = result["ungated"]["gw"][method]["macro_f1"]
-        beaten = [p for p in by_plan if result["ungated"][p][method]["macro_f1"] > ours]
-        verdict = "met" if not beaten else f"missed (behind {', '.join(beaten)})"
-        lines.append(f"- Ungated, {METHOD_NAMES.get(method, method)}: GW at least as good as every baseline plan: "
-                     f"**{verdict}**.")
+def _table(rows: dict, premerge: dict, names: list[str]) -> list[str]:
+    lines = ["| row | accuracy | macro F1 | sd over folds | Δ macro F1 | QWK | backbones | storage |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        r = rows[name]
+        lines.append(f"| {row_label(name)} | {_f(r['accuracy'])} | {_f(r['macro_f1'])} "
+                     f"| {_f(r.get('macro_f1_sd_over_folds'))} | {r['macro_f1'] - premerge['macro_f1']:+.3f} "
+                     f"| {_f(r.get('qwk'))} | {r['backbones']:.1f} | {r['storage_ratio']:.2f}x |")
     return lines
 
 
-def gate_summary(result: dict, gated: dict) -> list[str]:
-    """How the planned groups fared at the gate, and why the gate is coarse on this data."""
-    decisions = gated["decisions"]
-    whole = sum(d["passed"] and len(d["accepted"]) == len(d["members"]) for d in decisions)
-    smaller = sum(d["passed"] and len(d["accepted"]) < len(d["members"]) for d in decisions)
-    sizes = sorted(result["validation_sizes"].values())
-    median = sizes[len(sizes) // 2]
-    ungated = result["ungated"]["gw"].get(gated["method"], {}).get("by_setting", {}).get("refit_heads")
-    lines = [f"The gate kept {whole} of {len(decisions)} planned groups whole, cut {smaller} to a pair and "
-             f"rejected {len(decisions) - whole - smaller}, leaving {gated['storage']['backbones']} backbones. "
-             f"It judges each item on its validation split: {sizes[0]} to {sizes[-1]} answers (median {median}), "
-             f"so one answer more or less moves an item's accuracy by about {1 / median:.2f}, more than "
-             f"δ = {gated['delta']}, and macro F1 by as much or more."]
-    if ungated:
-        lines.append(f"Without the gate the same plan, method and head refit reach test macro F1 "
-                     f"{_f(ungated['macro_f1'])} with {result['storage_ungated']['backbones']} backbones "
-                     f"({result['storage_ungated']['ratio']:.2f}x); with it, {_f(gated['macro_f1'])} with "
-                     f"{gated['storage']['backbones']} ({gated['storage_ratio']:.2f}x).")
-    return lines + [""]
+def _paired(paired: dict) -> list[str]:
+    lines = ["| comparison (test macro F1, A − B) | mean diff | 95% CI | wins / losses / ties | sign test p | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, c in paired.items():
+        a, b = name.split(" vs ")
+        told = c["ci95"][0] > 0 or c["ci95"][1] < 0
+        verdict = ("A better" if c["mean_diff"] > 0 else "B better") if told else "not told apart"
+        lines.append(f"| {row_label(a)} − {row_label(b)} | {c['mean_diff']:+.4f} | [{c['ci95'][0]:+.4f}, "
+                     f"{c['ci95'][1]:+.4f}] | {c['wins']} / {c['losses']} / {c['ties']} | {c['sign_test_p']} "
+                     f"| {verdict} |")
+    return lines
 
 
-def module_purity(result: dict) -> list[str]:
-    """Share of each plan's groups whose members all come from one curriculum module."""
-    modules = result.get("item_modules") or {}
-    if not modules:
-        return []
-    out = []
-    for plan, variants in result["plans"].items():
-        groups = [g for p in variants for g in p["groups"]]
-        pure = sum(len({modules.get(m) for m in g}) == 1 for g in groups)
-        out.append(f"{plan} {pure / len(groups):.2f}")
-    return ["Share of groups inside one Beetle module: " + ", ".join(out) + ".", ""]
-
-
-def analysis(result: dict) -> list[str]:
-    """Which items and groups cost the most, computed from the per-item figures."""
-    pre = {i: m["macro_f1"] for i, m in result["per_item_premerge"].items()}
-    lines = []
-    gated = result.get("gated")
-    if gated:
-        lines += gate_summary(result, gated)
-        group_of = {i: g for g in gated["groups"] for i in g}
-        drops = sorted(((gated["per_item_macro_f1"][i] - pre[i], i) for i in group_of))[:8]
-        lines.append("Largest test macro F1 changes of merged items, gated (item, change, its group, "
-                     "test answers; the gate saw validation only):")
-        lines.append("")
-        for change, item in drops:
-            n = result["per_item_premerge"][item]["n"]
-            lines.append(f"- `{item}`: {change:+.3f} in {' + '.join(group_of[item])} (n = {n})")
-        lines.append("")
-    behind = []
-    for method, by_plan in result["paired_gw_vs_baseline"].items():
-        for plan, cmp in by_plan.items():
-            if cmp["mean_diff"] >= 0:
-                continue
-            ours, theirs = result["ungated"]["gw"][method], result["ungated"][plan][method]
-            worst = sorted((ours["per_item_macro_f1"][i] - theirs["per_item_macro_f1"][i], i)
-                           for i in ours["per_item_macro_f1"])[:5]
-            items = ", ".join(f"`{i}` ({d:+.3f})" for d, i in worst)
-            lines.append(f"- {METHOD_NAMES.get(method, method)}, GW behind {plan} by {-cmp['mean_diff']:.3f} "
-                         f"(95% CI {cmp['ci95']}, sign test p = {cmp['sign_test_p']}): most of it from {items}.")
-            behind.append(cmp["ci95"][0] <= 0.0 <= cmp["ci95"][1])
-    if behind:
-        verdict = ("every one of these intervals contains 0: at this test size the plans are not told apart"
-                   if all(behind) else "some of these intervals exclude 0: those baselines are ahead beyond noise")
-        sizes = [m["n"] for m in result["per_item_premerge"].values()]
-        lines.append(f"- Where GW is behind, {verdict} ({result['n_test']} test answers over {result['n_items']} "
-                     f"items, {min(sizes)} to {max(sizes)} per item).")
+def targets(result: dict) -> list[str]:
+    pre, shipped = result["premerge"], result["shipped"]
+    rows = result["rows"]
+    change = shipped["macro_f1"] - pre["macro_f1"]
+    lines = [f"- Shipped fleet macro F1 ≥ pre-merge − 0.01: **{'met' if change >= -0.01 else 'missed'}** "
+             f"({_f(shipped['macro_f1'])} vs {_f(pre['macro_f1'])}, {change:+.3f}).",
+             f"- Shipped storage ≥ 2.5x: **{'met' if shipped['storage_ratio'] >= 2.5 else 'missed'}** "
+             f"({shipped['storage_ratio']:.2f}x; the published manifest's byte count: "
+             f"{_f(shipped.get('storage_ratio_published'), 2)}x)."]
+    method = result["defaults"]["method"]
+    for plan in ("gw", "gw_tau1", "gw_tau0.3"):
+        gated, ungated = rows.get(f"gated/{plan}/{method}/bound"), rows.get(f"ungated/{plan}/{method}/refit_heads")
+        if gated and ungated:
+            share = gated["storage_ratio"] / ungated["storage_ratio"]
+            lines.append(f"- Gated storage ≥ 0.9 × ungated, {PLAN_NAMES[plan]}: **{'met' if share >= 0.9 else 'missed'}** "
+                         f"({gated['storage_ratio']:.2f}x against {ungated['storage_ratio']:.2f}x, {share:.2f}).")
     return lines
 
 
 def render_markdown(result: dict) -> str:
-    pre = result["premerge"]
-    out = [f"# Consolidating the {result['dataset']} fleet: plans x merge methods",
-           "",
-           "Generated by `bench/quality_beetle.py`; do not edit by hand. "
-           f"{result['n_items']} items (one MiniLM-L6 scorer each), {result['n_test']} test answers (test_ua). "
-           "Fleet figures are item figures weighted by test size, as GW-SMM reports them; micro F1 pools "
-           "every test answer. Merge parameters and head settings were chosen on validation only.",
-           "", "## Targets", "", *targets(result), "",
-           "## Fleet figures (test)", "",
-           "| plan / method | accuracy | macro F1 | micro F1 | QWK | Δ macro F1 | notes |",
-           "|---|---|---|---|---|---|---|",
-           _row("pre-merge (one scorer per item)", pre, pre, f"{result['n_items']} backbones")]
-    for method, gated in result["gated_by_method"].items():
-        out.append(_row(f"**gated**, GW plan, {METHOD_NAMES.get(method, method)}, heads refit", gated, pre,
-                        f"{gated['storage']['backbones']} backbones, δ = {gated['delta']}"))
-    for plan, by_method in result["ungated"].items():
-        for method, figures in by_method.items():
-            note = figures["head_setting"]
-            if "std_macro_f1" in figures:
-                note = f"macro F1 sd {figures['std_macro_f1']:.3f} over {len(figures['per_seed'])} seeds"
-            out.append(_row(f"ungated, {PLAN_NAMES.get(plan, plan)}, {METHOD_NAMES.get(method, method)}",
-                            figures, pre, note))
-    out += ["", "Head settings (ungated macro F1, test / validation):", "",
-            "| plan / method | own heads | heads refit |", "|---|---|---|"]
-    for plan, by_method in result["ungated"].items():
-        for method, figures in by_method.items():
-            if "by_setting" not in figures:
+    rows, pre = result["rows"], result["premerge"]
+    folds = result["folds"]
+    split = "the official split (test = test_ua)" if folds == 1 else (
+        f"{folds} stratified folds per item over all labelled answers (train + test_ua); each fold's fleet "
+        "was fine-tuned on its own training answers")
+    lines = ["# Consolidating the semeval2013_beetle fleet through the product's path", "",
+             "Generated by `bench/quality_beetle.py`; do not edit by hand. "
+             f"{result['n_items']} items (one MiniLM-L6 scorer each), {split}; {result['n_test']} test answers "
+             "in all. Every figure is a mean over folds of fleet figures (items weighted by test answers, as "
+             "GW-SMM reports them); paired comparisons are over item × fold units. Merge parameters, head "
+             "settings and the gate see validation only.", "", "## Targets", "", *targets(result), "",
+             "## Fleet figures (test, mean over folds)", ""]
+    order = ["premerge", "shipped"] + sorted(n for n in rows if n.startswith("gated/")) + sorted(
+        n for n in rows if n.startswith("ungated/"))
+    lines += _table(rows, pre, order)
+    lines += ["", "## Paired comparisons (item × fold)", "", *_paired(result["paired"]), ""]
+    first = result["first_fold_rows"]
+    methods = sorted(n for n in first if n.startswith("ungated/gw/"))
+    if len({n.split("/")[2] for n in methods}) > 1:
+        lines += ["## Merge methods (first fold only)", ""]
+        lines += _table({n: r | {"macro_f1_sd_over_folds": None} for n, r in first.items()}, first["premerge"], methods)
+        lines += ["", *_paired(result["first_fold_paired"]), ""]
+    lines += ["## The gate", "", *gate_lines(result), "", "## Plans and the published run", ""]
+    for fold in result["by_fold"]:
+        s = fold["shipped_summary"]
+        lines.append(f"- fold {fold['fold']}: shipped run `{s['run_id']}`: {len(s['groups'])} merged groups "
+                     f"({'; '.join(' + '.join(g) for g in s['groups'])}), {len(s['individual'])} items on their own "
+                     f"scorers, storage {s['storage']['ratio']}x, {s['seconds']['total']:.0f} s; the recomputed GW plan "
+                     f"{'equals' if fold['same_plan_as_published'] else 'DIFFERS FROM'} the published one.")
+    lines += ["", "## Time", "",
+              f"Seconds per fold (cold: fleet fine-tuning, the shipped flow, every sweep): {result['seconds']['folds']}; "
+              f"this run: {result['seconds']['this_run']} s. Machine: {result['machine']}.", "",
+              "## Settings (the shipped defaults, `ConsolidateConfig()`)", "", "```json",
+              json.dumps(result["defaults"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def gate_lines(result: dict) -> list[str]:
+    lines = []
+    for fold in result["by_fold"]:
+        sizes = sorted(fold["validation_sizes"].values())
+        counts = []
+        for name, row in fold["rows"].items():
+            if not name.startswith("gated/"):
                 continue
-            cells = [f"{_f(s['macro_f1'])} / {_f(s['validation_macro_f1'])}" for s in figures["by_setting"].values()]
-            out.append(f"| {PLAN_NAMES.get(plan, plan)}, {METHOD_NAMES.get(method, method)} | {' | '.join(cells)} |")
-    out += ["", "## Paired comparison: GW minus baseline, per item (test macro F1)", "",
-            "Weighted mean difference over items with a bootstrap 95% interval (items resampled), and a "
-            "two-sided sign test over items whose figures differ.", "",
-            "| method | baseline | mean diff | 95% CI | wins / losses / ties | sign test p |", "|---|---|---|---|---|---|"]
-    for method, by_plan in result["paired_gw_vs_baseline"].items():
-        for plan, c in by_plan.items():
-            out.append(f"| {METHOD_NAMES.get(method, method)} | {plan} | {c['mean_diff']:+.4f} | {c['ci95']} "
-                       f"| {c['wins']} / {c['losses']} / {c['ties']} | {c['sign_test_p']} |")
-    s_gated = result["gated"]["storage"] if result.get("gated") else None
-    s_all = result["storage_ungated"]
-    out += ["", "## Storage", "",
-            f"- Before: {s_all['bytes_before'] / 1e6:.0f} MB ({s_all['items']} encoders with their heads).",
-            f"- Ungated GW plan: {s_all['bytes_after'] / 1e6:.0f} MB ({s_all['backbones']} backbones), "
-            f"{s_all['ratio']:.2f}x smaller."]
-    if s_gated:
-        out.append(f"- Gated: {s_gated['bytes_after'] / 1e6:.0f} MB ({s_gated['backbones']} backbones), "
-                   f"{s_gated['ratio']:.2f}x smaller.")
-    out += ["", "## Where it is lost", "", *analysis(result), "", *module_purity(result),
-            "## Time per stage (seconds)", "",
-            "| " + " | ".join(result["seconds"]) + " |", "|" + "---|" * len(result["seconds"]),
-            "| " + " | ".join(str(v) for v in result["seconds"].values()) + " |", "",
-            f"Machine: {result['machine']}. Cached stages (fleet, features, GW pairs, merged groups) read "
-            "near zero on a rerun. What merging took when each group was computed (summed over the distinct "
-            "groups of all plans, gate fallbacks included; merge = the merges alone, total = merges, "
-            "forward passes, head refits and scoring; measured on a shared machine):", "",
-            "| method | groups | merge s | total s |", "|---|---|---|---|",
-            *[f"| {METHOD_NAMES.get(m, m)} | {v['groups']} | {v['merge']} | {v['total']} |"
-              for m, v in result.get("group_compute_seconds", {}).items()], "",
-            "## Plans", ""]
-    for plan, variants in result["plans"].items():
-        for n, p in enumerate(variants):
-            groups = "; ".join(" + ".join(g) for g in p["groups"])
-            label = plan if len(variants) == 1 else f"{plan} (seed {n})"
-            out.append(f"- **{label}** ({len(p['groups'])} groups): {groups}")
-    out += ["", "## Settings", "", "```json", _json(result["settings"]), "```", ""]
-    return "\n".join(out)
+            decisions = row["decisions"]
+            whole = sum(d["passed"] and len(d["accepted"]) == len(d["members"]) for d in decisions)
+            part = sum(d["passed"] and len(d["accepted"]) < len(d["members"]) for d in decisions)
+            counts.append(f"{row_label(name)}: {whole} whole, {part} cut to a pair, "
+                          f"{len(decisions) - whole - part} rejected of {len(decisions)}")
+        lines.append(f"- fold {fold['fold']} (validation answers per item {sizes[0]}–{sizes[-1]}, median "
+                     f"{sizes[len(sizes) // 2]}): " + "; ".join(counts) + ".")
+    return lines
 
 
-def _json(value) -> str:
-    import json
+def render_defaults(result: dict) -> str:
+    """docs/results/defaults.md: each shipped default and the cross-validated comparison behind it."""
+    rows, paired = result["rows"], result["paired"]
+    d = result["defaults"]
+    method = d["method"]
 
-    return json.dumps(value, indent=1)
+    def cmp(a: str, b: str) -> str:
+        c = paired.get(f"{a} vs {b}")
+        if c is None:
+            return "(not measured)"
+        told = c["ci95"][0] > 0 or c["ci95"][1] < 0
+        return (f"{c['mean_diff']:+.4f} macro F1, 95% CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+                f"{'' if told else ', not told apart'}")
+
+    def ratio(name: str) -> str:
+        return f"{rows[name]['storage_ratio']:.2f}x" if name in rows else "–"
+
+    gw = f"gated/gw/{method}/bound"
+    other = next((n for n in rows if n.startswith("gated/gw_tau") and n.endswith(f"/{method}/bound")), None)
+    lines = ["# Shipped defaults and the evidence for each", "",
+             f"Generated by `bench/quality_beetle.py` from the {result['folds']}-fold Beetle run "
+             "(`docs/results/beetle.md`); do not edit by hand. Comparisons are paired over item × fold "
+             "(test macro F1, A − B).", "",
+             "| setting | default | comparison | evidence |", "|---|---|---|---|",
+             f"| τ quantile | {d['tau_quantile']} | gated, {row_label(other) if other else '–'} − shipped τ | "
+             f"{cmp(other, gw)}; storage {ratio(other)} against {ratio(gw)} |",
+             f"| gate | {d['gate']} (δ = {d['delta']}) | gated bound − δ-rule | "
+             f"{cmp(gw, f'gated/gw/{method}/delta')}; storage {ratio(gw)} against {ratio(f'gated/gw/{method}/delta')} |",
+             f"| head refit | {d['refit_heads']} | heads refit − own heads (ungated GW plan) | "
+             f"{cmp(f'ungated/gw/{method}/refit_heads', f'ungated/gw/{method}/own_heads')} |",
+             f"| gate vs none | – | gated − ungated (GW plan) | {cmp(gw, f'ungated/gw/{method}/refit_heads')} |",
+             f"| plan | GW, k = {d['k']} | GW − module plan (ungated) | "
+             f"{cmp(f'ungated/gw/{method}/refit_heads', f'ungated/module/{method}/refit_heads')} |",
+             f"| method | {method} | first fold only, see beetle.md | "
+             + "; ".join(f"{k}: {_cmp_first(result, k)}" for k in result["first_fold_paired"]) + " |",
+             f"| grid | {'default grid' if d['grid'] is None else d['grid']} | – | see beetle.md settings |",
+             "", "## The shipped run", "",
+             f"`fleetmerge consolidate` with no options on each fold's fleet: test macro F1 "
+             f"{_f(result['shipped']['macro_f1'])} against pre-merge {_f(result['premerge']['macro_f1'])}, storage "
+             f"{result['shipped']['storage_ratio']:.2f}x (mean over folds).", ""]
+    return "\n".join(lines)
+
+
+def _cmp_first(result: dict, key: str) -> str:
+    c = result["first_fold_paired"][key]
+    return f"{c['mean_diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"

@@ -1,35 +1,32 @@
-"""Consolidate the SemEval-2013 Beetle fleet under every plan and merge method; compare with pre-merge.
+"""Consolidate the SemEval-2013 Beetle fleet through the product's own path, over K folds.
 
-    .venv/bin/python bench/quality_beetle.py [--data DIR] [--out NAME] [--work DIR] [--random-seeds 5]
+    .venv/bin/python bench/quality_beetle.py [--folds 3] [--data DIR] [--out NAME] [--work DIR]
 
-1. Builds (or reuses) one MiniLM-L6 scorer per item (bench/build_beetle_fleet.py's fleet; validation
-   carved from train, test = test_ua) and scores each on its own: the pre-merge figures.
-2. Extracts features with the nightly job's settings (Ray actors) and computes the GW matrix (Ray
-   tasks, cached per pair).
-3. Plans, all with k = 3 and the same group sizes: `gw` (ours: `gw.plan.solve_plan`, tau at the
-   `--tau-quantile` of the off-diagonal distances, 1.0 by default so that as many items as possible
-   share a backbone), `linkage` (the paper's average linkage on the same matrix), `module` (the
-   person's plan: items of one Beetle module grouped in item-id order; the few left over when a
-   module's size is not a multiple of 3 are grouped together), `description` (average linkage on
-   cosine similarity of MiniLM embeddings of the question text: the offline stand-in for the
-   paper's GPT-o1 plan) and `random` (one plan per seed).
-4. Merges every group with TIES, DOGE and Task Arithmetic, each with the members' own heads and with
-   heads refit on the train split; merge parameters are chosen on validation only, per group, as
-   the product chooses them. Ungated, to compare plans. The head setting reported per plan x method
-   is the one with the better fleet validation macro F1.
-5. Gated (the product as shipped): the GW plan, heads refit, gate at --delta on validation macro F1
-   (a failed trio falls back to its best pair; what fails stays on its own scorer).
+Per fold (K stratified folds per item over all labelled answers, train + test_ua; fold f is the test
+split, validation is carved from the rest; `--folds 1` keeps the official split, test = test_ua):
 
-The test split is read only for the final figures. Writes NAME.json and NAME.md (default
-docs/results/beetle); every merged group is cached as JSON under --work/quality, so a rerun or an
-interrupted run resumes where it stopped. On this 2-core CPU machine, with the fleet built (building
-it takes 15-35 minutes more), a cold run takes roughly 45 minutes alone and much longer next to other
-jobs; the `seconds` in the JSON say what the recorded run took. The last line printed is one JSON
-object.
+1. The fold's fleet: one MiniLM-L6 scorer per item (bench/build_beetle_fleet.py's build, cached).
+2. **shipped**: `fleetmerge consolidate` as a user runs it, with no options: the Prefect flow with
+   `ConsolidateConfig()`'s defaults, published to the fold's store. Its storage ratio comes from the
+   published manifest, its test figures from the group records the flow wrote.
+3. Plans at the shipped plan's group sizes: `gw` (the flow's own plan, recomputed with the flow's
+   function and checked equal to the published one), `module` (the person's plan: items of one Beetle
+   module) and `random` (seeded), plus GW at the other τ quantile (0.3 against 1.0, the shipped one
+   against the other) for the τ default. Ungated, each group is scored with the product's `sweep_job` and
+   `choose` (both head settings); gated, with the product's `consolidate_group_job` (default gate
+   "bound" and the old δ-rule). Nothing here merges, refits, selects or gates on its own.
+4. On the first fold only, the three-method table (TIES, Task Arithmetic, DOGE) on the gw plan.
+
+Every figure is a mean over folds; paired comparisons are over item x fold units (test macro F1,
+weighted by test answers, bootstrap interval over units). The test split is read only for figures.
+Everything is cached in each fold's store (features, GW pairs, sweeps, group records), so a rerun or an
+interrupted run resumes where it stopped. Writes NAME.json and NAME.md (default docs/results/beetle);
+the last line printed is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -44,118 +41,194 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _group_eval import HEAD_SETTINGS, GroupEvaluator  # noqa: E402
-from _quality_report import render_markdown  # noqa: E402
-from _quality_stats import fleet_summary, paired_comparison, storage  # noqa: E402
-from beetle_data import DEFAULT_DATA, prepare  # noqa: E402
+from _quality_report import render_defaults, render_markdown  # noqa: E402
+from _quality_stats import fleet_summary, paired_comparison  # noqa: E402
+from beetle_data import DEFAULT_DATA, fold_dir, prepare  # noqa: E402
 
-from gw.baselines import description_plan, linkage_plan, module_plan, random_plan  # noqa: E402
-from gw.gate import gate_group  # noqa: E402
-from gw.plan import Plan, plan_from_groups, solve_plan  # noqa: E402
-from gw.tuning import default_grid  # noqa: E402
+from flows.config import ConsolidateConfig  # noqa: E402
+from gw.baselines import module_plan, random_plan  # noqa: E402
 from infra.manifest import load_manifest  # noqa: E402
+from infra.publish import read_manifest  # noqa: E402
 from infra.settings import offline_env  # noqa: E402
 from infra.storage import open_store  # noqa: E402
 from infra.validation import validate_fleet  # noqa: E402
-from workers.consolidate import GroupConsolidator  # noqa: E402
-from workers.extract import ExtractConfig, pool  # noqa: E402
+from workers.consolidate import HEAD_SETTINGS, GroupConsolidator, MergeConfig, choose  # noqa: E402
 from workers.finetune import FinetuneConfig  # noqa: E402
 from workers.fleet_build import build_fleet, load_items  # noqa: E402
-from workers.fleet_gw import distance_matrix  # noqa: E402
+from workers.fleet_gw import distance_matrix, plan_fleet  # noqa: E402
+from workers.group_jobs import consolidate_group_job, own_job, sweep_job  # noqa: E402
 from workers.models import default_base_dir, quiet_transformers  # noqa: E402
 from workers.ray_extract import extract_fleet  # noqa: E402
 from workers.ray_gw import compute_distances  # noqa: E402
 
-METHODS = ("ties", "doge", "ta")
-BASELINE_PLANS = ("linkage", "module", "description", "random")
+METHODS = ("ties", "task_arithmetic", "doge")
+GATES = ("bound", "delta")
 
 
 def log(message: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def merge_grid(method: str, doge_steps: int) -> list[dict]:
-    """Validation grids, cut down from the product's for CPU time: Task Arithmetic's full grid (4 lambdas),
-    TIES at lambda 1 over its three top-k shares, DOGE at the paper's eta only (each candidate is a
-    full optimisation)."""
-    if method == "doge":
-        return [{"eta": 0.07, "steps": doge_steps}]
-    if method == "ties":
-        return [{"lam": 1.0, "top_k": k} for k in (0.1, 0.2, 0.3)]
-    return default_grid(method)
+class Fold:
+    """One fold's fleet and the product's cached jobs on it."""
+
+    def __init__(self, store, seed: int):
+        self.store = store
+        self.manifest = load_manifest(store)
+        report = validate_fleet(store, self.manifest)
+        self.ids = sorted(report.usable_ids)
+        self.set_aside = report.rejected
+        self.consolidator = GroupConsolidator(store, self.manifest)
+        self.own = {i: own_job(store, i, consolidator=self.consolidator) for i in self.ids}
+        self.seed = seed
+
+    def items(self, merged: dict[str, dict]) -> dict[str, dict]:
+        """Every item's test scores and predictions: from its merged group where it has one, else its own."""
+        out = {}
+        for i in self.ids:
+            source = merged.get(i) or self.own[i]
+            out[i] = {"test": source["test"], "predictions": source["test_predictions"]}
+        return out
+
+    def ungated(self, groups: list[list[str]], config: MergeConfig, setting: str) -> dict:
+        merged = {}
+        for group in groups:
+            evaluations = sweep_job(self.store, group, config, consolidator=self.consolidator)["evaluations"]
+            chosen, _ = choose(evaluations, self.own, setting)
+            merged.update(chosen["scores"][setting])
+        return {"items": self.items(merged), "groups": groups}
+
+    def gated(self, groups: list[list[str]], config: MergeConfig) -> dict:
+        merged, accepted, decisions = {}, [], []
+        for group in groups:
+            record = consolidate_group_job(self.store, group, config, consolidator=self.consolidator)
+            decisions.append(record["gate"])
+            if record["accepted"]:
+                accepted.append(record["accepted"])
+                for i in record["accepted"]:
+                    merged[i] = {"test": record["merged_test"][i], "test_predictions": record["merged_test_predictions"][i]}
+        return {"items": self.items(merged), "groups": accepted, "decisions": decisions}
 
 
-def question_embeddings(questions: list[str]) -> np.ndarray:
-    """Mean-pooled, L2-normalised MiniLM embeddings of the question texts (the base model, offline)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    base = default_base_dir()
-    tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-    model = AutoModel.from_pretrained(str(base), local_files_only=True, use_safetensors=True).eval()
-    batch = tokenizer(questions, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    with torch.inference_mode():
-        pooled = pool(model(**batch).last_hidden_state, batch["attention_mask"], "mean")
-    return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+def figures(fold: Fold, run: dict) -> dict:
+    per_item = {i: v["test"] for i, v in run["items"].items()}
+    summary = fleet_summary(per_item, {i: v["predictions"] for i, v in run["items"].items()},
+                            {i: fold.own[i]["test_labels"] for i in fold.ids})
+    backbones = len(fold.ids) - sum(len(g) - 1 for g in run["groups"])
+    return {**summary, "backbones": backbones, "storage_ratio": storage_ratio(fold, backbones),
+            "per_item_macro_f1": {i: m["macro_f1"] for i, m in per_item.items()}}
 
 
-def plan_items(plan: Plan, item_results) -> dict:
-    """Per-item test figures and predictions of a plan: grouped items from their group's result."""
-    per_item, predictions, validation = {}, {}, {}
-    for group in plan.groups:
-        result = item_results(tuple(group))
-        for item in group:
-            per_item[item], predictions[item] = result["test"][item], result["test_predictions"][item]
-            validation[item] = result["validation"][item]
-    return {"test": per_item, "predictions": predictions, "validation": validation}
+def storage_ratio(fold: Fold, backbones: int) -> float:
+    """Serving bytes before (an encoder and a head per item) over after (one encoder per backbone)."""
+    member = fold.consolidator.member(fold.manifest.scorer(fold.ids[0]))
+    size = lambda state: sum(t.numel() * t.element_size() for t in state.values())  # noqa: E731
+    encoder, head = size(member.backbone), size(member.head)
+    n = len(fold.ids)
+    return round(n * (encoder + head) / (backbones * encoder + n * head), 3)
 
 
-def with_individual(grouped: dict, individual: dict) -> tuple[dict, dict, dict]:
-    """Every item's test figures, test predictions and validation figures: from its merged group where
-    it has one, else from its own scorer."""
-    def pick(key: str, own: str) -> dict:
-        return {i: grouped[key].get(i, individual[i][own]) for i in individual}
+def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[str]) -> dict:
+    """Every row of the report for one fold (figures per row, per-item macro F1 for the paired tests)."""
+    started = time.perf_counter()
+    here = fold_dir(work, args.folds, fold_index)
+    responses, items_path = prepare(data_dir, here / "data", seed=args.seed, folds=args.folds, fold=fold_index)
+    store = open_store(str(here / "fleet"))
+    build_fleet(pq.read_table(responses), load_items(items_path), default_base_dir(), store,
+                fleet_name=data_dir.name, config=FinetuneConfig(seed=args.seed))
+    fold = Fold(store, args.seed)
+    defaults = ConsolidateConfig()
+    log(f"fold {fold_index}: {len(fold.ids)} scorers ready ({time.perf_counter() - started:.0f} s)")
 
-    return pick("test", "test"), pick("predictions", "test_predictions"), pick("validation", "validation")
+    # The shipped run: the flow with its defaults, exactly as `fleetmerge consolidate --store S` runs it.
+    from flows.nightly import consolidate
+
+    shipped_summary = consolidate(fleet="fleet.yaml", store=store.uri, config={"run_id": f"bench-fold{fold_index}"})
+    published = read_manifest(store, shipped_summary["run_id"])
+    shipped_plan = published["extra"]["plan"]
+    merge_config = defaults.merge_config()
+    shipped = fold.gated([list(g) for g in shipped_plan["groups"]], merge_config)  # the flow's records, reused
+    log(f"fold {fold_index}: shipped run {shipped_summary['run_id']} ({shipped_summary['seconds']['total']} s)")
+
+    # The full GW matrix (features and pairs cached by the flow; the rest computed here by the same jobs).
+    extraction = extract_fleet(store, [fold.manifest.scorer(i) for i in fold.ids], defaults.extract_config(),
+                               base_model=fold.manifest.base_model)
+    gw_ids = sorted(extraction.features)
+    distances = compute_distances(store, {i: extraction.features[i] for i in gw_ids})
+    D = distance_matrix(store, distances["key"], gw_ids)
+    gw = plan_fleet(D, gw_ids, tau=defaults.tau, tau_quantile=defaults.tau_quantile, k=defaults.k)
+    same_plan = sorted(map(sorted, gw.groups)) == sorted(map(sorted, shipped_plan["groups"]))
+    if not same_plan:
+        log(f"fold {fold_index}: WARNING the recomputed GW plan differs from the published one")
+    sizes = sorted((len(g) for g in gw.groups), reverse=True)
+    modules = {i: fold.manifest.scorer(i).module or "?" for i in gw_ids}
+    alt = alternative_tau_quantile(defaults.tau_quantile)
+    plans = {"gw": [list(g) for g in gw.groups],
+             f"gw_tau{alt:g}": [list(g) for g in plan_fleet(D, gw_ids, tau=None, tau_quantile=alt, k=defaults.k).groups],
+             "module": [list(g) for g in module_plan(modules, sizes).groups]}
+    for seed in range(args.random_seeds):
+        plans[f"random{seed}"] = [list(g) for g in random_plan(gw_ids, len(sizes), defaults.k, seed=seed,
+                                                               sizes=sizes).groups]
+
+    rows: dict[str, dict] = {"premerge": figures(fold, {"items": fold.items({}), "groups": []}),
+                             "shipped": figures(fold, shipped) | {"storage_ratio_published":
+                                                                  published["extra"]["storage"]["ratio"]}}
+    for name, groups in plans.items():
+        log(f"fold {fold_index}: ungated {name} ({len(groups)} groups)")
+        for setting in HEAD_SETTINGS:
+            rows[f"ungated/{name}/{defaults.method}/{setting}"] = figures(fold, fold.ungated(groups, merge_config, setting))
+    for name in ("gw", f"gw_tau{alt:g}", "module"):
+        for gate in GATES:
+            log(f"fold {fold_index}: gated {name} gate={gate}")
+            config = dataclasses.replace(merge_config, gate=gate)
+            run = fold.gated(plans[name], config)
+            rows[f"gated/{name}/{defaults.method}/{gate}"] = figures(fold, run) | {
+                "groups": run["groups"], "decisions": run["decisions"]}
+    if fold_index == 0:
+        for method in methods:
+            if method == defaults.method:
+                continue
+            config = MergeConfig(method=method, grid=method_grid(method), gate=defaults.gate, delta=defaults.delta,
+                                 seed=defaults.seed)
+            log(f"fold 0: ungated gw with {method}")
+            for setting in HEAD_SETTINGS:
+                rows[f"ungated/gw/{method}/{setting}"] = figures(fold, fold.ungated(plans["gw"], config, setting))
+    return {"fold": fold_index, "ids": fold.ids, "rows": rows, "plans": plans, "same_plan_as_published": same_plan,
+            "shipped_summary": {k: shipped_summary[k] for k in ("run_id", "groups", "individual", "storage", "seconds")},
+            "validation_sizes": {i: fold.own[i]["validation"]["n"] for i in fold.ids},
+            "test_sizes": {i: fold.own[i]["test"]["n"] for i in fold.ids},
+            "modules": {i: fold.manifest.scorer(i).module for i in fold.ids}, "set_aside": fold.set_aside,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
-def summarise(plan: Plan, evaluator: GroupEvaluator, individual: dict, method: str, grid: list[dict]) -> dict:
-    """Fleet figures of one plan x method for each head setting, and the setting validation picks."""
+def alternative_tau_quantile(shipped: float) -> float:
+    """The τ quantile the shipped one is compared with: 0.3 (a strict plan) against 1.0 (all grouped)."""
+    return 0.3 if shipped > 0.5 else 1.0
+
+
+def method_grid(method: str) -> list[dict] | None:
+    """DOGE's default grid is three full optimisations; one (the paper's η) keeps the table affordable."""
+    return [{"eta": 0.07}] if method == "doge" else None
+
+
+def combine(folds: list[dict]) -> dict:
+    """Mean over folds of every row present in all folds, with the spread over folds."""
+    names = [n for n in folds[0]["rows"] if all(n in f["rows"] for f in folds)]
     out = {}
-    labels = {i: r["test_labels"] for i, r in individual.items()}
-    for setting in HEAD_SETTINGS:
-        grouped = plan_items(plan, lambda g: evaluator.group(g, method, grid)["chosen"][setting])
-        test, predictions, validation = with_individual(grouped, individual)
-        out[setting] = {**fleet_summary(test, predictions, labels),
-                        "validation_macro_f1": fleet_summary(validation)["macro_f1"],
-                        "per_item_macro_f1": {i: m["macro_f1"] for i, m in test.items()}}
-    chosen = max(HEAD_SETTINGS, key=lambda s: out[s]["validation_macro_f1"])
-    return {**{k: v for k, v in out[chosen].items() if k != "per_item_macro_f1"}, "head_setting": chosen,
-            "per_item_macro_f1": out[chosen]["per_item_macro_f1"],
-            "by_setting": {s: {k: v for k, v in r.items() if k != "per_item_macro_f1"} for s, r in out.items()}}
+    for name in names:
+        values = [f["rows"][name] for f in folds]
+        row = {k: round(float(np.mean([v[k] for v in values if v.get(k) is not None])), 4)
+               for k in ("accuracy", "macro_f1", "micro_f1", "qwk", "backbones", "storage_ratio")}
+        row["macro_f1_sd_over_folds"] = round(float(np.std([v["macro_f1"] for v in values])), 4)
+        row["per_unit_macro_f1"] = {f"{f['fold']}:{i}": m for f, v in zip(folds, values)
+                                    for i, m in v["per_item_macro_f1"].items()}
+        out[name] = row
+    return out
 
 
-def gated_run(plan: Plan, evaluator: GroupEvaluator, individual: dict, method: str, grid: list[dict],
-              delta: float) -> dict:
-    """The product's gate over the GW plan (heads refit): accepted (sub-)groups and fleet figures."""
-    def refit(group):
-        return evaluator.group(group, method, grid)["chosen"]["refit_heads"]
-
-    decisions, accepted = [], []
-    for group in plan.groups:
-        baseline = {m: individual[m]["validation"]["macro_f1"] for m in group}
-        decision = gate_group(list(group), baseline,
-                              lambda sub: {m: refit(sub)["validation"][m]["macro_f1"] for m in sub}, delta=delta)
-        decisions.append(decision.to_dict())
-        if decision.passed:
-            accepted.append(tuple(decision.accepted))
-    shipped = plan_from_groups([list(g) for g in accepted], list(individual), "gw+gate")
-    grouped = plan_items(shipped, refit)
-    labels = {i: r["test_labels"] for i, r in individual.items()}
-    test, predictions, _ = with_individual(grouped, individual)
-    return {**fleet_summary(test, predictions, labels), "method": method, "head_setting": "refit_heads",
-            "delta": delta, "groups": [list(g) for g in accepted], "decisions": decisions,
-            "per_item_macro_f1": {i: m["macro_f1"] for i, m in test.items()}}
+def comparisons(rows: dict, weights: dict, pairs: list[tuple[str, str]]) -> dict:
+    return {f"{a} vs {b}": paired_comparison(rows[a]["per_unit_macro_f1"], rows[b]["per_unit_macro_f1"], weights)
+            for a, b in pairs if a in rows and b in rows}
 
 
 def main() -> None:
@@ -164,170 +237,73 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "beetle"),
                         help="result path without suffix: NAME.json and NAME.md are written")
     parser.add_argument("--work", default=None, help="cache (default .fleetmerge/<dataset dir name>)")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--gated-methods", default="ties,ta,doge",
-                        help="methods run through the gate (the first, the product's default, is the headline)")
-    parser.add_argument("--random-seeds", type=int, default=5)
-    parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--tau-quantile", type=float, default=1.0)
-    parser.add_argument("--delta", type=float, default=0.02)
-    parser.add_argument("--layer", type=int, default=-3, help="feature layer for GW (the nightly default: -3)")
-    # DOGE's paper runs 400 Adam steps; 100 here for CPU time (on a Beetle trio the loss reached
-    # 1.6e-4 against 1.1e-4 at 400, from 3.7e-3 at the start).
-    parser.add_argument("--doge-steps", type=int, default=100)
-    parser.add_argument("--method-random-seeds", default="",
-                        help="fewer random plans for some methods, e.g. 'doge=1,ta=2' (CPU time; stated in the report)")
+    parser.add_argument("--folds", type=int, default=3, help="K folds (1: the official split)")
+    parser.add_argument("--only-folds", default="", help="run these folds only, e.g. '0' (the report needs all)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="methods of the first fold's method table")
+    parser.add_argument("--random-seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     offline_env()
     quiet_transformers()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    methods = [m for m in args.methods.split(",") if m]
-    gated_methods = [m for m in args.gated_methods.split(",") if m]
-    random_seeds = {m: args.random_seeds for m in methods}
-    for part in filter(None, args.method_random_seeds.split(",")):
-        method, _, count = part.partition("=")
-        random_seeds[method] = min(int(count), args.random_seeds)
     data_dir = Path(args.data).resolve()
     work = Path(args.work) if args.work else ROOT / ".fleetmerge" / data_dir.name.split("_")[-1]
-    seconds: dict[str, float] = {}
-    started = clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = round(now - clock, 1)
-        clock = now
-        log(f"{stage}: {seconds[stage]} s")
-
-    # 1. The fleet and its pre-merge figures.
-    responses, items_path = prepare(data_dir, work / "data", seed=args.seed)
-    store = open_store(str(work / "fleet"))
-    build_fleet(pq.read_table(responses), load_items(items_path), default_base_dir(), store,
-                fleet_name=data_dir.name, config=FinetuneConfig(seed=args.seed))
-    manifest = load_manifest(store)
-    report = validate_fleet(store, manifest)
-    ids = sorted(report.usable_ids)
-    lap("build")
-    consolidator = GroupConsolidator(store, manifest)
-    evaluator = GroupEvaluator(consolidator, work / "quality", seed=args.seed)
-    individual = {i: evaluator.individual(i) for i in ids}
-    labels = {i: r["test_labels"] for i, r in individual.items()}
-    premerge = fleet_summary({i: r["test"] for i, r in individual.items()},
-                             {i: r["test_predictions"] for i, r in individual.items()}, labels)
-    weights = {i: r["test"]["n"] for i, r in individual.items()}
-    lap("premerge")
-
-    # 2. Features and the GW matrix, as the nightly job computes them.
-    extraction = extract_fleet(store, report.usable, ExtractConfig(layer=args.layer, max_responses=256, seed=args.seed),
-                               base_model=manifest.base_model)
-    if extraction.errors:
-        log(f"features failed for {sorted(extraction.errors)}: those items stay individual")
-    lap("extract")
-    gw_ids = sorted(extraction.features)
-    distances = compute_distances(store, {i: extraction.features[i] for i in gw_ids})
-    D = distance_matrix(store, distances["key"], gw_ids)
-    lap("gw")
-
-    # 3. Plans of equal group sizes.
-    meta = {json.loads(line)["item_id"]: json.loads(line) for line in items_path.read_text().splitlines() if line}
-    gw = solve_plan(D, gw_ids, tau_quantile=args.tau_quantile, k=args.k)
-    sizes = sorted((len(g) for g in gw.groups), reverse=True)
-    plans: dict[str, list[Plan]] = {
-        "gw": [gw],
-        "linkage": [linkage_plan(D, gw_ids, gw.n_groups, k=args.k, fill=True)],
-        "module": [module_plan({i: meta[i].get("module") or "?" for i in gw_ids}, sizes)],
-        "description": [description_plan(question_embeddings([meta[i].get("question") or i for i in gw_ids]),
-                                         gw_ids, gw.n_groups, k=args.k, fill=True)],
-        "random": [random_plan(gw_ids, gw.n_groups, args.k, seed=s, sizes=sizes) for s in range(args.random_seeds)],
-    }
-    lap("plans")
-
-    # 4. Ungated: every plan x method (groups cached, so shared groups are merged once).
-    ungated: dict[str, dict] = {}
-    for method in methods:
-        grid = merge_grid(method, args.doge_steps)
-        for name, variants in plans.items():
-            if name == "random":
-                variants = variants[:random_seeds[method]]
-            runs = []
-            for n, plan in enumerate(variants):
-                log(f"ungated {method} / {name}{'' if len(variants) == 1 else f' seed {n}'}: {plan.n_groups} groups")
-                runs.append(summarise(plan, evaluator, individual, method, grid))
-            ungated.setdefault(name, {})[method] = average_runs(runs) if name == "random" else runs[0]
-    lap("merge_ungated")
-
-    # 5. Gated: the GW plan through the product's gate.
-    backbone_bytes, head_bytes = member_bytes(consolidator, ids[0])
-    gated_by_method = {}
-    for method in gated_methods:
-        run = gated_run(gw, evaluator, individual, method, merge_grid(method, args.doge_steps), args.delta)
-        n_backbones = len(ids) - sum(len(g) - 1 for g in run["groups"])
-        run["storage"] = storage(len(ids), n_backbones, backbone_bytes, head_bytes)
-        run["storage_ratio"] = run["storage"]["ratio"]
-        gated_by_method[method] = run
-    lap("merge_gated")
-
-    comparisons = {method: {name: paired_comparison(ungated["gw"][method]["per_item_macro_f1"],
-                                                    ungated[name][method]["per_item_macro_f1"], weights)
-                            for name in BASELINE_PLANS} for method in methods}
-    seconds["total"] = round(time.perf_counter() - started, 1)
-    cold = {m: {"groups": sum(k[0] == m for k in evaluator.compute_seconds),
-                "merge": round(sum(v["merge"] for k, v in evaluator.compute_seconds.items() if k[0] == m), 1),
-                "total": round(sum(v["total"] for k, v in evaluator.compute_seconds.items() if k[0] == m), 1)}
-            for m in methods}
+    methods = [m for m in args.methods.split(",") if m]
+    wanted = [int(f) for f in args.only_folds.split(",") if f] or list(range(args.folds))
+    started = time.perf_counter()
+    folds = []
+    for f in wanted:
+        cache = fold_dir(work, args.folds, f) / "quality_rows.json"
+        if cache.is_file():
+            folds.append(json.loads(cache.read_text()))
+            continue
+        folds.append(run_fold(f, args, data_dir, work, methods))
+        cache.write_text(json.dumps(folds[-1]))
+    rows = combine(folds)
+    weights = {f"{f['fold']}:{i}": n for f in folds for i, n in f["test_sizes"].items()}
+    method = ConsolidateConfig().method
+    pairs = [("shipped", "premerge"), (f"ungated/gw/{method}/refit_heads", f"ungated/module/{method}/refit_heads"),
+             *[(f"ungated/gw/{method}/refit_heads", f"ungated/random{s}/{method}/refit_heads")
+               for s in range(args.random_seeds)],
+             (f"ungated/gw/{method}/refit_heads", f"ungated/gw/{method}/own_heads"),
+             (f"gated/gw/{method}/bound", f"gated/gw/{method}/delta"),
+             (f"gated/gw_tau{alternative_tau_quantile(ConsolidateConfig().tau_quantile):g}/{method}/bound",
+              f"gated/gw/{method}/bound"),
+             (f"gated/gw/{method}/bound", f"ungated/gw/{method}/refit_heads")]
     result = {
-        "dataset": data_dir.name, "n_items": len(ids), "n_test": sum(weights.values()), "k": args.k,
-        "premerge": premerge,
-        "gated": gated_by_method[gated_methods[0]] if gated_methods else None,
-        "gated_by_method": gated_by_method,
-        "ungated": ungated,
-        "paired_gw_vs_baseline": comparisons,
-        "plans": {name: [p.to_dict() for p in variants] for name, variants in plans.items()},
-        "storage_ungated": storage(len(ids), len(ids) - sum(len(g) - 1 for g in gw.groups), backbone_bytes, head_bytes),
-        "distances": {"ids": gw_ids, "matrix": np.round(D, 6).tolist(), "computed": distances["computed"],
-                      "reused": distances["reused"]},
-        "per_item_premerge": {i: r["test"] for i, r in individual.items()},
-        "validation_sizes": {i: r["validation"]["n"] for i, r in individual.items()},
-        "item_modules": {i: meta[i].get("module") for i in ids},
-        "settings": {"methods": methods, "gated_methods": gated_methods, "random_seeds": args.random_seeds,
-                     "tau_quantile": args.tau_quantile, "delta": args.delta, "doge_steps": args.doge_steps,
-                     "random_seeds_by_method": random_seeds,
-                     "grids": {m: merge_grid(m, args.doge_steps) for m in methods}, "seed": args.seed,
-                     "extract": {"layer": args.layer, "pooling": "cls", "max_responses": 256}},
-        "seconds": seconds,
-        "group_compute_seconds": cold,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {consolidator.device}",
-        "set_aside": report.rejected | dict(extraction.errors),
+        "dataset": data_dir.name, "folds": args.folds, "folds_run": wanted, "n_items": len(folds[0]["ids"]),
+        "n_test": sum(weights.values()), "k": ConsolidateConfig().k,
+        "premerge": _figures(rows["premerge"]), "shipped": _figures(rows["shipped"]),
+        "gated": _figures(rows.get(f"gated/gw/{method}/bound", {})),
+        "rows": {name: _figures(row) for name, row in rows.items()},
+        "paired": comparisons(rows, weights, pairs),
+        "first_fold_rows": {n: _figures(r) for n, r in folds[0]["rows"].items()},
+        "first_fold_paired": comparisons(
+            {n: r | {"per_unit_macro_f1": {f"0:{i}": m for i, m in r["per_item_macro_f1"].items()}}
+             for n, r in folds[0]["rows"].items()},
+            {f"0:{i}": n for i, n in folds[0]["test_sizes"].items()},
+            [(f"ungated/gw/{a}/refit_heads", f"ungated/gw/{b}/refit_heads") for a in METHODS for b in METHODS if a < b]),
+        "by_fold": [{k: v for k, v in f.items() if k != "rows"} | {"rows": {n: _figures(r) for n, r in f["rows"].items()}}
+                    for f in folds],
+        "defaults": {k: v for k, v in dataclasses.asdict(ConsolidateConfig()).items()
+                     if k not in ("run_id", "ray_address")},
+        "seconds": {"folds": [f["seconds"] for f in folds], "this_run": round(time.perf_counter() - started, 1)},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(render_markdown(result))
-    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-    headline = {"premerge_macro_f1": premerge["macro_f1"],
-                "gated_macro_f1": result["gated"]["macro_f1"] if result["gated"] else None,
-                "gated_storage_ratio": result["gated"]["storage_ratio"] if result["gated"] else None,
-                **{f"ungated_{p}_{m}_macro_f1": ungated[p][m]["macro_f1"] for p in ungated for m in ungated[p]},
-                "seconds_total": seconds["total"]}
-    print(json.dumps(headline))
+    (out.parent / "defaults.md").write_text(render_defaults(result))
+    log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')} and {out.parent / 'defaults.md'}")
+    print(json.dumps({"folds": args.folds, "premerge_macro_f1": result["premerge"]["macro_f1"],
+                      "shipped_macro_f1": result["shipped"]["macro_f1"],
+                      "shipped_storage_ratio": result["shipped"]["storage_ratio"],
+                      "seconds_total": result["seconds"]["this_run"]}))
 
 
-def average_runs(runs: list[dict]) -> dict:
-    """Mean over seeds of the fleet figures; per-item figures averaged too (for the paired comparison)."""
-    keys = ("accuracy", "macro_f1", "micro_f1", "qwk", "validation_macro_f1")
-    mean = {k: round(float(np.mean([r[k] for r in runs if r.get(k) is not None])), 4) for k in keys}
-    per_item = {i: float(np.mean([r["per_item_macro_f1"][i] for r in runs])) for i in runs[0]["per_item_macro_f1"]}
-    return {**mean, "std_macro_f1": round(float(np.std([r["macro_f1"] for r in runs])), 4),
-            "head_setting": "per seed: " + ", ".join(r["head_setting"] for r in runs),
-            "per_seed": [{k: r[k] for k in (*keys, "head_setting")} for r in runs], "per_item_macro_f1": per_item}
-
-
-def member_bytes(consolidator: GroupConsolidator, item: str) -> tuple[int, int]:
-    """Bytes of one encoder and one head (all items share the architecture)."""
-    member = consolidator.member(consolidator.manifest.scorer(item))
-    size = lambda state: sum(t.numel() * t.element_size() for t in state.values())  # noqa: E731
-    return size(member.backbone), size(member.head)
+def _figures(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("per_unit_macro_f1", "per_item_macro_f1")}
 
 
 if __name__ == "__main__":

@@ -3,30 +3,31 @@ from __future__ import annotations
 
 import json
 
+from flows.config import ConsolidateConfig
 from infra.manifest import load_manifest
 from infra.ray_conn import ensure_ray
 from infra.storage import Store
 from infra.validation import validate_fleet
-from workers.extract import ExtractConfig
 from workers.fleet_gw import bootstrap_matrices, distance_matrix, plan_fleet
 from workers.ray_extract import extract_fleet
 from workers.ray_gw import compute_distances
 
 
-def distances_and_plan(store: Store, args, *, plan: bool) -> dict:
-    manifest = load_manifest(store, args.fleet)
+def distances_and_plan(store: Store, manifest_key: str, cfg: ConsolidateConfig, *, plan: bool, bootstrap: int = 0,
+                       min_stability: float = 0.0) -> dict:
+    """The full GW matrix of the fleet (the run's features, so the flow reuses them), and its plan if asked."""
+    manifest = load_manifest(store, manifest_key)
     report = validate_fleet(store, manifest)
     if report.rejected:
         print(report.summary())
-    ensure_ray(args.ray_address)
-    features = extract_fleet(store, report.usable, ExtractConfig(max_responses=args.max_responses),
-                             base_model=manifest.base_model)
+    ensure_ray(cfg.ray_address)
+    features = extract_fleet(store, report.usable, cfg.extract_config(), base_model=manifest.base_model)
     for item, reason in features.errors.items():
         print(f"set aside {item}: {reason}")
-    result = compute_distances(store, features.features, solver=args.solver)
+    result = compute_distances(store, features.features, solver=cfg.solver)
     ids = result["ids"]
     matrix = distance_matrix(store, result["key"], ids)
-    print(f"GW matrix ({args.solver}): {result['computed']} pairs computed, {result['reused']} reused -> "
+    print(f"GW matrix ({cfg.solver}): {result['computed']} pairs computed, {result['reused']} reused -> "
           f"{store.uri_for(result['key'])}")
     width = max(len(i) for i in ids)
     print(" " * (width + 2) + " ".join(f"{n:>7}" for n in range(len(ids))))
@@ -34,11 +35,11 @@ def distances_and_plan(store: Store, args, *, plan: bool) -> dict:
         print(f"{item:<{width}} {n:>1} " + " ".join(f"{v:7.3g}" for v in row))
     out = {"distances": result}
     if plan:
-        resampled = bootstrap_matrices(store, features.features, args.bootstrap) if args.bootstrap else []
-        chosen = plan_fleet(matrix, ids, tau=args.tau, tau_quantile=args.tau_quantile, k=args.k,
-                            resampled=resampled, min_stability=args.min_stability)
+        resampled = bootstrap_matrices(store, features.features, bootstrap, solver=cfg.solver) if bootstrap else []
+        chosen = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k,
+                            resampled=resampled, min_stability=min_stability)
         stability = dict(chosen.stability or {})
-        print(f"\nplan ({chosen.method}, tau={chosen.tau:.4g}, k={args.k}):")
+        print(f"\nplan ({chosen.method}, tau={chosen.tau:.4g}, k={cfg.k}):")
         for group in chosen.groups:
             share = f"  stability {stability[group]:.2f}" if group in stability else ""
             print(f"  {' + '.join(group)}{share}")

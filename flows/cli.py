@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
+from flows.config import GATE_RULES, ConsolidateConfig
+from infra.manifest import MANIFEST_KEY
 from infra.settings import offline_env
+
+DEFAULTS = ConsolidateConfig()  # every run option's default comes from here
 
 
 def _add_fleet_commands(sub) -> None:
@@ -93,13 +98,11 @@ def cmd_predict(args) -> int:
 
 
 def _consolidate_config(args) -> dict:
-    config = {"method": args.method, "k": args.k, "delta": args.delta, "refit_heads": not args.no_refit,
-              "tau_quantile": args.tau_quantile, "seed": args.seed}
-    for name in ("tau", "ray_address", "run_id", "max_responses"):
-        if getattr(args, name, None) is not None:
-            config[name] = getattr(args, name)
-    if args.no_tuning:
-        config["grid"] = []
+    """The run's settings from the parsed options (each option's dest is its ConsolidateConfig field)."""
+    config = {f.name: getattr(args, f.name) for f in fields(ConsolidateConfig) if hasattr(args, f.name)}
+    if hasattr(args, "tuning"):
+        # --no-tuning: the method's default parameters only; --tuning: the configured grid, else the method's.
+        config["grid"] = (DEFAULTS.grid or None) if args.tuning else []
     return config
 
 
@@ -147,32 +150,62 @@ def cmd_schedule(args) -> int:
 def cmd_distances(args) -> int:
     from flows.analysis import distances_and_plan
 
-    distances_and_plan(_store(args.store, args.s3_endpoint), args, plan=False)
+    distances_and_plan(_store(args.store, args.s3_endpoint), args.fleet,
+                       ConsolidateConfig.from_dict(_consolidate_config(args)), plan=False)
     return 0
 
 
 def cmd_plan(args) -> int:
     from flows.analysis import distances_and_plan
 
-    distances_and_plan(_store(args.store, args.s3_endpoint), args, plan=True)
+    distances_and_plan(_store(args.store, args.s3_endpoint), args.fleet,
+                       ConsolidateConfig.from_dict(_consolidate_config(args)), plan=True, bootstrap=args.bootstrap,
+                       min_stability=args.min_stability)
     return 0
 
 
-def _add_consolidation_options(parser) -> None:
+def _add_plan_options(parser) -> None:
+    """The options of the GW half of a run (`distances`, `plan` and the consolidation), defaults from DEFAULTS."""
     parser.add_argument("--store", required=True, help="store URI holding the fleet (outputs are written there too)")
-    parser.add_argument("--fleet", default="fleet.yaml", help="the fleet manifest's key in the store")
-    parser.add_argument("--method", default="ties", choices=["ties", "doge", "task_arithmetic", "ta", "dare"])
-    parser.add_argument("--k", type=int, default=3, help="largest group size")
-    parser.add_argument("--tau", type=float, help="GW threshold (default: a quantile of the distances)")
-    parser.add_argument("--tau-quantile", type=float, default=0.3)
-    parser.add_argument("--delta", type=float, default=0.02, help="largest allowed fall of any item's macro F1")
-    parser.add_argument("--no-refit", action="store_true", help="keep each item's head as it was")
-    parser.add_argument("--no-tuning", action="store_true", help="use the method's default parameters only")
-    parser.add_argument("--max-responses", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray)")
-    parser.add_argument("--run-id")
+    parser.add_argument("--fleet", default=MANIFEST_KEY,
+                        help="the fleet manifest's key in the store (default: %(default)s)")
+    parser.add_argument("--layer", type=int, default=DEFAULTS.layer,
+                        help="encoder hidden state the features come from (default: %(default)s)")
+    parser.add_argument("--pooling", choices=["cls", "mean"], default=DEFAULTS.pooling,
+                        help="how a response's tokens become one feature (default: %(default)s)")
+    parser.add_argument("--max-responses", type=int, default=DEFAULTS.max_responses,
+                        help="responses per scorer for its features (default: %(default)s)")
+    parser.add_argument("--solver", choices=["entropic", "exact"], default=DEFAULTS.solver,
+                        help="GW solver (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=DEFAULTS.k, help="largest group size (default: %(default)s)")
+    parser.add_argument("--tau", type=float, default=DEFAULTS.tau,
+                        help="GW threshold (default: the --tau-quantile quantile of the distances)")
+    parser.add_argument("--tau-quantile", type=float, default=DEFAULTS.tau_quantile,
+                        help="quantile of the distances that is tau when --tau is not given (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                        help="seed of the response sample, the merges and the head refits (default: %(default)s)")
+    parser.add_argument("--ray-address", default=DEFAULTS.ray_address,
+                        help="an existing Ray cluster (default: a local Ray)")
     parser.add_argument("--s3-endpoint")
+
+
+def _add_consolidation_options(parser) -> None:
+    _add_plan_options(parser)
+    parser.add_argument("--skip-by-bounds", action=argparse.BooleanOptionalAction, default=DEFAULTS.skip_by_bounds,
+                        help="skip GW pairs whose lower bound is already at or above tau (default: %(default)s)")
+    parser.add_argument("--method", default=DEFAULTS.method, choices=["ties", "doge", "task_arithmetic", "ta", "dare"],
+                        help="merge method (default: %(default)s)")
+    parser.add_argument("--tuning", action=argparse.BooleanOptionalAction, default=DEFAULTS.grid != [],
+                        help="search the method's parameter grid on validation; --no-tuning: its default "
+                             "parameters only (default: %(default)s)")
+    parser.add_argument("--refit-heads", "--refit", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS.refit_heads,
+                        help="refit each item's head on the merged backbone (default: %(default)s)")
+    parser.add_argument("--delta", type=float, default=DEFAULTS.delta,
+                        help="largest allowed fall of any item's macro F1 (default: %(default)s)")
+    parser.add_argument("--gate", choices=GATE_RULES, default=DEFAULTS.gate,
+                        help="the gate's rule (gw.gate) applied with --delta (default: %(default)s)")
+    parser.add_argument("--run-id", default=DEFAULTS.run_id, help="(default: a UTC timestamp)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,21 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--s3-endpoint")
     report.set_defaults(func=cmd_report)
 
-    for name, func, help_text in (("distances", cmd_distances, "compute the pairwise GW matrix of a built fleet"),
-                                  ("plan", cmd_plan, "compute the GW matrix and the merge plan of a built fleet")):
-        command = sub.add_parser(name, help=help_text)
-        command.add_argument("--store", required=True)
-        command.add_argument("--fleet", default="fleet.yaml")
-        command.add_argument("--solver", default="entropic", choices=["entropic", "exact"])
-        command.add_argument("--k", type=int, default=3)
-        command.add_argument("--tau", type=float)
-        command.add_argument("--tau-quantile", type=float, default=0.3)
-        command.add_argument("--bootstrap", type=int, default=0, help="resamples for plan stability (plan only)")
-        command.add_argument("--min-stability", type=float, default=0.0)
-        command.add_argument("--max-responses", type=int, default=256)
-        command.add_argument("--ray-address")
-        command.add_argument("--s3-endpoint")
-        command.set_defaults(func=func)
+    distances = sub.add_parser("distances", help="compute the pairwise GW matrix of a built fleet")
+    _add_plan_options(distances)
+    distances.set_defaults(func=cmd_distances)
+    plan = sub.add_parser("plan", help="compute the GW matrix and the merge plan of a built fleet")
+    _add_plan_options(plan)
+    plan.add_argument("--bootstrap", type=int, default=0, help="resamples for plan stability (default: none)")
+    plan.add_argument("--min-stability", type=float, default=0.0,
+                      help="groups less stable than this stay apart (default: %(default)s)")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -12,55 +12,26 @@ new. The flow fails loudly when a step fails (a failed task is raised, not swall
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.futures import wait
 
 from flows import artifacts
+from flows.config import ConsolidateConfig
+from infra.manifest import MANIFEST_KEY
 from infra.settings import Settings, offline_env
 
 MERGE_TAG = "fleetmerge-merge"
 RAY_WAIT_S = 3600.0  # Prefect's timeouts cannot interrupt a blocking ray.get: every Ray wait has its own
 
 
-@dataclass
-class ConsolidateConfig:
-    """What a nightly run does; every field has a default that works on one machine."""
-
-    layer: int = -3
-    pooling: str = "cls"
-    max_responses: int = 256
-    solver: str = "entropic"
-    tau: float | None = None
-    tau_quantile: float = 0.3
-    k: int = 3
-    skip_by_bounds: bool = True  # skip GW pairs whose lower bound shows they can never be grouped under tau
-    method: str = "ties"
-    grid: list[dict] | None = None  # None: the method's default grid; []: its defaults only
-    refit_heads: bool = True
-    delta: float = 0.02
-    seed: int = 0
-    ray_address: str | None = None
-    run_id: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> "ConsolidateConfig":
-        values = dict(values or {})
-        unknown = sorted(set(values) - {f for f in cls.__dataclass_fields__})
-        if unknown:
-            raise ValueError(f"unknown consolidation setting(s) {unknown}")
-        return cls(**values)
-
-
-def _connect(cfg: dict) -> None:
+def _connect(cfg: ConsolidateConfig) -> None:
     """Join the configured Ray cluster up front; without one, steps start a local Ray only if they compute."""
-    if cfg.get("ray_address"):
+    if cfg.ray_address:
         from infra.ray_conn import ensure_ray
 
-        ensure_ray(cfg["ray_address"])
+        ensure_ray(cfg.ray_address)
 
 
 def _store(uri: str, settings: dict | None):
@@ -82,16 +53,15 @@ def validate_task(store_uri: str, settings: dict | None, manifest_key: str) -> d
 
 
 @task(name="extract-features", retries=1, retry_delay_seconds=5)
-def extract_task(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str], cfg: dict) -> dict:
+def extract_task(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str],
+                 cfg: ConsolidateConfig) -> dict:
     from infra.manifest import load_manifest
-    from workers.extract import ExtractConfig
     from workers.ray_extract import extract_fleet
 
     _connect(cfg)
     store = _store(store_uri, settings)
     manifest = load_manifest(store, manifest_key)
-    config = ExtractConfig(layer=cfg["layer"], pooling=cfg["pooling"], max_responses=cfg["max_responses"],
-                           seed=cfg["seed"])
+    config = cfg.extract_config()
     logger = get_run_logger()
     bar = artifacts.Progress("extract-progress", "features extracted")
 
@@ -107,7 +77,7 @@ def extract_task(store_uri: str, settings: dict | None, manifest_key: str, usabl
 
 
 @task(name="gw-matrix", retries=1, retry_delay_seconds=5)
-def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: dict) -> dict:
+def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: ConsolidateConfig) -> dict:
     from workers.extract import FeatureRef
     from workers.ray_gw import compute_distances
 
@@ -120,14 +90,14 @@ def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: d
     def progress(done: int, total: int) -> None:
         bar.update(done / max(total, 1))
 
-    result = compute_distances(store, refs, solver=cfg["solver"], progress=progress, timeout_s=RAY_WAIT_S,
+    result = compute_distances(store, refs, solver=cfg.solver, progress=progress, timeout_s=RAY_WAIT_S,
                                **_skipping(cfg))
     logger.info(f"GW matrix: {result['computed']} pairs computed, {result['reused']} reused, "
                 f"{result['skipped']} skipped by the lower bound")
     return result
 
 
-def _skipping(cfg: dict) -> dict:
+def _skipping(cfg: ConsolidateConfig) -> dict:
     """How the GW step may skip pairs: by the plan's own threshold, so the plan is that of the full matrix.
 
     Nothing downstream needs the pairs at or above tau: the planner (cliques under tau) never groups
@@ -136,52 +106,63 @@ def _skipping(cfg: dict) -> dict:
     matrix: this flow has none; add one only with skip_by_bounds off. (Bootstrap stability would be
     fine: it recomputes full matrices on the resamples and reads only grouped pairs of this one.)
     """
-    if not cfg["skip_by_bounds"]:
+    if not cfg.skip_by_bounds:
         return {}
-    return {"skip_tau": cfg["tau"]} if cfg["tau"] is not None else {"skip_tau_quantile": cfg["tau_quantile"]}
+    return {"skip_tau": cfg.tau} if cfg.tau is not None else {"skip_tau_quantile": cfg.tau_quantile}
 
 
 @task(name="plan")
-def plan_task(store_uri: str, settings: dict | None, distances: dict, cfg: dict) -> dict:
+def plan_task(store_uri: str, settings: dict | None, distances: dict, cfg: ConsolidateConfig) -> dict:
     from workers.fleet_gw import distance_matrix, plan_fleet
 
     store = _store(store_uri, settings)
     ids = distances["ids"]
     matrix = distance_matrix(store, distances["key"], ids)
-    plan = plan_fleet(matrix, ids, tau=cfg["tau"], tau_quantile=cfg["tau_quantile"], k=cfg["k"])
+    plan = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k)
     get_run_logger().info(f"plan ({plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} groups, "
                           f"{len(plan.singletons)} singletons")
     return {"plan": plan.to_dict(), "matrix": matrix.tolist(), "ids": ids}
 
 
+@task(name="group-keys", retries=1, retry_delay_seconds=5)
+def group_keys_task(store_uri: str, settings: dict | None, manifest_key: str, groups: list[list[str]],
+                    cfg: ConsolidateConfig) -> list[dict]:
+    """Each planned group's cache key, and whether its record is already stored."""
+    from workers.group_jobs import RECORD, group_key
+
+    store = _store(store_uri, settings)
+    config = cfg.merge_config()
+    keys = [group_key(store, members, config, manifest_key) for members in groups]
+    return [{"key": key, "cached": store.exists(f"candidates/groups/{key}/{RECORD}")} for key in keys]
+
+
 @task(name="merge-group", tags=[MERGE_TAG], retries=1, retry_delay_seconds=10)
-def merge_group_task(store_uri: str, settings: dict | None, members: list[str], cfg: dict) -> dict:
+def merge_group_task(store_uri: str, settings: dict | None, manifest_key: str, members: list[str],
+                     cfg: ConsolidateConfig, key: str) -> dict:
     import ray
 
     from infra.ray_conn import ensure_ray
-    from workers.consolidate import MergeConfig
-    from workers.group_jobs import consolidate_group_job, group_key
+    from workers.group_jobs import RECORD, consolidate_group_job
 
     store = _store(store_uri, settings)
-    config = MergeConfig(method=cfg["method"], grid=cfg["grid"], refit_heads=cfg["refit_heads"], delta=cfg["delta"],
-                         seed=cfg["seed"])
-    key = group_key(store, members, config)
-    if store.exists(f"candidates/groups/{key}/record.json"):  # cached: no Ray task, no model load
-        record = consolidate_group_job(store, members, config, key=key)
+    config = cfg.merge_config()
+    if store.exists(f"candidates/groups/{key}/{RECORD}"):  # cached: no Ray task, no model load
+        record = consolidate_group_job(store, members, config, manifest_key=manifest_key, key=key)
     else:
-        ensure_ray(cfg["ray_address"])
+        ensure_ray(cfg.ray_address)  # the flow has connected: this finds that connection
         remote = ray.remote(num_cpus=0.5, max_retries=2)(consolidate_group_job)
-        record = ray.get(remote.remote(store, members, config, key=key), timeout=RAY_WAIT_S)
+        record = ray.get(remote.remote(store, members, config, manifest_key=manifest_key, key=key),
+                         timeout=RAY_WAIT_S)
     get_run_logger().info(f"group {'+'.join(members)}: {record['gate']['reason']}"
                           f"{' (reused)' if record['reused'] else ''}")
     return record
 
 
 @task(name="keep-individual", retries=1, retry_delay_seconds=10)
-def individual_task(store_uri: str, settings: dict | None, item: str) -> dict:
+def individual_task(store_uri: str, settings: dict | None, manifest_key: str, item: str) -> dict:
     from workers.group_jobs import individual_job
 
-    return individual_job(_store(store_uri, settings), item)
+    return individual_job(_store(store_uri, settings), item, manifest_key=manifest_key)
 
 
 @task(name="publish", retries=1, retry_delay_seconds=10)
@@ -206,13 +187,13 @@ def publish_task(store_uri: str, settings: dict | None, manifest_key: str, sourc
 
 
 @flow(name="fleetmerge-consolidate", log_prints=True)
-def consolidate(fleet: str = "fleet.yaml", store: str = ".fleetmerge/demo/fleet", config: dict | None = None,
+def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet", config: dict | None = None,
                 settings: dict | None = None) -> dict:
     """Consolidate the fleet whose manifest is `fleet` (a key) in the store at `store`; returns the run summary."""
     offline_env()
-    cfg = asdict(ConsolidateConfig.from_dict(config))
+    cfg = ConsolidateConfig.from_dict(config)  # a dict for deployments; typed from here on
     started = time.perf_counter()
-    run_id = cfg["run_id"] or time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
+    run_id = cfg.run_id or time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
     timings: dict[str, float] = {}
 
     def timed(name: str, value):
@@ -229,7 +210,15 @@ def consolidate(fleet: str = "fleet.yaml", store: str = ".fleetmerge/demo/fleet"
     planned = timed("plan", plan_task(store, settings, distances, cfg))
     plan = planned["plan"]
 
-    futures = [merge_group_task.submit(store, settings, list(group), cfg) for group in plan["groups"]]
+    groups = [list(group) for group in plan["groups"]]
+    keys = group_keys_task(store, settings, fleet, groups, cfg)
+    if not all(k["cached"] for k in keys):
+        # Connect once, here: merge tasks run in parallel threads, and each starting its own local Ray
+        # at the same moment times out. A rerun with every group cached starts no Ray.
+        from infra.ray_conn import ensure_ray
+
+        ensure_ray(cfg.ray_address)
+    futures = [merge_group_task.submit(store, settings, fleet, group, cfg, k["key"]) for group, k in zip(groups, keys)]
     wait(futures)
     records = [f.result(raise_on_failure=True) for f in futures]
     timings["merge"] = round(time.perf_counter() - started - sum(timings.values()), 2)
@@ -243,13 +232,14 @@ def consolidate(fleet: str = "fleet.yaml", store: str = ".fleetmerge/demo/fleet"
             sources[name], members[name] = record["checkpoint"], record["accepted"]
             merged_items.update(record["accepted"])
     individual = [i for i in usable if i not in merged_items]
-    for result in [f.result(raise_on_failure=True) for f in individual_task.map(unmapped(store), unmapped(settings), individual)]:
+    kept = individual_task.map(unmapped(store), unmapped(settings), unmapped(fleet), individual)
+    for result in [f.result(raise_on_failure=True) for f in kept]:
         name = f"items/{result['item']}"
         sources[name], members[name] = result["checkpoint"], [result["item"]]
     timings["individual"] = round(time.perf_counter() - started - sum(timings.values()), 2)
 
     extra = {"plan": plan, "gate": [r["gate"] for r in records], "members": members, "set_aside": set_aside,
-             "config": {k: v for k, v in cfg.items() if k != "run_id"}}
+             "config": {k: v for k, v in cfg.to_dict().items() if k != "run_id"}}
     published = publish_task(store, settings, fleet, sources, run_id, extra)
     timings["publish"] = round(time.perf_counter() - started - sum(timings.values()), 2)
 

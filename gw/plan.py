@@ -53,6 +53,13 @@ DEFAULT_MAX_CANDIDATES = 10_000
 DEFAULT_MILP_TIME_LIMIT = 30.0
 """Seconds HiGHS may spend on one MILP before the heuristic result is used instead."""
 
+DEFAULT_TAU_QUANTILE = 1.0
+"""When no tau is given, tau is this quantile of the distances (the one default: the flow and the CLI read it).
+
+1.0 (every pair but the farthest may share a group): on Beetle a strict threshold only left items
+unmerged that the gate would have accepted, and GW did not rank pairs better than chance, so the gate,
+not the threshold, is what keeps quality (docs/results/defaults.md)."""
+
 _SOLVER_METHODS = ("auto", "matching", "milp", "greedy")
 
 # How many of a unit's best target groups the local search's chain move tries.
@@ -819,7 +826,7 @@ def solve_plan(
     ids: Sequence[str],
     *,
     tau: float | None = None,
-    tau_quantile: float = 0.25,
+    tau_quantile: float = DEFAULT_TAU_QUANTILE,
     k: int = 3,
     base_models: Mapping[str, str] | None = None,
     pinned: Iterable[tuple[str, str]] = (),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from infra.settings import Settings, offline_env
@@ -29,6 +30,8 @@ WORKER_ENV: dict[str, str] = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 OUR_PACKAGES = ("infra", "workers", "gw", "flows")
+# Prefect runs tasks in threads: two that both see no Ray would each start one (and time out starting).
+_CONNECT_LOCK = threading.Lock()
 
 
 def _use_loopback_only() -> None:
@@ -85,8 +88,15 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, dashb
     ship_code: upload our packages to the cluster's workers (for clusters without fleetmerge installed).
 
     Returns a dict with ``mode`` ("local", "cluster", or "existing" when Ray was already connected),
-    ``address``, ``node_ip``, ``dashboard_url`` and ``resources``.
+    ``address``, ``node_ip``, ``dashboard_url`` and ``resources``. Safe to call from several threads at
+    once: one connects, the others find that connection.
     """
+    with _CONNECT_LOCK:
+        return _connect(address, num_cpus=num_cpus, dashboard=dashboard, settings=settings, ship_code=ship_code)
+
+
+def _connect(address: str | None, *, num_cpus: int | None, dashboard: bool, settings: Settings | None,
+             ship_code: bool) -> dict[str, Any]:
     offline_env()
     settings = settings if settings is not None else Settings.from_env()
     address = address or settings.ray_address

@@ -1,6 +1,8 @@
 """Consolidating groups of tiny scorers: merge, head refit, gate, publish and serve."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,9 @@ from flows.cli import main
 from infra.manifest import load_manifest
 from infra.publish import read_manifest, verify_run
 from infra.storage import open_store
-from workers.consolidate import GroupConsolidator, MergeConfig
+from workers.consolidate import HEAD_SETTINGS, GroupConsolidator, MergeConfig, choose
+from workers.group_jobs import consolidate_group_job, sweep_job
+from workers.multihead import load_consolidated
 from workers.publish_fleet import publish_consolidated, save_checkpoint, weights_bytes_before
 from workers.serving import ConsolidatedFleet
 
@@ -27,50 +31,109 @@ def _specs(consolidator, ids=TRIO):
 
 
 def test_lenient_gate_accepts_the_trio_and_records_why(consolidator):
-    outcome = consolidator.consolidate(_specs(consolidator), MergeConfig(method="ties", grid=[{}], delta=1.0))
-    assert outcome.decision.passed and outcome.candidate.members == TRIO
+    outcome = consolidator.consolidate(_specs(consolidator), MergeConfig(method="ties", grid=[{}], gate="delta",
+                                                                         delta=1.0))
+    assert outcome.decision.passed and outcome.accepted == list(TRIO)
     record = outcome.record()
     assert record["merge"]["method"] == "ties" and record["params"]["top_k"] == 0.2
-    assert set(record["baseline_validation"]) == set(TRIO) == set(record["merged_validation"])
+    assert set(record["baseline_validation"]) == set(TRIO) == set(record["merged_validation"]) == set(record["merged_test"])
+    json.dumps(record)
 
 
 def test_strict_gate_falls_back_or_keeps_members_individual(consolidator):
     # The base encoder under each fine-tuned head (TA with λ = 0, no refit) loses accuracy; at δ = 0 any drop fails.
-    outcome = consolidator.consolidate(_specs(consolidator), MergeConfig(method="task_arithmetic", grid=[{"lam": 0.0}],
-                                                                         refit_heads=False, delta=0.0))
+    config = MergeConfig(method="task_arithmetic", grid=[{"lam": 0.0}], refit_heads=False, gate="delta", delta=0.0)
+    outcome = consolidator.consolidate(_specs(consolidator), config)
     decision, whole = outcome.decision, outcome.decision.attempts[0]
-    assert whole.members == list(TRIO)
-    assert not whole.passed and whole.max_drop > 0, whole
+    assert whole.members == list(TRIO) and not whole.passed
     pairs = decision.attempts[1:]
     assert len(pairs) == 3 and all(len(p.members) == 2 for p in pairs)  # every pair of the trio was tried
     if decision.passed:
-        best = min((p for p in pairs if p.passed), key=lambda p: p.max_drop)
-        assert decision.accepted == best.members and outcome.candidate.members == tuple(best.members)
+        assert outcome.accepted == decision.accepted and len(decision.accepted) == 2
     else:
         assert outcome.candidate is None and decision.individual == list(TRIO)
 
 
-def test_grid_search_records_every_candidate(consolidator):
-    grid = [{"lam": 1.0, "top_k": 0.2}, {"lam": 0.5, "top_k": 0.1}]
-    outcome = consolidator.consolidate(_specs(consolidator, TRIO[:2]), MergeConfig(method="ties", grid=grid, delta=1.0))
-    table = outcome.record()["tuning"]["circuits-1+circuits-2"]["table"]
-    assert [row["params"] for row in table] == grid
-    assert outcome.candidate.params in grid
+def test_evaluate_scores_both_head_settings_from_one_merge(consolidator):
+    specs = _specs(consolidator, TRIO[:2])
+    evaluation, model = consolidator.evaluate(specs, {}, MergeConfig(method="ties"))
+    assert evaluation["members"] == list(TRIO[:2]) and evaluation["params"]["top_k"] == 0.2
+    for setting in HEAD_SETTINGS:
+        for item in TRIO[:2]:
+            scores = evaluation["scores"][setting][item]
+            n = scores["validation"]["n"]
+            probs = np.asarray(scores["validation_probs"])
+            assert probs.shape[0] == n and len(scores["test_predictions"]) == scores["test"]["n"]
+    # The returned model carries the refit heads, and they are what "refit_heads" scored.
+    member = consolidator.member(specs[0])
+    features = consolidator.features(model, member.texts["validation"])
+    np.testing.assert_allclose(consolidator.probabilities(model, TRIO[0], features),
+                               evaluation["scores"]["refit_heads"][TRIO[0]]["validation_probs"], atol=1e-5)
 
 
 def test_refit_changes_heads_but_not_the_backbone(consolidator):
-    config = MergeConfig(method="ties", grid=[{}], delta=1.0)
-    refit = consolidator.build(_specs(consolidator, TRIO[:2]), {}, config)
-    plain = consolidator.build(_specs(consolidator, TRIO[:2]), {}, MergeConfig(method="ties", grid=[{}], refit_heads=False))
-    for (k, a), b in zip(refit.model.backbone_state_dict().items(), plain.model.backbone_state_dict().values()):
+    specs = _specs(consolidator, TRIO[:2])
+    _, refit = consolidator.evaluate(specs, {}, MergeConfig(method="ties"))
+    _, plain = consolidator.evaluate(specs, {}, MergeConfig(method="ties", refit_heads=False))
+    for (k, a), b in zip(refit.backbone_state_dict().items(), plain.backbone_state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
-    assert any(not torch.equal(a, b) for a, b in zip(refit.model.heads["circuits-1"].parameters(),
-                                                      plain.model.heads["circuits-1"].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(refit.heads["circuits-1"].parameters(),
+                                                      plain.heads["circuits-1"].parameters()))
+
+
+def test_choose_picks_the_best_worst_change_and_keeps_the_first_of_equals():
+    own = {"a": {"validation": {"macro_f1": 0.8}}, "b": {"validation": {"macro_f1": 0.6}}}
+
+    def evaluation(lam, a, b):
+        return {"members": ["a", "b"], "params": {"lam": lam},
+                "scores": {"refit_heads": {"a": {"validation": {"macro_f1": a}}, "b": {"validation": {"macro_f1": b}}}}}
+
+    evaluations = [evaluation(0.3, 0.70, 0.70), evaluation(0.5, 0.78, 0.61), evaluation(0.7, 0.79, 0.55)]
+    best, table = choose(evaluations, own, "refit_heads")
+    assert best["params"] == {"lam": 0.5} and table["best_score"] == pytest.approx(-0.02)
+    assert [row["params"]["lam"] for row in table["table"]] == [0.3, 0.5, 0.7]
+    tied = [evaluation(0.3, 0.79, 0.6), evaluation(0.5, 0.79, 0.6)]
+    assert choose(tied, own, "refit_heads")[0]["params"] == {"lam": 0.3}
+
+
+def test_group_job_and_benchmark_pick_the_same_parameters_and_scores(tmp_path, tiny_fleet_dir):
+    """The quality benchmark scores a group with the product's pieces: same choice, same figures."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from quality_beetle import Fold
+
+    shutil.copytree(tiny_fleet_dir, tmp_path / "fleet")
+    store = open_store(str(tmp_path / "fleet"))
+    fold = Fold(store, seed=0)
+    config = MergeConfig(method="ties", grid=[{"top_k": 0.1}, {"top_k": 0.2}], gate="delta", delta=1.0)
+    group = list(TRIO[:2])
+    record = consolidate_group_job(store, group, config, consolidator=fold.consolidator)
+    assert record["accepted"] == group and not record["reused"]
+    bench = fold.ungated([group], config, "refit_heads")
+    evaluations = sweep_job(store, group, config, consolidator=fold.consolidator)["evaluations"]
+    chosen, _ = choose(evaluations, fold.own, "refit_heads")
+    assert chosen["params"] == record["params"]
+    for item in group:
+        assert bench["items"][item]["test"] == record["merged_test"][item]
+        assert chosen["scores"]["refit_heads"][item]["validation"] == record["merged_validation"][item]
+    gated = fold.gated([group], config)
+    assert gated["groups"] == [group] and gated["items"] == bench["items"]
+    # The saved checkpoint is the swept model: the same validation probabilities.
+    with store.local_dir(record["checkpoint"]) as path:
+        model, _, _ = load_consolidated(path)
+    member = fold.consolidator.member(fold.manifest.scorer(group[0]))
+    features = fold.consolidator.features(model.to(fold.consolidator.device), member.texts["validation"])
+    np.testing.assert_allclose(fold.consolidator.probabilities(model, group[0], features),
+                               chosen["scores"]["refit_heads"][group[0]]["validation_probs"], atol=1e-5)
+    # Reruns reuse the record; another gate re-gates from the cached sweeps.
+    assert consolidate_group_job(store, group, config, consolidator=fold.consolidator)["reused"]
 
 
 def test_publish_and_serve_round_trip(tmp_path, consolidator, capsys):
-    config = MergeConfig(method="ties", grid=[{}], delta=1.0)
-    merged = consolidator.build(_specs(consolidator, TRIO), {}, config).model
+    _, merged = consolidator.evaluate(_specs(consolidator, TRIO), {}, MergeConfig(method="ties"))
     alone = consolidator.individual(consolidator.manifest.scorer("plants-1"))
     store = open_store(str(tmp_path / "out"))
     fleet_store = consolidator.store

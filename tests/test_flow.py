@@ -7,11 +7,13 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from flows.nightly import consolidate
+from infra.manifest import load_manifest, save_manifest
 from infra.publish import latest_run, list_runs, read_manifest, verify_run
 from infra.storage import open_store
 from workers.serving import ConsolidatedFleet
 
 FAST = {"grid": [], "max_responses": 48, "delta": 1.0}  # a lenient gate: merged groups are published
+OTHER_ITEMS = ("circuits-1", "circuits-2", "plants-1")
 
 
 @pytest.fixture
@@ -19,6 +21,17 @@ def fleet_copy(tmp_path, tiny_fleet_dir):
     root = tmp_path / "fleet"
     shutil.copytree(tiny_fleet_dir, root)
     return root
+
+
+@pytest.fixture
+def other_fleet_copy(fleet_copy):
+    """The fleet copy with a three-scorer manifest under `other.yaml` and no `fleet.yaml` at all."""
+    store = open_store(str(fleet_copy))
+    manifest = load_manifest(store)
+    save_manifest(store, manifest.model_copy(update={"scorers": [s for s in manifest.scorers if s.id in OTHER_ITEMS]}),
+                  "other.yaml")
+    (fleet_copy / "fleet.yaml").unlink()
+    return fleet_copy
 
 
 async def _artifact_keys(flow_run_id) -> set[str]:
@@ -90,3 +103,22 @@ def test_failed_publish_leaves_the_previous_state(prefect_harness, ray_local, fl
     with pytest.raises(Exception, match="disk full"):
         consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
     assert latest_run(store) == first["run_id"] and list_runs(store) == [first["run_id"]]
+
+
+def test_flow_reads_the_named_manifest_in_every_step(prefect_harness, ray_local, other_fleet_copy, monkeypatch):
+    # tau above every distance and k = 2: one merged pair and one item kept on its own, so every step runs.
+    config = {**FAST, "tau": 1e9, "k": 2}
+    summary = consolidate(fleet="other.yaml", store=str(other_fleet_copy), config=config)
+    store = open_store(str(other_fleet_copy))
+    assert set(read_manifest(store, summary["run_id"])["routing"]) == set(OTHER_ITEMS)
+    assert len(summary["groups"]) == 1 and len(summary["individual"]) == 1
+    assert summary["computed"] == {"features": 3, "pairs": 3, "merges": 1}
+
+    import infra.ray_conn
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a rerun with everything cached connected to Ray")
+
+    monkeypatch.setattr(infra.ray_conn, "ensure_ray", no_ray)
+    again = consolidate(fleet="other.yaml", store=str(other_fleet_copy), config=config)
+    assert again["computed"] == {"features": 0, "pairs": 0, "merges": 0} and not again["republished"]

@@ -1,105 +1,111 @@
-"""The accuracy gate: accept, split a failed trio to its best pair, reject; JSON-safe records."""
+"""The accuracy gate: both rules, the fallback to the best pair, clear reasons, JSON-safe records."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from gw.gate import DEFAULT_DELTA, check_group, gate_group, lookup_evaluator
+from gw.gate import BoundRule, Evidence, balanced_change, gate_group, make_rule
 
-BASELINE = {"a": 0.80, "b": 0.70, "c": 0.60}
+LABELS = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
 
 
-class CountingEvaluator:
-    """Precomputed merged scores per sub-group; records which sub-groups the gate asked for."""
+def confident(labels, correct: np.ndarray, p: float = 0.8) -> Evidence:
+    """Evidence that gives the true label p where `correct`, else puts p on the next class."""
+    probs = np.full((len(labels), 3), (1 - p) / 2)
+    target = np.where(correct, labels, (labels + 1) % 3)
+    probs[np.arange(len(labels)), target] = p
+    return Evidence("multiclass", labels, probs)
+
+
+OWN = confident(LABELS, np.ones(10, bool))
+
+
+class Evaluator:
+    """Merged evidence per sub-group; records which sub-groups the gate asked for."""
 
     def __init__(self, results):
-        self.lookup = lookup_evaluator(results)
-        self.calls: list[tuple[str, ...]] = []
+        self.results = {frozenset(k): v for k, v in results.items()}
+        self.calls = []
 
     def __call__(self, group):
         self.calls.append(tuple(group))
-        return self.lookup(group)
+        return self.results[frozenset(group)]
 
 
-def test_group_within_delta_passes():
-    evaluate = CountingEvaluator({("a", "b", "c"): {"a": 0.79, "b": 0.68, "c": 0.61}})
-    decision = gate_group(["a", "b", "c"], BASELINE, evaluate)
-    assert decision.passed and decision.accepted == ["a", "b", "c"] and decision.individual == []
-    assert decision.delta == DEFAULT_DELTA and decision.metric == "macro_f1"
-    assert decision.attempts[0].drops == pytest.approx({"a": 0.01, "b": 0.02, "c": -0.01})
-    assert evaluate.calls == [("a", "b", "c")]
-    json.dumps(decision.to_dict())
+def test_unchanged_members_pass_both_rules_and_records_are_json():
+    for name in ("bound", "delta"):
+        evaluate = Evaluator({("a", "b", "c"): {m: OWN for m in "abc"}})
+        decision = gate_group(list("abc"), {m: OWN for m in "abc"}, evaluate, rule=make_rule(name))
+        assert decision.passed and decision.accepted == list("abc") and decision.rule == name
+        assert decision.reason.startswith("merged") and evaluate.calls == [("a", "b", "c")]
+        json.dumps(decision.to_dict())
 
 
-def test_drop_of_exactly_delta_passes_and_just_above_fails():
-    assert check_group(["a"], {"a": 0.9}, {"a": 0.88}).passed  # 0.9 − 0.88 = 0.020000000000000018
-    failed = check_group(["a", "b"], {"a": 0.9, "b": 0.5}, {"a": 0.8789, "b": 0.6})
-    assert not failed.passed and failed.worst_member == "a" and "a" in failed.reason
-
-
-def test_failed_trio_falls_back_to_its_best_passing_pair():
-    results = {
-        ("a", "b", "c"): {"a": 0.79, "b": 0.60, "c": 0.59},  # b drops 0.10
-        ("a", "b"): {"a": 0.79, "b": 0.66},  # fails
-        ("a", "c"): {"a": 0.785, "c": 0.595},  # passes, worst drop 0.015
-        ("b", "c"): {"b": 0.695, "c": 0.595},  # passes, worst drop 0.005: the best
-    }
-    evaluate = CountingEvaluator(results)
-    decision = gate_group(["a", "b", "c"], BASELINE, evaluate)
-    assert decision.passed and decision.accepted == ["b", "c"] and decision.individual == ["a"]
+def test_a_member_that_falls_sends_the_trio_to_its_best_pair():
+    bad = confident(LABELS, np.arange(10) % 2 == 0, p=0.9)  # half its answers wrong, confidently
+    slight = confident(LABELS, np.ones(10, bool), p=0.78)
+    evaluate = Evaluator({("a", "b", "c"): {"a": OWN, "b": slight, "c": bad},
+                          ("a", "b"): {"a": OWN, "b": OWN}, ("a", "c"): {"a": OWN, "c": bad},
+                          ("b", "c"): {"b": slight, "c": bad}})
+    decision = gate_group(list("abc"), {m: OWN for m in "abc"}, evaluate)
+    assert decision.accepted == ["a", "b"] and decision.individual == ["c"]
+    assert "fallback pair a + b" in decision.reason and "c kept on its own scorer" in decision.reason
     assert len(decision.attempts) == 4 and not decision.attempts[0].passed
-    assert "best passing pair" in decision.reason
-    json.loads(json.dumps(decision.to_dict()))
 
 
-def test_first_strategy_tries_pairs_without_the_worst_member_first():
-    results = {
-        ("a", "b", "c"): {"a": 0.79, "b": 0.60, "c": 0.59},
-        ("a", "c"): {"a": 0.79, "c": 0.60},
-        ("b", "c"): {"b": 0.69, "c": 0.60},
-        ("a", "b"): {"a": 0.79, "b": 0.69},
-    }
-    evaluate = CountingEvaluator(results)
-    decision = gate_group(["a", "b", "c"], BASELINE, evaluate, strategy="first")
-    assert evaluate.calls == [("a", "b", "c"), ("a", "c")]  # b dropped most: the pair without b first
-    assert decision.accepted == ["a", "c"] and decision.individual == ["b"]
+def test_a_failed_pair_keeps_both_members_on_their_own_scorers():
+    bad = confident(LABELS, np.arange(10) % 2 == 0, p=0.9)
+    decision = gate_group(["a", "b"], {"a": OWN, "b": OWN}, Evaluator({("a", "b"): {"a": OWN, "b": bad}}))
+    assert not decision.passed and decision.individual == ["a", "b"] and decision.reason.startswith("kept on own")
 
 
-def test_everything_fails_and_members_stay_individual():
-    bad = {"a": 0.5, "b": 0.5, "c": 0.5}
-    evaluate = CountingEvaluator({group: bad for group in [("a", "b", "c"), ("a", "b"), ("a", "c"), ("b", "c")]})
-    decision = gate_group(["a", "b", "c"], BASELINE, evaluate)
-    assert not decision.passed and decision.accepted == [] and decision.individual == ["a", "b", "c"]
-    assert len(decision.attempts) == 4 and "no pair passed" in decision.reason
+def test_delta_rule_counts_the_observed_macro_f1_fall_only():
+    one_wrong = confident(LABELS, np.arange(10) != 0)
+    check = make_rule("delta", 0.02).check("m", OWN, one_wrong)
+    assert not check.passed and check.change < -0.02 and "more than δ=0.02" in check.reason
+    assert make_rule("delta", 0.5).check("m", OWN, one_wrong).passed
 
 
-def test_failed_pair_is_rejected_without_sub_groups():
-    evaluate = CountingEvaluator({("a", "b"): {"a": 0.5, "b": 0.7}})
-    decision = gate_group(["a", "b"], BASELINE, evaluate)
-    assert not decision.passed and decision.individual == ["a", "b"] and evaluate.calls == [("a", "b")]
+def test_bound_rule_tolerates_one_flip_but_not_a_consistent_fall():
+    probs = OWN.probs.copy()
+    probs[0] = [0.45, 0.5, 0.05]  # a near-tie lost; the rest as sure as before
+    check = make_rule("bound").check("m", OWN, Evidence("multiclass", LABELS, probs))
+    assert check.passed and check.change < -0.02  # the δ-rule would have rejected it
+    weaker = confident(LABELS, np.ones(10, bool), p=0.5)  # right everywhere, but surer of nothing
+    check = make_rule("bound").check("m", OWN, weaker)
+    assert not check.passed and "probability fell" in check.reason and check.statistic < 0
+    disaster = confident(LABELS, np.zeros(10, bool), p=0.34)
+    assert "more than 0.2" in BoundRule().check("m", OWN, disaster).reason
 
 
-def test_precomputed_whole_group_scores_and_custom_delta():
-    evaluate = CountingEvaluator({})
-    decision = gate_group(["a", "b"], BASELINE, evaluate, merged={"a": 0.75, "b": 0.70}, delta=0.05)
-    assert decision.passed and evaluate.calls == []
+def test_balanced_change_weighs_each_label_equally():
+    merged = OWN.probs.copy()
+    merged[4:6] = [[0.1, 0.6, 0.3]] * 2  # the two answers of label 1 lose 0.2 each
+    mean, se = balanced_change(OWN, Evidence("multiclass", LABELS, merged))
+    assert mean == pytest.approx(-0.2 / 3) and se > 0
 
 
-def test_single_member_and_input_errors():
-    decision = gate_group(["a"], BASELINE, CountingEvaluator({}))
-    assert not decision.passed and decision.individual == ["a"] and decision.attempts == []
-    with pytest.raises(ValueError, match="baseline score for member 'd'"):
-        gate_group(["a", "d"], BASELINE, CountingEvaluator({}))
-    with pytest.raises(ValueError, match="merged score"):
-        gate_group(["a", "b"], BASELINE, lookup_evaluator({("a", "b"): {"a": 0.8}}))
-    with pytest.raises(ValueError, match="finite"):
-        check_group(["a"], {"a": float("nan")}, {"a": 0.5})
-    with pytest.raises(ValueError, match="delta"):
-        check_group(["a"], BASELINE, BASELINE, delta=-0.1)
+def test_multilabel_evidence_uses_each_label_of_each_answer():
+    labels = np.array([[1, 0], [0, 1], [1, 1]])
+    own = Evidence("multilabel", labels, np.where(labels == 1, 0.9, 0.1))
+    assert make_rule("bound").check("m", own, own).passed
+    assert own.macro_f1() == pytest.approx(1.0)
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown gate rule 'strict'; known: bound, delta"):
+        make_rule("strict")
+    with pytest.raises(ValueError, match="sum to 1"):
+        Evidence("multiclass", LABELS, np.full((10, 3), 0.5))
+    with pytest.raises(ValueError, match="10 labels and probs"):
+        Evidence("multiclass", LABELS, np.full((9, 3), 1 / 3))
+    with pytest.raises(ValueError, match="same answers"):
+        balanced_change(OWN, confident(LABELS[:9], np.ones(9, bool)))
     with pytest.raises(ValueError, match="duplicates"):
-        gate_group(["a", "a"], BASELINE, CountingEvaluator({}))
+        gate_group(["a", "a"], {"a": OWN}, Evaluator({}))
+    with pytest.raises(ValueError, match="no own evidence"):
+        gate_group(["a", "b"], {"a": OWN}, Evaluator({}))
     with pytest.raises(ValueError, match="strategy"):
-        gate_group(["a", "b"], BASELINE, CountingEvaluator({}), strategy="greedy")
-    with pytest.raises(KeyError, match="sub-group"):
-        lookup_evaluator({})(("a", "b"))
+        gate_group(["a", "b"], {"a": OWN, "b": OWN}, Evaluator({}), strategy="greedy")

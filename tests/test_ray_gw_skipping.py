@@ -120,10 +120,9 @@ def test_bad_skipping_arguments(fleet, tmp_path):
 
 
 def test_flow_config_passes_the_plan_threshold():
-    from dataclasses import asdict
-
     from flows.nightly import ConsolidateConfig, _skipping
+    from gw.plan import DEFAULT_TAU_QUANTILE
 
-    assert _skipping(asdict(ConsolidateConfig())) == {"skip_tau_quantile": 0.3}
-    assert _skipping(asdict(ConsolidateConfig(tau=0.2))) == {"skip_tau": 0.2}
-    assert _skipping(asdict(ConsolidateConfig(skip_by_bounds=False))) == {}
+    assert _skipping(ConsolidateConfig()) == {"skip_tau_quantile": DEFAULT_TAU_QUANTILE}
+    assert _skipping(ConsolidateConfig(tau=0.2)) == {"skip_tau": 0.2}
+    assert _skipping(ConsolidateConfig(skip_by_bounds=False)) == {}

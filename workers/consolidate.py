@@ -1,36 +1,38 @@
 """Turn a group of scorers into one backbone with a head per item, and gate it (DESIGN §5).
 
-For one planned group: merge the members' backbones against the pretrained base (`gw.merge`),
-optionally refit each head on the frozen merged backbone from cached first-token features
-(`gw.head_fit`), choose the merge parameters on the validation split only (`gw.tuning`), and gate the
-result (`gw.gate`): no member's validation macro F1 may fall by more than δ; a failed trio tries its
-best pair; what fails stays individual. Test figures are computed for reporting, never for choosing.
+For one planned group: merge the members' backbones against the pretrained base (`gw.merge`), score
+each member with its own head and with a head refit on the frozen merged backbone (`gw.head_fit`),
+choose the merge parameters on the validation split only (`gw.tuning`), and gate the result
+(`gw.gate`, with its uncertainty: see there); a failed group tries its best pair; what fails stays
+individual. Test figures are computed for reporting, never for choosing.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from gw.gate import DEFAULT_DELTA, GateDecision, gate_group
+from gw import gate
+from gw.gate import DEFAULT_DELTA
 from gw.head_fit import refit_head
 from gw.merge import merge
-from gw.metrics import classification_metrics
 from gw.tuning import default_grid, grid_search, worst_change
 from infra.manifest import FleetManifest, ScorerSpec
 from infra.storage import Store
 from infra.validation import sub_store
 from workers.batching import map_batches
-from workers.evaluate import split_rows, targets
+from workers.evaluate import item_metrics, split_rows, targets
 from workers.fleet_build import default_device
 from workers.multihead import MultiHeadScorer
 from workers.scorer_io import load_scorer, split_model
 
 PRIMARY = "macro_f1"
+SPLITS = ("train", "validation", "test")
+HEAD_SETTINGS = ("own_heads", "refit_heads")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class MergeConfig:
     grid: Sequence[Mapping[str, Any]] | None = None  # None: the method's default grid; [] : no search
     refit_heads: bool = True
     delta: float = DEFAULT_DELTA
+    gate: str = "bound"  # the gate rule's name (gw.gate)
     seed: int = 0
     batch_size: int = 64
     max_length: int = 128
@@ -51,8 +54,11 @@ class MergeConfig:
         return [c for c in default_grid(self.method) if not set(c) & fixed] or [{}]
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "params": dict(self.params or {}), "refit_heads": self.refit_heads,
-                "delta": self.delta, "seed": self.seed}
+        """Everything a group's result depends on (its cache key hashes this): None, [] and a list of
+        candidates are different grids, so they must stay apart here."""
+        grid = None if self.grid is None else [dict(c) for c in self.grid]
+        return {"method": self.method, "params": dict(self.params or {}), "grid": grid,
+                "refit_heads": self.refit_heads, "delta": self.delta, "gate": self.gate, "seed": self.seed}
 
 
 @dataclass
@@ -65,48 +71,76 @@ class Member:
 
 
 @dataclass
-class Candidate:
-    """A merged group with given parameters: its model and each member's validation metrics."""
-
-    members: tuple[str, ...]
-    params: dict
-    model: MultiHeadScorer
-    validation: dict[str, dict]
-    merge_record: dict
-
-
-@dataclass
 class GroupOutcome:
+    """A planned group after tuning and the gate; `candidate` is the accepted (sub-)group's evaluation."""
+
     members: tuple[str, ...]
-    decision: GateDecision
-    candidate: Candidate | None  # the accepted merged (sub-)group, if any
-    baseline: dict[str, dict]  # member -> its own scorer's validation metrics
+    decision: gate.GateDecision
+    candidate: dict | None  # the chosen evaluation of the accepted (sub-)group (see `evaluate`), if any
+    own: dict[str, dict]  # member -> its own scorer's scores (see `own`)
+    head_setting: str
     tuning: dict[tuple[str, ...], dict] = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def accepted(self) -> list[str]:
+        return list(self.candidate["members"]) if self.candidate else []
+
     def record(self) -> dict:
-        return {"members": list(self.members), "gate": self.decision.to_dict(),
-                "accepted": list(self.candidate.members) if self.candidate else [],
-                "params": self.candidate.params if self.candidate else None,
-                "merge": self.candidate.merge_record if self.candidate else None,
-                "baseline_validation": self.baseline,
-                "merged_validation": self.candidate.validation if self.candidate else {},
+        scores = self.candidate["scores"][self.head_setting] if self.candidate else {}
+        return {"members": list(self.members), "gate": self.decision.to_dict(), "accepted": self.accepted,
+                "params": self.candidate["params"] if self.candidate else None,
+                "merge": self.candidate["merge"] if self.candidate else None, "head_setting": self.head_setting,
+                "baseline_validation": {i: o["validation"] for i, o in self.own.items()},
+                "baseline_test": {i: o["test"] for i, o in self.own.items()},
+                "merged_validation": {i: s["validation"] for i, s in scores.items()},
+                "merged_test": {i: s["test"] for i, s in scores.items()},
+                "merged_test_predictions": {i: s["test_predictions"] for i, s in scores.items()},
                 "tuning": {"+".join(k): v for k, v in self.tuning.items()}, "seconds": round(self.seconds, 2)}
 
 
+def head_setting(config: MergeConfig) -> str:
+    return "refit_heads" if config.refit_heads else "own_heads"
+
+
+def choose(evaluations: Sequence[dict], own: Mapping[str, dict], setting: str) -> tuple[dict, dict]:
+    """The evaluation the product picks for one head setting: the best worst validation change of macro F1
+    over the grid (`gw.tuning`; earlier candidates win ties). Returns (that evaluation, the search table)."""
+    baseline = {i: own[i]["validation"][PRIMARY] for i in evaluations[0]["members"]}
+    by_index = {n: e for n, e in enumerate(evaluations)}
+
+    def score(params: dict) -> float:
+        merged = by_index[params["_index"]]["scores"][setting]
+        return worst_change(baseline, {i: merged[i]["validation"][PRIMARY] for i in baseline})
+
+    search = grid_search([{"_index": n} for n in by_index], score).to_dict()
+    best = by_index[search["best_params"]["_index"]]
+    table = [{"params": by_index[row["params"]["_index"]]["params"], "score": row["score"]} for row in search["table"]]
+    return best, {"best_params": best["params"], "best_score": search["best_score"], "table": table}
+
+
+def evidence(scores: Mapping[str, Any], task: str, labels: np.ndarray) -> gate.Evidence:
+    """The gate's view of one model on one item: its validation probabilities and the labels."""
+    return gate.Evidence(task=task, labels=np.asarray(labels), probs=np.asarray(scores["validation_probs"], dtype=np.float64))
+
+
 class GroupConsolidator:
-    """Loads each scorer once and merges, refits, evaluates and gates groups of them."""
+    """Loads each scorer once and merges, refits, scores and gates groups of them.
+
+    One path: `evaluate` merges a group once with given parameters and scores every member on
+    validation and test with both head settings (own heads, heads refit on the merged backbone);
+    `sweep` does so for every candidate of the merge grid; `choose` picks parameters on validation;
+    `consolidate` gates the choice. The product's group job and the quality benchmark both call these.
+    """
 
     def __init__(self, store: Store, manifest: FleetManifest, *, device: str | None = None):
         self.store, self.manifest = store, manifest
         self.device = device or default_device()
         self.heads = tuple(manifest.head_modules)
-        base = load_scorer_dir_backbone(sub_store(store, manifest.base_model), self.heads)
-        self.base_state = base
+        self.base_state = load_scorer_dir_backbone(sub_store(store, manifest.base_model), self.heads)
         self._members: dict[str, Member] = {}
         self._config = None
         self._tokenizer = None
-        self._baseline: dict[str, dict] = {}
 
     # -- inputs ----------------------------------------------------------------------------------
 
@@ -117,21 +151,15 @@ class GroupConsolidator:
             backbone, head = split_model(scorer.model, self.heads)
             table = self.store.read_table(spec.responses)
             texts, labels = {}, {}
-            for split in ("train", "validation", "test"):
+            for split in SPLITS:
                 rows = split_rows(table, split)
                 texts[split], labels[split] = rows.column("text").to_pylist(), targets(rows, spec.task)
             if self._config is None:
                 self._config, self._tokenizer = scorer.model.config, scorer.tokenizer
                 # Buffers the base checkpoint carries but the models do not (BERT's position_ids) are not merged.
                 self.base_state = {k: v for k, v in self.base_state.items() if k in backbone}
-            own = MultiHeadScorer(scorer.model.config, backbone, {spec.id: head}, {spec.id: _schema(spec)})
             self._members[spec.id] = Member(spec, backbone, head, texts, labels)
-            self._baseline[spec.id] = self._scores(own.to(self.device), spec.id, "validation")
         return self._members[spec.id]
-
-    def baseline(self, spec: ScorerSpec) -> dict:
-        self.member(spec)
-        return self._baseline[spec.id]
 
     @property
     def tokenizer(self):
@@ -142,88 +170,122 @@ class GroupConsolidator:
         """The members' transformers config (known once a member is loaded)."""
         return self._config
 
-    # -- building and scoring -------------------------------------------------------------------
+    # -- scoring -----------------------------------------------------------------------------------
 
     def features(self, model: MultiHeadScorer, texts: Sequence[str]) -> np.ndarray:
         """First-token features of `texts` through `model`'s backbone (what every head reads)."""
         return map_batches(model.encode, self._tokenizer, texts, batch_size=64, max_length=128, device=self.device)
 
+    def probabilities(self, model: MultiHeadScorer, item: str, features: np.ndarray) -> np.ndarray:
+        """`item`'s head on backbone features: class probabilities, or per-label ones for multi-label items."""
+        with torch.inference_mode():
+            logits = model.heads[item](torch.as_tensor(features, device=self.device)).float()
+        multilabel = self._members[item].spec.task == "multilabel"
+        return (logits.sigmoid() if multilabel else logits.softmax(-1)).cpu().numpy().astype(np.float64)
+
     def predict(self, model: MultiHeadScorer, item: str, features: np.ndarray) -> np.ndarray:
         """`item`'s predictions from backbone features: class indices, or multi-hot for multi-label items."""
-        with torch.inference_mode():
-            logits = model.heads[item](torch.as_tensor(features, device=self.device)).float().cpu().numpy()
-        return (logits > 0).astype(np.int64) if self._members[item].spec.task == "multilabel" else logits.argmax(-1)
+        return decide(self.probabilities(model, item, features), self._members[item].spec.task)
 
-    def _scores(self, model: MultiHeadScorer, item: str, split: str, features: np.ndarray | None = None) -> dict:
+    def _scores(self, model: MultiHeadScorer, item: str, features: Mapping[str, np.ndarray]) -> dict:
+        """Validation and test metrics of one item's head, with what the gate and the reports need."""
         member = self._members[item]
-        spec, texts = member.spec, member.texts[split]
-        if features is None:
-            features = self.features(model, texts)
-        predicted = self.predict(model, item, features)
-        labels = list(range(spec.n_labels)) if spec.task == "multiclass" else None
-        result = classification_metrics(spec.task, member.labels[split], predicted, labels)
-        return {**result, "n": len(texts)}
+        spec = member.spec
+        out = {}
+        for split in ("validation", "test"):
+            probs = self.probabilities(model, item, features[split])
+            out[split] = {**item_metrics(spec.task, member.labels[split], decide(probs, spec.task), spec.n_labels),
+                          "n": len(probs)}
+            if split == "validation":
+                out["validation_probs"] = np.round(probs, 6).tolist()
+            else:
+                out["test_predictions"] = decide(probs, spec.task).tolist()
+        return out
 
-    def build(self, specs: Sequence[ScorerSpec], params: Mapping[str, Any], config: MergeConfig) -> Candidate:
-        """Merge, optionally refit heads, and score every member on validation."""
+    def own(self, spec: ScorerSpec) -> dict:
+        """The item on its own scorer: validation and test scores (JSON-safe), and its test labels."""
+        member = self.member(spec)
+        model = self.individual(spec)
+        features = {s: self.features(model, member.texts[s]) for s in ("validation", "test")}
+        return {**self._scores(model, spec.id, features), "test_labels": np.asarray(member.labels["test"]).tolist()}
+
+    # -- one merge, a sweep, a consolidation ------------------------------------------------------
+
+    def merged_model(self, specs: Sequence[ScorerSpec], params: Mapping[str, Any],
+                     config: MergeConfig) -> tuple[MultiHeadScorer, dict]:
+        """The group merged with `params` (members' own heads) and the merge's record."""
         members = [self.member(s) for s in specs]
         result = merge(config.method, self.base_state, [m.backbone for m in members], seed=config.seed, **params)
         heads = {m.spec.id: m.head for m in members}
         model = MultiHeadScorer(self._config, result.state_dict, heads, {m.spec.id: _schema(m.spec) for m in members})
-        model.to(self.device)
-        validation = {}
-        for m in members:
-            val_features = self.features(model, m.texts["validation"])
-            if config.refit_heads:
-                train_features = self.features(model, m.texts["train"])
-                fitted = refit_head(train_features, m.labels["train"], m.head, val_features=val_features,
-                                    val_labels=m.labels["validation"], task=m.spec.task, seed=config.seed,
-                                    device=self.device)
-                model.heads[m.spec.id].load_head_state(fitted.state_dict)
-            validation[m.spec.id] = self._scores(model, m.spec.id, "validation", val_features)
-        record = result.record() | {"refit_heads": config.refit_heads}
+        record = result.record()
         record["info"] = {k: v for k, v in record["info"].items() if k != "loss_curve"}
-        return Candidate(tuple(m.spec.id for m in members), dict(result.params), model, validation, record)
+        return model.to(self.device), {"params": dict(result.params), "merge": record}
 
-    def tuned(self, specs: Sequence[ScorerSpec], config: MergeConfig) -> tuple[Candidate, dict]:
-        """The best candidate over the parameter grid, judged by the worst validation change."""
-        baseline = {s.id: self.baseline(s)[PRIMARY] for s in specs}
-        built: dict[int, Candidate] = {}
+    def evaluate(self, specs: Sequence[ScorerSpec], params: Mapping[str, Any], config: MergeConfig,
+                 ) -> tuple[dict, MultiHeadScorer]:
+        """Merge once with `params`; score every member with its own head and with a head refit on the
+        merged backbone (train split, early stopping on validation). Returns the JSON-safe evaluation
+        {members, params, merge, scores: {own_heads|refit_heads: {item: scores}}} and the model, whose
+        heads are those of `config.refit_heads`."""
+        model, merged = self.merged_model(specs, params, config)
+        scores: dict[str, dict] = {setting: {} for setting in HEAD_SETTINGS}
+        for spec in specs:
+            m = self._members[spec.id]
+            features = {s: self.features(model, m.texts[s]) for s in SPLITS}
+            scores["own_heads"][spec.id] = self._scores(model, spec.id, features)
+            fitted = refit_head(features["train"], m.labels["train"], m.head, val_features=features["validation"],
+                                val_labels=m.labels["validation"], task=spec.task, seed=config.seed,
+                                device=self.device)
+            model.heads[spec.id].load_head_state(fitted.state_dict)
+            scores["refit_heads"][spec.id] = self._scores(model, spec.id, features)
+            if not config.refit_heads:
+                model.heads[spec.id].load_head_state(m.head)
+        return {"members": [s.id for s in specs], **merged, "scores": scores}, model
 
-        def score(params: dict) -> float:
-            candidate = self.build(specs, params, config)
-            built[len(built)] = candidate
-            return worst_change(baseline, {i: candidate.validation[i][PRIMARY] for i in baseline})
+    def sweep(self, specs: Sequence[ScorerSpec], config: MergeConfig) -> dict:
+        """`evaluate` for every candidate of the merge grid (JSON-safe; the product caches it)."""
+        started = time.perf_counter()
+        fixed = dict(config.params or {})
+        evaluations = [self.evaluate(specs, {**fixed, **candidate}, config)[0] for candidate in config.candidates()]
+        return {"members": [s.id for s in specs], "method": config.method, "evaluations": evaluations,
+                "seconds": round(time.perf_counter() - started, 2)}
 
-        search = grid_search(config.candidates(), score, fixed=dict(config.params or {}))
-        best_index = next(i for i, row in enumerate(search.table) if row["params"] == search.best_params)
-        return built[best_index], search.to_dict()
+    def consolidate(self, specs: Sequence[ScorerSpec], config: MergeConfig, *,
+                    own: Mapping[str, dict] | None = None,
+                    sweep: Callable[[Sequence[ScorerSpec]], dict] | None = None) -> GroupOutcome:
+        """Tune and gate one planned group; a failed group of 3+ falls back to its best passing pair.
 
-    def consolidate(self, specs: Sequence[ScorerSpec], config: MergeConfig) -> GroupOutcome:
-        """Tune, merge and gate one planned group; a failed trio falls back to its best passing pair."""
+        `own` (each member's `own` scores) and `sweep` (a sub-group's sweep) may come from a cache."""
         started = time.perf_counter()
         by_id = {s.id: s for s in specs}
-        baseline = {s.id: self.baseline(s) for s in specs}
-        candidates: dict[tuple[str, ...], Candidate] = {}
+        own = dict(own) if own is not None else {s.id: self.own(s) for s in specs}
+        sweep = sweep or (lambda group: self.sweep(group, config))
+        setting = head_setting(config)
+        chosen: dict[tuple[str, ...], dict] = {}
         tuning: dict[tuple[str, ...], dict] = {}
 
-        def evaluate(sub: tuple[str, ...]) -> dict[str, float]:
-            candidate, search = self.tuned([by_id[i] for i in sub], config)
-            candidates[sub], tuning[sub] = candidate, search
-            return {i: candidate.validation[i][PRIMARY] for i in sub}
+        def merged_evidence(sub: tuple[str, ...]) -> dict[str, gate.Evidence]:
+            chosen[sub], tuning[sub] = choose(sweep([by_id[i] for i in sub])["evaluations"], own, setting)
+            return {i: self._evidence(chosen[sub]["scores"][setting][i], by_id[i]) for i in sub}
 
-        decision = gate_group([s.id for s in specs], {i: b[PRIMARY] for i, b in baseline.items()}, evaluate,
-                              delta=config.delta, metric=PRIMARY)
-        accepted = candidates.get(tuple(decision.accepted)) if decision.passed else None
-        return GroupOutcome(tuple(by_id), decision, accepted, baseline, tuning, time.perf_counter() - started)
+        decision = gate.gate_group([s.id for s in specs], {i: self._evidence(own[i], by_id[i]) for i in by_id},
+                              merged_evidence, rule=gate.make_rule(config.gate, config.delta))
+        accepted = chosen.get(tuple(decision.accepted)) if decision.passed else None
+        return GroupOutcome(tuple(by_id), decision, accepted, own, setting, tuning, time.perf_counter() - started)
 
-    def test_scores(self, model: MultiHeadScorer, items: Sequence[str]) -> dict[str, dict]:
-        return {i: self._scores(model, i, "test") for i in items}
+    def _evidence(self, scores: Mapping[str, Any], spec: ScorerSpec) -> gate.Evidence:
+        return evidence(scores, spec.task, self.member(spec).labels["validation"])
 
     def individual(self, spec: ScorerSpec) -> MultiHeadScorer:
         """An item on its own scorer, in the consolidated format (its backbone, its head)."""
         m = self.member(spec)
         return MultiHeadScorer(self._config, m.backbone, {spec.id: m.head}, {spec.id: _schema(spec)}).to(self.device)
+
+
+def decide(probs: np.ndarray, task: str) -> np.ndarray:
+    """Class indices, or multi-hot labels (probability above 1/2) for multi-label items."""
+    return (probs > 0.5).astype(np.int64) if task == "multilabel" else probs.argmax(-1)
 
 
 def _schema(spec: ScorerSpec) -> dict:

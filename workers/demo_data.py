@@ -1,18 +1,29 @@
 """A synthetic school district for the demo: items in topics, with planted structure.
 
 Nothing here is real student data. Each topic has a pool of rubric concepts (each with several
-phrasings) and misconceptions; each item draws three concepts from its topic's pool, so items of one
-topic share vocabulary and rubric concepts while items of different topics share almost none — the
-structure a good consolidation plan should find. Multi-class items score 0/1/2 by how many of their
-concepts a response states (a misconception scores 0); multi-label items mark each concept present.
+phrasings) and misconceptions; each item draws its concepts from its topic's pool, so items of one
+topic share vocabulary and rubric concepts while items of different topics share almost none.
 
-What a GW plan can see of this: the topics differ only in their words. Every topic has the same
-template (five concepts with four phrasings each, the same presence rates and scoring rule), so an
-item's responses look the same, up to a relabelling of the content, as an item of another topic with
-the same task. GW on each scorer's features over its own responses cannot tell such items apart
-(it is blind to isometries). The fine-tuned scorers' geometry follows their labels, so such a plan
-groups items by task (multi-class with multi-class, multi-label with multi-label) across topics, not
-by topic. The topics do show in the base encoder's features (measured on the default demo).
+Two layouts (`structure`):
+
+- "rubric" (what `fleetmerge demo` generates): each topic also has its own rubric shape, as the items
+  of one assessment module often do. circuits items are scored 0/1/2 on three concepts (full credit
+  states all three, each missing one costs a level, a misconception scores 0), plants items mark each
+  of three concepts present (multi-label), fractions items are scored incorrect/correct on two
+  concepts (correct states both, without a misconception). The topics then differ in the geometry of
+  their responses and of their scorers' features (how many label clusters, of what sizes), not only
+  in their words, so a GW plan over each scorer's own features can find the topics. What the plan
+  groups by is that geometry, the rubric shape: here it coincides with the topic because the district
+  is built so; GW cannot see words.
+- "words" (the default, used by the test fixtures and the benchmark trio): every topic has the same
+  template (five concepts with four phrasings each, the same presence rates and scoring rule; the last
+  item of each topic with three or more items is multi-label, the rest score 0/1/2 by how many of
+  their three concepts a response states), so the topics differ only in their words. An item's
+  responses then look the same, up to a relabelling of the content, as an item of another topic with
+  the same task. GW on each scorer's features over its own responses cannot tell such items apart (it
+  is blind to isometries): the fine-tuned scorers' geometry follows their labels, so such a plan
+  groups items by task (multi-class with multi-class, multi-label with multi-label) across topics,
+  not by topic. The topics do show in the base encoder's features.
 """
 from __future__ import annotations
 
@@ -85,6 +96,30 @@ TOPICS: dict[str, dict] = {
 OPENERS = ["", "i think ", "because ", "well ", "my answer is that ", "it is because ", "so "]
 MULTICLASS_LABELS = ["incorrect", "partially_correct", "correct"]
 SPLIT_SHARES = (("train", 0.64), ("validation", 0.18), ("test", 0.18))
+STRUCTURES = ("words", "rubric")
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """A topic's rubric shape in the "rubric" layout.
+
+    task: "multiclass" (a score scale) or "multilabel" (each concept marked present).
+    n_concepts: concepts per item; presence: how often a response states each of them.
+    scale: the multi-class scores, lowest first: full credit states every concept, each missing one
+        costs a level, a misconception scores the lowest.
+    """
+
+    task: str
+    n_concepts: int
+    presence: float
+    scale: tuple[str, ...] = ()
+
+
+RUBRICS: dict[str, Rubric] = {
+    "circuits": Rubric("multiclass", 3, 0.65, tuple(MULTICLASS_LABELS)),
+    "plants": Rubric("multilabel", 3, 0.5),
+    "fractions": Rubric("multiclass", 2, 0.65, ("incorrect", "correct")),
+}
 
 
 @dataclass(frozen=True)
@@ -94,19 +129,39 @@ class DemoItem:
     task: str
     concepts: tuple[str, ...]
     question: str
+    rubric: Rubric | None = None  # the topic's rubric shape ("rubric" layout); None: the "words" template
 
     @property
     def label_names(self) -> list[str]:
-        return list(MULTICLASS_LABELS) if self.task == "multiclass" else list(self.concepts)
+        if self.task == "multilabel":
+            return list(self.concepts)
+        return list(self.rubric.scale) if self.rubric else list(MULTICLASS_LABELS)
 
 
-def demo_items(n_per_topic: Sequence[int] = (3, 3, 2), seed: int = 0) -> list[DemoItem]:
-    """Items per topic; the last item of each topic with three or more items is multi-label."""
+def _check_structure(structure: str) -> None:
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {list(STRUCTURES)}, got {structure!r}")
+
+
+def demo_items(n_per_topic: Sequence[int] = (3, 3, 2), seed: int = 0, *, structure: str = "words") -> list[DemoItem]:
+    """Items per topic. "words": the last item of each topic with three or more items is multi-label;
+    "rubric": every item of a topic has the topic's rubric shape (`RUBRICS`)."""
+    _check_structure(structure)
     rng = np.random.default_rng(seed)
     items = []
     for topic, n in zip(TOPICS, n_per_topic):
         pool = list(TOPICS[topic]["concepts"])
+        rubric = RUBRICS[topic] if structure == "rubric" else None
         for j in range(n):
+            if rubric is not None:
+                drawn = {it.concepts for it in items if it.topic == topic}
+                concepts = ()
+                while not concepts or concepts in drawn:  # items of a topic ask about different concept sets
+                    concepts = tuple(sorted(str(c) for c in rng.choice(pool, size=rubric.n_concepts, replace=False)))
+                named = ", ".join(c.replace("_", " ") for c in concepts)
+                question = f"Explain {topic} question {j + 1}: describe what happens, mentioning {named}."
+                items.append(DemoItem(f"{topic}-{j + 1}", topic, rubric.task, concepts, question, rubric))
+                continue
             concepts = tuple(sorted(rng.choice(pool, size=3, replace=False)))
             task = "multilabel" if n >= 3 and j == n - 1 else "multiclass"
             named = ", ".join(c.replace("_", " ") for c in concepts)
@@ -115,7 +170,30 @@ def demo_items(n_per_topic: Sequence[int] = (3, 3, 2), seed: int = 0) -> list[De
     return items
 
 
+def _rubric_response(item: DemoItem, rng: np.random.Generator) -> tuple[str, int, list[int]]:
+    """A response to an item of the "rubric" layout: its concepts at the rubric's presence rate, other
+    concepts of the topic as distractors (shared vocabulary, no credit), sometimes a misconception."""
+    topic, rubric = TOPICS[item.topic], item.rubric
+    present = [c for c in item.concepts if rng.random() < rubric.presence]
+    distractors = [c for c in topic["concepts"] if c not in item.concepts and rng.random() < 0.25]
+    misconception = rng.random() < 0.15
+    parts = [topic["concepts"][c][int(rng.integers(4))] for c in present + distractors]
+    if misconception:
+        parts.append(topic["misconceptions"][int(rng.integers(len(topic["misconceptions"])))])
+    if not parts:
+        parts.append(f"the {topic['filler'][int(rng.integers(5))]} does something")
+    rng.shuffle(parts)
+    text = OPENERS[int(rng.integers(len(OPENERS)))] + " and ".join(parts)
+    top = max(len(rubric.scale) - 1, 0)
+    score = 0 if misconception else max(0, top - (len(item.concepts) - len(present)))
+    if rubric.scale and rng.random() < 0.03:  # a little rater noise
+        score = int(rng.integers(len(rubric.scale)))
+    return text, score, [int(c in present) for c in item.concepts]
+
+
 def _response(item: DemoItem, rng: np.random.Generator) -> tuple[str, int, list[int]]:
+    if item.rubric is not None:
+        return _rubric_response(item, rng)
     topic = TOPICS[item.topic]
     present = [c for c in item.concepts if rng.random() < 0.5]
     if not present and rng.random() < 0.3:
@@ -161,11 +239,12 @@ def generate_responses(items: Sequence[DemoItem], n_responses: int = 300, seed: 
 
 
 def write_demo_district(out_dir: str | Path, *, n_per_topic: Sequence[int] = (3, 3, 2), n_responses: int = 300,
-                        seed: int = 0) -> tuple[Path, Path]:
-    """Write `responses.parquet` and `items.jsonl` (the inputs of `fleetmerge fleet build`)."""
+                        seed: int = 0, structure: str = "words") -> tuple[Path, Path]:
+    """Write `responses.parquet` and `items.jsonl` (the inputs of `fleetmerge fleet build`); `structure`
+    is the layout ("words" or "rubric", see the module docstring)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items = demo_items(n_per_topic, seed)
+    items = demo_items(n_per_topic, seed, structure=structure)
     pq.write_table(generate_responses(items, n_responses, seed), out / "responses.parquet")
     with open(out / "items.jsonl", "w") as fh:
         for item in items:

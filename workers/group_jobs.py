@@ -1,11 +1,18 @@
-"""Cached, self-contained consolidation jobs: one merged group, or one item kept on its own.
+"""Cached, self-contained consolidation jobs: an item's own scores, a group's sweep, a consolidated group,
+an item kept on its own.
 
-Each job loads what it needs from the store, writes its checkpoint under a content-addressed prefix
-(`candidates/groups/<key>/`, `candidates/items/<key>/`) and its record (`record.json`, written last),
-and returns that record. The key hashes everything the result depends on (member checkpoints, the
-base model, the merge config), so a rerun with nothing changed returns the stored record without
-loading a model. Jobs take and return only small JSON-safe values: they run the same in-process or as
-Ray tasks (`ray_job`).
+Each job loads what it needs from the store, writes its result under a content-addressed key and
+returns it; a rerun with nothing changed returns the stored result without loading a model. Keys hash
+everything a result depends on (member checkpoints and responses, the base model, the merge settings):
+
+    candidates/own/<key>.json           an item's own scorer scored on validation and test
+    candidates/sweeps/<key>.json        a group merged at every grid candidate, both head settings
+    candidates/groups/<key>/record.json a planned group tuned and gated (checkpoint/ beside it)
+    candidates/items/<key>/record.json  an item kept on its own scorer, in the consolidated format
+
+A sweep does not depend on the gate or the head setting, so changing δ or the gate rule re-gates from
+cached sweeps. Jobs take and return small JSON-safe values: they run the same in-process or as Ray
+tasks (the flow's merge step).
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-from infra.manifest import load_manifest
+from infra.manifest import MANIFEST_KEY, FleetManifest, load_manifest
 from infra.storage import Store
 from infra.validation import sub_store
 from workers.consolidate import GroupConsolidator, MergeConfig
@@ -23,48 +30,85 @@ from workers.publish_fleet import save_checkpoint
 from workers.scorer_io import load_scorer, split_model
 
 RECORD = "record.json"
+SWEEP_VERSION = 1  # bump when what a sweep records changes
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def group_key(store: Store, member_ids: Sequence[str], config: MergeConfig) -> str:
-    manifest = load_manifest(store)
-    hashes = {i: store_checkpoint_hash(store, manifest.scorer(i).checkpoint) for i in member_ids}
-    base = store_checkpoint_hash(store, manifest.base_model)
-    responses = {i: store.size_and_sha256(manifest.scorer(i).responses)[1] for i in member_ids}
-    return _key("group", sorted(hashes.items()), base, sorted(responses.items()), config.to_dict())
+def _inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str]) -> list:
+    """What a result about these members depends on: their checkpoints and responses, and the base."""
+    return [sorted((i, store_checkpoint_hash(store, manifest.scorer(i).checkpoint),
+                    store.size_and_sha256(manifest.scorer(i).responses)[1]) for i in member_ids),
+            store_checkpoint_hash(store, manifest.base_model)]
 
 
-def consolidate_group_job(store: Store, member_ids: Sequence[str], config: MergeConfig, *, device: str | None = None,
-                          key: str | None = None) -> dict:
-    """Merge, tune and gate one planned group; save the accepted checkpoint; return the (cached) record."""
-    key = key or group_key(store, member_ids, config)
+def group_key(store: Store, member_ids: Sequence[str], config: MergeConfig,
+              manifest_key: str = MANIFEST_KEY) -> str:
+    manifest = load_manifest(store, manifest_key)
+    return _key("group", _inputs(store, manifest, member_ids), config.to_dict(), config.candidates())
+
+
+def _cached_json(store: Store, key: str, compute) -> dict:
+    if store.exists(key):
+        return store.read_json(key)
+    result = compute()
+    store.write_json(key, result)
+    return result
+
+
+def own_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY,
+            consolidator: GroupConsolidator | None = None) -> dict:
+    """The item's own scorer on validation and test (what the gate and the reports compare with)."""
+    consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key))
+    key = _key("own", _inputs(store, consolidator.manifest, [item]))
+    return _cached_json(store, f"candidates/own/{key}.json",
+                        lambda: consolidator.own(consolidator.manifest.scorer(item)))
+
+
+def sweep_job(store: Store, member_ids: Sequence[str], config: MergeConfig, *,
+              manifest_key: str = MANIFEST_KEY, consolidator: GroupConsolidator | None = None) -> dict:
+    """The group merged at every candidate of the config's grid, every member scored (cached)."""
+    consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key))
+    members = list(member_ids)
+    key = _key("sweep", SWEEP_VERSION, _inputs(store, consolidator.manifest, members), config.method,
+               dict(config.params or {}), config.candidates(), config.seed)
+    return _cached_json(store, f"candidates/sweeps/{key}.json",
+                        lambda: consolidator.sweep([consolidator.manifest.scorer(i) for i in members], config))
+
+
+def consolidate_group_job(store: Store, member_ids: Sequence[str], config: MergeConfig, *,
+                          manifest_key: str = MANIFEST_KEY, device: str | None = None,
+                          key: str | None = None, consolidator: GroupConsolidator | None = None) -> dict:
+    """Tune and gate one planned group; save the accepted checkpoint; return the (cached) record."""
+    key = key or group_key(store, member_ids, config, manifest_key)
     prefix = f"candidates/groups/{key}"
     if store.exists(f"{prefix}/{RECORD}"):
         return {**store.read_json(f"{prefix}/{RECORD}"), "reused": True}
-    manifest = load_manifest(store)
-    consolidator = GroupConsolidator(store, manifest, device=device)
-    specs = [manifest.scorer(i) for i in member_ids]
-    outcome = consolidator.consolidate(specs, config)
+    consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key), device=device)
+    specs = [consolidator.manifest.scorer(i) for i in member_ids]
+    own = {i: own_job(store, i, consolidator=consolidator) for i in member_ids}
+    outcome = consolidator.consolidate(
+        specs, config, own=own,
+        sweep=lambda group: sweep_job(store, [s.id for s in group], config, consolidator=consolidator))
     record = outcome.record() | {"key": key, "config": config.to_dict(), "checkpoint": None}
-    record["baseline_test"] = {s.id: consolidator.test_scores(consolidator.individual(s), [s.id])[s.id] for s in specs}
     if outcome.candidate is not None:
-        accepted = list(outcome.candidate.members)
-        record["merged_test"] = consolidator.test_scores(outcome.candidate.model, accepted)
-        save_checkpoint(store, f"{prefix}/checkpoint", outcome.candidate.model, consolidator.tokenizer,
-                        {"group": accepted, "merge": outcome.candidate.merge_record, "params": outcome.candidate.params,
-                         "gate": outcome.decision.to_dict(), "validation": outcome.candidate.validation,
-                         "test": record["merged_test"]})
+        accepted = [consolidator.manifest.scorer(i) for i in outcome.accepted]
+        # The sweep keeps scores, not weights: merge the chosen parameters again (deterministic).
+        _, model = consolidator.evaluate(accepted, outcome.candidate["params"], config)
+        save_checkpoint(store, f"{prefix}/checkpoint", model, consolidator.tokenizer,
+                        {"group": outcome.accepted, "merge": outcome.candidate["merge"],
+                         "params": outcome.candidate["params"], "gate": outcome.decision.to_dict(),
+                         "validation": record["merged_validation"], "test": record["merged_test"]})
         record["checkpoint"] = f"{prefix}/checkpoint"
     store.write_json(f"{prefix}/{RECORD}", record)
     return {**record, "reused": False}
 
 
-def individual_job(store: Store, item: str) -> dict:
+def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY) -> dict:
     """An item kept on its own scorer, saved in the consolidated format (cached by its checkpoint hash)."""
-    manifest = load_manifest(store)
+    manifest = load_manifest(store, manifest_key)
     spec = manifest.scorer(item)
     key = _key("item", item, store_checkpoint_hash(store, spec.checkpoint), spec.labels, spec.task)
     prefix = f"candidates/items/{key}"

@@ -1,0 +1,71 @@
+"""What a consolidation run does: `ConsolidateConfig`, the one place every default of a run lives.
+
+The flow's tasks receive it, the CLI takes its option defaults from it, and the steps get their own
+configs from it (`extract_config`, `merge_config`), so a default changes here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+from gw.gate import DEFAULT_DELTA
+from gw.plan import DEFAULT_TAU_QUANTILE
+
+if TYPE_CHECKING:
+    from workers.consolidate import MergeConfig
+    from workers.extract import ExtractConfig
+
+GATE_RULES = ("bound", "delta")  # the rules gw.gate knows by name: add a new one here too
+
+
+@dataclass(frozen=True)
+class ConsolidateConfig:
+    """What a nightly run does; every field has a default that works on one machine."""
+
+    # features (workers.extract)
+    layer: int = -3
+    pooling: str = "cls"
+    max_responses: int = 256
+    # GW matrix and plan
+    solver: str = "entropic"
+    tau: float | None = None  # None: the tau_quantile-quantile of the distances
+    tau_quantile: float = DEFAULT_TAU_QUANTILE
+    k: int = 3
+    skip_by_bounds: bool = True  # skip GW pairs whose lower bound shows they can never be grouped under tau
+    # merge and gate (workers.consolidate)
+    method: str = "ties"
+    grid: list[dict] | None = None  # None: the method's default grid; []: its defaults only
+    refit_heads: bool = True
+    delta: float = DEFAULT_DELTA
+    gate: str = "bound"  # the gate rule (gw.gate)
+    seed: int = 0
+    # where it runs, and as which run
+    ray_address: str | None = None
+    run_id: str | None = None
+
+    def __post_init__(self):
+        # The gate runs last: an unknown rule should fail now, not after hours of features and distances.
+        if self.gate not in GATE_RULES:
+            raise ValueError(f"gate must be one of {list(GATE_RULES)}, got {self.gate!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> ConsolidateConfig:
+        values = dict(values or {})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown consolidation setting(s) {unknown}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def extract_config(self) -> ExtractConfig:
+        from workers.extract import ExtractConfig
+
+        return ExtractConfig(layer=self.layer, pooling=self.pooling, max_responses=self.max_responses, seed=self.seed)
+
+    def merge_config(self) -> MergeConfig:
+        from workers.consolidate import MergeConfig
+
+        return MergeConfig(method=self.method, grid=self.grid, refit_heads=self.refit_heads, delta=self.delta,
+                           gate=self.gate, seed=self.seed)
