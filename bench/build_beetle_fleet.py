@@ -46,7 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="dataset directory in the SemEval-2013 layout")
     parser.add_argument("--work", default=str(ROOT / ".fleetmerge" / "beetle"), help="cache for the derived data and fleet")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "beetle_premerge.json"))
+    parser.add_argument("--out", default=None, help="result JSON (default docs/results/beetle_premerge.json for "
+                                                    "the official split; the fold's work directory otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=1, help="K stratified folds over all labelled answers (1: official split)")
     parser.add_argument("--fold", type=int, default=0, help="which fold is the test split")
@@ -82,9 +83,12 @@ def main() -> None:
         "built": len(summary["built"]), "reused": len(summary["reused"]),
         "device": default_device(), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    # Only the official split's figures are a committed result; a fold's stay beside its fleet.
+    out = Path(args.out or (ROOT / "docs" / "results" / "beetle_premerge.json" if args.folds == 1
+                            else work / "premerge.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
     print(json.dumps({"n_items": result["n_items"], **result["premerge"], "seconds": result["seconds"],
                       "built": result["built"], "reused": result["reused"]}))
 

@@ -38,17 +38,16 @@ def main() -> None:
     from infra.settings import offline_env
 
     offline_env()
-    from flows.demo import DEMO_CONSOLIDATION
     from flows.nightly import consolidate
 
     store = work / "fleet"
     for cache in ("features", "gw", "candidates", "published"):
         shutil.rmtree(store / cache, ignore_errors=True)
     started = time.perf_counter()
-    full = consolidate(fleet="fleet.yaml", store=str(store), config=DEMO_CONSOLIDATION)
+    full = consolidate(fleet="fleet.yaml", store=str(store))
     full_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    rerun = consolidate(fleet="fleet.yaml", store=str(store), config=DEMO_CONSOLIDATION)
+    rerun = consolidate(fleet="fleet.yaml", store=str(store))
     rerun_seconds = time.perf_counter() - started
     print(json.dumps({"demo_seconds": round(demo_seconds, 1), "full_seconds": round(full_seconds, 1),
                       "rerun_seconds": round(rerun_seconds, 1), "rerun_fraction": round(rerun_seconds / full_seconds, 3),

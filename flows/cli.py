@@ -82,7 +82,8 @@ def cmd_fleet_validate(args) -> int:
 def cmd_demo(args) -> int:
     from flows.demo import run_demo
 
-    return run_demo(workdir=args.workdir, tiny=args.tiny, n_responses=args.responses, seed=args.seed)
+    sizes = {} if args.responses is None else {"n_responses": args.responses}
+    return run_demo(workdir=args.workdir, tiny=args.tiny, seed=args.seed, **sizes)
 
 
 def cmd_predict(args) -> int:
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate a synthetic district, build its fleet and consolidate it")
     demo.add_argument("--workdir", default=".fleetmerge/demo", help="where the demo writes (default .fleetmerge/demo)")
     demo.add_argument("--tiny", action="store_true", help="use a tiny random encoder instead of MiniLM (smoke runs)")
-    demo.add_argument("--responses", type=int, default=300, help="responses per item")
+    demo.add_argument("--responses", type=int, default=None, help="responses per item (default 200)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 

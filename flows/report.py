@@ -28,8 +28,12 @@ def print_summary(summary: dict) -> None:
           f"({storage['ratio']}x smaller, {storage['n_backbones']} backbones for {storage['n_items']} items)")
     print(f"  computed {summary['computed']}, reused {summary['reused']}")
     print(f"  seconds: {summary['seconds']}")
-    print(f"  published under {summary['store']}/published/{summary['run_id']} "
-          f"(fleetmerge report {summary['run_id']} --store {summary['store']})")
+    print(f"  published under {summary['store']}/published/{summary['run_id']}")
+    first = summary["items"][0]["item"] if summary["items"] else "ITEM"
+    print("\n  next:")
+    print(f"    fleetmerge report {summary['run_id']} --store {summary['store']}    # groups, gate reasons, storage")
+    print(f"    fleetmerge predict --published {summary['store']} --item {first} \"some answer\"")
+    print("    the Prefect UI: `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api for the next run")
 
 
 def print_run(store: Store, run_id: str | None = None) -> None:

@@ -19,8 +19,8 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     # θ₀ + λ Σ τ_i; 1/N (plain averaging) is 0.5 for pairs and ≈0.3 for trios.
     "task_arithmetic": {"lam": (0.3, 0.5, 0.7, 1.0)},
     # The TIES paper's λ = 1 over its usual k range. Three candidates, not the nine of λ ∈ {0.8, 1, 1.2}:
-    # every candidate is a merge plus a forward pass of each member's answers and a head refit, and on
-    # a 2-core machine that is a third of the nightly merge time (docs/results/defaults.md).
+    # every candidate is a merge plus a forward pass of each member's answers and a head refit, so this
+    # is a third of the merge time. Other λ were not compared on Beetle (docs/results/defaults.md).
     "ties": {"lam": (1.0,), "top_k": (0.2, 0.1, 0.3)},
     # DARE + TA (the default combiner).
     "dare": {"p": (0.5, 0.3, 0.7), "lam": (0.5, 0.7, 1.0)},

@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+from _quality_report import _acceptance_needed  # noqa: E402
 from _quality_stats import fleet_summary, paired_comparison, sign_test, storage  # noqa: E402
 
 from gw.baselines import module_plan  # noqa: E402
@@ -55,3 +56,9 @@ def test_fleet_summary_micro_f1_pools_answers_and_storage_ratio():
     s = storage(n_items=6, n_backbones=2, backbone_bytes=100, head_bytes=1)
     assert s["ratio"] == pytest.approx(606 / 206, abs=1e-3)
     assert not math.isnan(s["ratio"])
+
+
+def test_acceptance_needed_solves_the_expected_loss():
+    # Two trios may lose half a member in expectation: 2 (1 - a^3) = 0.5.
+    assert _acceptance_needed([3, 3], 0.5) == pytest.approx(0.75 ** (1 / 3), abs=1e-9)
+    assert _acceptance_needed([2, 3], 0.0) == pytest.approx(1.0)
