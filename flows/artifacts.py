@@ -86,7 +86,8 @@ def run_markdown(summary: dict[str, Any], records: list[dict]) -> str:
     """One page for the whole run: what was merged, storage, the biggest changes, what was set aside."""
     storage = summary["storage"]
     lines = [f"# Run {summary['run_id']}", "",
-             f"**Storage** {_mb(storage['bytes_before'])} → {_mb(storage['bytes_after'])} ({storage['ratio']}x smaller): "
+             f"**Storage** {_mb(storage['bytes_before'])} → {_mb(storage['bytes_after'])} "
+             f"({storage['ratio']}x smaller): "
              f"{storage['n_backbones']} backbones for {storage['n_items']} items.", "",
              "## Groups", "", "| planned group | gate | reason |", "|---|---|---|"]
     lines += [f"| {' + '.join(r['members'])} | {_decision(r)} | {r['gate']['reason']} |" for r in records]

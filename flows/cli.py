@@ -106,7 +106,8 @@ def cmd_predict(args) -> int:
                               "scores": {k: round(v, 4) for k, v in pred.named_scores().items()}}))
         return 0
     rows = [(pred.label if isinstance(pred.label, str) else ",".join(pred.label) or "-",
-             " ".join(f"{k}={v:.3f}" for k, v in pred.named_scores().items()), text) for text, pred in zip(args.texts, predictions)]
+             " ".join(f"{k}={v:.3f}" for k, v in pred.named_scores().items()), text)
+            for text, pred in zip(args.texts, predictions)]
     width = max(len("label"), *(len(r[0]) for r in rows))
     print(f"{'label':<{width}}  scores  |  text")
     for label, scores, text in rows:
@@ -120,21 +121,24 @@ def cmd_serve(args) -> int:
     import ray
     from ray import serve
 
-    from infra.publish import latest_run
+    from infra.publish import latest_run, read_manifest
     from infra.ray_conn import ensure_ray
     from workers.service import deployment
 
     store = _store(args.published, args.s3_endpoint, must_exist=True)
-    if latest_run(store) is None:
+    if args.run:
+        read_manifest(store, args.run)  # PublishError: one line
+    elif latest_run(store) is None:
         raise ValueError(f"{args.published}: nothing published yet (run `fleetmerge consolidate` first)")
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
     info = ensure_ray(args.ray_address)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(deployment(args.published, settings=_settings_dict(args.published, args.s3_endpoint),
+        serve.run(deployment(args.published, run_id=args.run, settings=_settings_dict(args.published, args.s3_endpoint),
                              memory_budget=budget, device=args.device, poll_s=args.poll_s, replicas=args.replicas),
                   name="fleetmerge", route_prefix="/", blocking=False)
-        print(f"serving {args.published} (LATEST, followed every {args.poll_s:g} s) on "
+        which = f"run {args.run}" if args.run else f"LATEST, followed every {args.poll_s:g} s"
+        print(f"serving {args.published} ({which}) on "
               f"http://{args.host}:{args.port}/score; GET /healthz for its state; Ctrl-C stops")
         while True:
             time.sleep(3600)
@@ -281,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a published fleet over HTTP (Ray Serve): POST /score")
     serve.add_argument("--published", required=True, help="store URI holding published/ (its LATEST run is served)")
+    serve.add_argument("--run", help="serve this run and stay on it (default: LATEST, followed)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     serve.add_argument("--memory-budget-mb", type=float, default=None,

@@ -301,7 +301,8 @@ def _item_table(records: list[dict], kept: list[dict]) -> list[dict[str, Any]]:
                          "test_macro_f1_before": _round(before), "test_macro_f1_after": _round(after)})
     planned = {row["item"] for row in rows}
     rows += [{"item": k["item"], "backbone": "own scorer", "decision": "kept on its own scorer (not planned into a group)",
-              "val_macro_f1_before": _round(k["validation_macro_f1"]), "val_macro_f1_after": _round(k["validation_macro_f1"]),
+              "val_macro_f1_before": _round(k["validation_macro_f1"]),
+              "val_macro_f1_after": _round(k["validation_macro_f1"]),
               "test_macro_f1_before": _round(k["test_macro_f1"]), "test_macro_f1_after": _round(k["test_macro_f1"])}
              for k in kept if k["item"] not in planned]
     return sorted(rows, key=lambda r: r["item"])

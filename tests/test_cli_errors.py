@@ -43,10 +43,7 @@ def test_a_key_error_prints_its_message_without_quotes(capsys, monkeypatch):
     def unknown_item(args):
         raise KeyError("item 'x' is not in published run r1")
 
-    monkeypatch.setattr(cli, "cmd_report", unknown_item)
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    parser._subparsers._group_actions[0].choices["report"].set_defaults(func=unknown_item)
+    monkeypatch.setattr(cli, "cmd_report", unknown_item)  # the parser is built inside main, after this
     assert main(["report", "--store", "."]) == 2
     assert _one_line_error(capsys) == "fleetmerge: error: item 'x' is not in published run r1"
 

@@ -49,13 +49,15 @@ def model_card(items: Mapping[str, Mapping], meta: Mapping[str, Any], head_keys:
     for item, schema in items.items():
         val = (meta.get("validation") or {}).get(item, {}).get("macro_f1")
         test = (meta.get("test") or {}).get(item, {}).get("macro_f1")
-        lines.append(f"| {item} | {schema['task']} | {', '.join(schema['labels'])} | {_figure(val)} | {_figure(test)} |")
+        lines.append(f"| {item} | {schema['task']} | {', '.join(schema['labels'])} | {_figure(val)} "
+                     f"| {_figure(test)} |")
     gate = meta.get("gate")
     if gate:
         lines += ["", "## The accuracy gate", "", f"Rule `{gate.get('rule', '?')}`: {gate.get('reason', '')}", ""]
         checks = (gate.get("attempts") or [{}])[-1].get("checks", [])
         if checks:
-            lines += ["| member | validation answers | macro F1 own → merged | passed | why |", "|---|---|---|---|---|"]
+            lines += ["| member | validation answers | macro F1 own → merged | passed | why |",
+                      "|---|---|---|---|---|"]
             lines += [f"| {c['member']} | {c['n']} | {_figure(c['macro_f1_own'])} → {_figure(c['macro_f1_merged'])} "
                       f"| {'yes' if c['passed'] else 'no'} | {c['reason']} |" for c in checks]
     first = next(iter(items))

@@ -75,11 +75,13 @@ class FleetHolder:
     """The published run being served, moved to the new one when `LATEST` moves (checked at most every
     `poll_s` seconds), without cutting off requests that are running on the old one."""
 
-    def __init__(self, store: Store, *, memory_budget: int | None = None, device: str | None = None,
-                 poll_s: float = 5.0):
-        self.store, self.memory_budget, self.device, self.poll_s = store, memory_budget, device, poll_s
+    def __init__(self, store: Store, *, run_id: str | None = None, memory_budget: int | None = None,
+                 device: str | None = None, poll_s: float = 5.0):
+        """run_id: serve this run and never move (default: LATEST, followed)."""
+        self.store, self.memory_budget, self.device = store, memory_budget, device
+        self.poll_s = float("inf") if run_id else poll_s
         self._lock = threading.Lock()
-        self._fleet = self._open(None)
+        self._fleet = self._open(run_id)
         self._checked = time.monotonic()
         self._users: dict[int, int] = {id(self._fleet): 0}
         self._retired: dict[int, ConsolidatedFleet] = {}
@@ -142,9 +144,10 @@ def prediction_json(item: str, prediction: Prediction) -> dict[str, Any]:
             "scores": {name: round(p, 4) for name, p in prediction.named_scores().items()}}
 
 
-def deployment(store_uri: str, *, settings: dict | None = None, memory_budget: int | None = None,
-               device: str | None = None, poll_s: float = 5.0, replicas: int = 1):
-    """The Ray Serve application serving the store's published fleet (bind it, then `serve.run`)."""
+def deployment(store_uri: str, *, run_id: str | None = None, settings: dict | None = None,
+               memory_budget: int | None = None, device: str | None = None, poll_s: float = 5.0, replicas: int = 1):
+    """The Ray Serve application serving the store's published fleet, LATEST or `run_id` (bind it, then
+    `serve.run`)."""
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -157,7 +160,8 @@ def deployment(store_uri: str, *, settings: dict | None = None, memory_budget: i
 
             offline_env()
             store = open_store(store_uri, Settings(**settings) if settings else Settings.from_env(store=store_uri))
-            self.holder = FleetHolder(store, memory_budget=memory_budget, device=device, poll_s=poll_s)
+            self.holder = FleetHolder(store, run_id=run_id, memory_budget=memory_budget, device=device,
+                                      poll_s=poll_s)
 
         async def __call__(self, request: Request) -> JSONResponse:
             path = request.url.path.rstrip("/")
