@@ -138,3 +138,11 @@ def test_the_service_answers_over_http(published, ray_local):
         assert health["run"] == "run-1" and health["evictions"] >= 1 and len(health["loaded"]) == 1
     finally:
         serve.shutdown()
+
+
+def test_checkpoints_in_memory_are_used_before_a_load_can_evict_them(published):
+    holder = FleetHolder(published, memory_budget=1, device="cpu", poll_s=3600)
+    holder.score([("plants-1", "leaves take in light")])
+    # plants-1's checkpoint is in memory: it answers first, then g1 is loaded (one load, not two).
+    holder.score([("circuits-1", "the switch is open"), ("plants-1", "sunlight")])
+    assert holder.status()["loads"] == 2 and holder.status()["loaded"] == ["groups/g1"]

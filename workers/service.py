@@ -5,7 +5,8 @@
     GET  /healthz                                                            (run, loaded checkpoints)
 
 A request's rows are routed item -> checkpoint by the published manifest and answered with one
-backbone pass per shared backbone (`ConsolidatedFleet.predict_mixed`). Checkpoints load on first use
+backbone pass per shared backbone (`ConsolidatedFleet.predict_mixed`); requests that arrive together
+are answered together, so each checkpoint is loaded once for all of them. Checkpoints load on first use
 and stay within the memory budget (least recently used evicted). When `LATEST` moves, the next
 request is answered by the new run; requests already running finish on the old one, which is closed
 when the last of them is done. A bad request gets a 4xx and a one-line reason.
@@ -163,6 +164,27 @@ def deployment(store_uri: str, *, run_id: str | None = None, settings: dict | No
             self.holder = FleetHolder(store, run_id=run_id, memory_budget=memory_budget, device=device,
                                       poll_s=poll_s)
 
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+        async def _score_together(self, requests: list[list[tuple[str, str]]]) -> list[Any]:
+            """Requests that arrive together are answered in one pass per checkpoint (each checkpoint is
+            loaded once for all of them); a request with an unknown item fails alone."""
+            rows = [row for request in requests for row in request]
+            try:
+                run_id, predictions = await asyncio.to_thread(self.holder.score, rows)
+            except KeyError:
+                return [await self._score_alone(request) for request in requests]
+            out, start = [], 0
+            for request in requests:
+                out.append((run_id, predictions[start:start + len(request)]))
+                start += len(request)
+            return out
+
+        async def _score_alone(self, rows: list[tuple[str, str]]) -> Any:
+            try:
+                return await asyncio.to_thread(self.holder.score, rows)
+            except KeyError as exc:
+                return exc
+
         async def __call__(self, request: Request) -> JSONResponse:
             path = request.url.path.rstrip("/")
             if path.endswith("/healthz") and request.method == "GET":
@@ -173,11 +195,12 @@ def deployment(store_uri: str, *, run_id: str | None = None, settings: dict | No
                 return JSONResponse({"error": "POST a JSON body to /score"}, 405)
             try:
                 rows = parse_request(await request.body())
-                run_id, predictions = await asyncio.to_thread(self.holder.score, rows)
             except BadRequest as exc:
                 return JSONResponse({"error": str(exc)}, exc.status)
-            except KeyError as exc:
-                return JSONResponse({"error": exc.args[0]}, 404)
+            answer = await self._score_together(rows)
+            if isinstance(answer, KeyError):
+                return JSONResponse({"error": answer.args[0]}, 404)
+            run_id, predictions = answer
             return JSONResponse({"run": run_id,
                                  "predictions": [prediction_json(item, p) for (item, _), p in zip(rows, predictions)]})
 

@@ -99,7 +99,10 @@ class ConsolidatedFleet:
         for index, (item, _) in enumerate(requests):
             by_checkpoint[self._route(item)].append(index)
         out: list[Prediction | None] = [None] * len(requests)
-        for name, indices in by_checkpoint.items():
+        # Checkpoints in memory first: under a memory budget a load may evict one this call still needs.
+        order = sorted(by_checkpoint, key=lambda name: name not in self._loaded)
+        for name in order:
+            indices = by_checkpoint[name]
             model, tokenizer = self._checkpoint(name)
             texts = [requests[i][1] for i in indices]
             with torch.inference_mode():
