@@ -1,4 +1,4 @@
-"""The merge-plan solver (gw/plan.py) and plan stability (gw/stability.py)."""
+"""The merge-plan solver (gw/plan/) and plan stability (gw/stability.py)."""
 
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def test_candidate_limit_switches_to_greedy():
 
 
 def test_milp_time_limit_falls_back_to_the_better_heuristic(monkeypatch):
-    import gw.plan as plan_module
+    import gw.plan.solve as plan_module  # solve_plan calls the MILP from there
 
     rng = np.random.default_rng(6)
     D = clustered_distances(rng, 15)
