@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -19,6 +19,10 @@ _DIVERGENCE_FACTOR = 100.0  # error growth since relaxation started that reverts
 _STALL_WINDOW = 50  # Sinkhorn iterations over which progress is measured...
 _STALL_PROGRESS = 0.9  # ...a pair whose error did not fall below this fraction has stalled
 
+# (kernel or coupling, lu, lv, f, g, err, iterations, stalled): what both loops return
+_SinkhornOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     torch.Tensor, torch.Tensor]
+
 
 @contextmanager
 def _flush_denormals(device: torch.device) -> Iterator[None]:
@@ -31,17 +35,16 @@ def _flush_denormals(device: torch.device) -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
-def _matvec(kernel: torch.Tensor, v: torch.Tensor, active: list[int]) -> torch.Tensor:
-    """``K v`` (entries of inactive pairs are not used). Batched: ``bmm`` on CUDA; on CPU (small
-    kernels: large ones go through :func:`_sinkhorn_pairwise`) a broadcast product and a row sum,
+def _matvec(kernel: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``K v`` for a batch. Batched: ``bmm`` on CUDA; on CPU (small kernels: large ones go through :func:`_sinkhorn_pairwise`) a broadcast product and a row sum,
     whose bits do not depend on the batch (a CPU ``bmm`` does, and is slow for vectors)."""
     if kernel.is_cuda:
         return torch.bmm(kernel, v.unsqueeze(2)).squeeze(2)
     return (kernel * v[:, None, :]).sum(2)
 
 
-def _vecmat(u: torch.Tensor, kernel: torch.Tensor, active: list[int]) -> torch.Tensor:
-    """``K^T u`` (entries of inactive pairs are not used)."""
+def _vecmat(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``K^T u`` for a batch (as :func:`_matvec`)."""
     if kernel.is_cuda:
         return torch.bmm(u.unsqueeze(1), kernel).squeeze(1)
     return (u[:, :, None] * kernel).sum(1)
@@ -54,6 +57,39 @@ def _lse(x: torch.Tensor, dim: int, batched: bool) -> torch.Tensor:
     return _per_pair(lambda t: _logsumexp(t, dim - 1), x)
 
 
+def _is_check(it: int, max_inner: int) -> bool:
+    """Whether the marginal error is measured after iteration ``it`` (0-based)."""
+    return it % _CHECK_EVERY == _CHECK_EVERY - 1 or it == max_inner - 1
+
+
+def _not_finite(x: Any) -> Any:
+    return ~torch.isfinite(x) if isinstance(x, torch.Tensor) else not math.isfinite(x)
+
+
+def _stopping_rule(it: int, err: Any, tol: Any, at_switch: Any, reference: Any, stalled: Any,
+                   active: Any = True) -> tuple[Any, Any, Any, Any, Any]:
+    """The stopping rule of both Sinkhorn loops at a check after iteration ``it`` (0-based).
+
+    One pair (floats, bools) or a batch (tensors, with ``active`` the pairs still running).
+    ``at_switch`` is the error when over-relaxation started (``_PLAIN_WARMUP``); an error
+    ``_DIVERGENCE_FACTOR`` times above it, or not finite, has diverged (the caller reverts the pair to
+    plain Sinkhorn and sets ``at_switch`` to inf). Every ``_STALL_WINDOW`` iterations a pair whose error
+    did not fall below ``_STALL_PROGRESS`` of ``reference`` (the error at the window's start) has
+    stalled. A pair is done at ``err <= tol`` or once stalled.
+
+    Returns ``(done, diverged, at_switch, reference, stalled)``.
+    """
+    if it + 1 == _PLAIN_WARMUP:
+        at_switch = err
+    diverged = active & ((err > _DIVERGENCE_FACTOR * at_switch) | _not_finite(err))
+    if (it + 1) % _STALL_WINDOW == 0:
+        # crawling (the slow inter-cluster mode): more iterations buy little; stop here
+        stalled = stalled | (active & (err > _STALL_PROGRESS * reference))
+        reference = err
+    done = active & ((err <= tol) | stalled)
+    return done, diverged, at_switch, reference, stalled
+
+
 def _sinkhorn(
     grad: torch.Tensor,
     f: torch.Tensor,
@@ -61,12 +97,12 @@ def _sinkhorn(
     marg: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     opts: EntropicOptions,
     tol: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> _SinkhornOut:
     """Stabilised, over-relaxed Sinkhorn for a batch, warm started from potentials ``f``, ``g``.
 
     The coupling is ``diag(e^lu) K diag(e^lv)`` with ``K = exp((f + g - grad) / eps)``; a pair stops
     once its marginal error is at most its entry of ``tol``. ``marg = (p, q, log p, log q)``.
-    A pair also stops when its error fell by less than 10% over the last 50 iterations (stalled).
+    A pair also stops when it stalled (:func:`_stopping_rule`).
     Stopped pairs leave the working set once they are half of it (every operation is per pair, so
     that changes no bits). Returns ``(K, lu, lv, f, g, err, iterations, stalled)``; ``grad`` is
     overwritten (becomes log K).
@@ -112,22 +148,16 @@ def _sinkhorn(
 
     max_inner = int(opts.max_inner)
     for it in range(max_inner):
-        kv = _matvec(K, lv.exp(), [])
+        kv = _matvec(K, lv.exp())
         lu.lerp_(logp - kv.clamp_min(_TINY).log(), weight)
         eu = lu.exp()
-        ktu = _vecmat(eu, K, [])
-        if it % _CHECK_EVERY == _CHECK_EVERY - 1 or it == max_inner - 1:
+        ktu = _vecmat(eu, K)
+        if _is_check(it, max_inner):
             # marginals of the current (lu, lv): rows from kv, columns from ktu
             new_err = ((eu * kv - p).abs().sum(1) + (lv.exp() * ktu - q).abs().sum(1)).double()
             err = torch.where(active, new_err, err)
-            if it + 1 == _PLAIN_WARMUP:
-                err_at_switch = err.clone()
-            diverged = active & ((err > _DIVERGENCE_FACTOR * err_at_switch) | ~torch.isfinite(err))
-            if (it + 1) % _STALL_WINDOW == 0:
-                # crawling (the slow inter-cluster mode): more iterations buy little; stop here
-                stalled = stalled | (active & (err > _STALL_PROGRESS * reference))
-                reference = err.clone()
-            done = active & ((err <= tol) | stalled)
+            done, diverged, err_at_switch, reference, stalled = _stopping_rule(
+                it, err, tol, err_at_switch, reference, stalled, active)
             iterations = torch.where(done, torch.full_like(iterations, it + 1), iterations)
             active = active & ~done
             n_active = int(active.sum())
@@ -185,7 +215,7 @@ def _sinkhorn_pairwise(
     marg: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     opts: EntropicOptions,
     tol: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> _SinkhornOut:
     """:func:`_sinkhorn` pair after pair (CPU, large pairs): the same iteration and stopping rules.
 
     A pair's whole solve runs before the next one starts, so its kernel stays in cache across the
@@ -224,7 +254,7 @@ def _sinkhorn_pairwise(
         evb = torch.exp(lvb)
         weight = 1.0
         e_b, e_switch, reference = math.inf, math.inf, math.inf
-        stop = False
+        stop = stalled_b = False
         n = 0
         for it in range(max_inner):
             kv = torch.mv(k, evb)
@@ -232,18 +262,11 @@ def _sinkhorn_pairwise(
             eu = torch.exp(lub)
             ktu = torch.mv(kt, eu)
             n += 1
-            if it % _CHECK_EVERY == _CHECK_EVERY - 1 or it == max_inner - 1:
+            if _is_check(it, max_inner):
                 e_b = float((eu * kv - pb).abs_().sum() + (evb * ktu - qb).abs_().sum())
-                if it + 1 == _PLAIN_WARMUP:
-                    e_switch = e_b
-                diverged = e_b > _DIVERGENCE_FACTOR * e_switch or not math.isfinite(e_b)
-                if (it + 1) % _STALL_WINDOW == 0:
-                    if e_b > _STALL_PROGRESS * reference:
-                        stalled[b] = True
-                        stop = True
-                    reference = e_b
-                if e_b <= tols[b] or stop:
-                    stop = True
+                stop, diverged, e_switch, reference, stalled_b = _stopping_rule(
+                    it, e_b, tols[b], e_switch, reference, stalled_b)
+                if stop:
                     break
                 if diverged:
                     weight, e_switch = 1.0, math.inf
@@ -261,8 +284,7 @@ def _sinkhorn_pairwise(
                 gb = gb + eps * lvb
                 luv.zero_()
             evb = torch.exp(lvb)
-        if not stop:
-            stalled[b] = True  # still short of the tolerance at max_inner
+        stalled[b] = stalled_b or not stop  # not stopped: still short of the tolerance at max_inner
         k.mul_(torch.exp(lub)[:, None]).mul_(evb[None, :])  # the coupling, in place, while in cache
         err[b], iterations[b] = e_b, n
         f[b], g[b], lu[b], lv[b] = fb, gb, lub, lvb
