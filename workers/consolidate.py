@@ -26,9 +26,8 @@ from infra.storage import Store
 from infra.validation import sub_store
 from workers.batching import map_batches
 from workers.evaluate import item_metrics, split_rows, targets
-from workers.fleet_build import default_device
 from workers.multihead import MultiHeadScorer
-from workers.scorer_io import load_scorer, split_model
+from workers.scorer_io import default_device, load_scorer, split_model
 
 PRIMARY = "macro_f1"
 SPLITS = ("train", "validation", "test")

@@ -12,8 +12,7 @@ from infra.manifest import ScorerSpec
 from infra.storage import Store
 from infra.validation import sub_store
 from workers.finetune import decisions, predict_logits
-from workers.fleet_build import default_device
-from workers.scorer_io import load_scorer
+from workers.scorer_io import default_device, load_scorer
 
 
 def split_rows(table: pa.Table, split: str) -> pa.Table:

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from tqdm.auto import tqdm
 
 from infra.manifest import FleetManifest, ScorerSpec, save_manifest
 from infra.storage import Store
 from workers.finetune import FinetuneConfig, finetune_scorer
-from workers.scorer_io import TOKENIZER_FILES, WEIGHTS_FILE, file_sha256
+from workers.scorer_io import TOKENIZER_FILES, WEIGHTS_FILE, default_device, file_sha256
 
 BUILD_RECORD = "fleetmerge_build.json"
 BASE_FILES = ("config.json", WEIGHTS_FILE, *TOKENIZER_FILES)
@@ -53,10 +52,6 @@ def load_items(path: str | Path) -> dict[str, ItemInfo]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}:{n}: bad item line ({exc})") from None
     return items
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def item_seed(seed: int, item_id: str) -> int:
