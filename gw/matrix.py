@@ -228,8 +228,8 @@ def gw_matrix(
         skip_tau_quantile: skip with tau = this quantile of the off-diagonal values (exactly; see
             the module docstring). Give at most one of the two.
         bound_levels: resolution of the lower bounds (see :mod:`gw.bounds`).
-        third_bound: also try Mémoli's third lower bound (2-4x tighter than the second, ~1 ms a
-            pair at 500 points plus one row profile per cloud) on each pair about to be solved
+        third_bound: also try Mémoli's third lower bound (2-4x tighter than the second, and dearer:
+            an N x M problem a pair plus one row profile per cloud) on each pair about to be solved
             once a cutoff is known and its second bound is within a factor 4 of it. On the planted
             benchmark fleet (60 x 500 points) it skips 26% of the pairs instead of 15%.
         batch_size: pairs per batched solver call (a pair's value does not depend on its batch
@@ -306,7 +306,7 @@ def gw_matrix(
                 break
         batch, todo = todo[:batch_size], todo[batch_size:]
         if skipping and third_bound and math.isfinite(cutoff):
-            # Tighter (and dearer, ~10 ms) bound, only for pairs about to be solved whose cheap
+            # Tighter (and dearer) bound, only for pairs about to be solved whose cheap
             # bound is within reach of the cutoff (the third bound rarely exceeds 4x the second).
             for i, j in batch:
                 if (i, j) not in with_tlb and bounds[i, j] * _TLB_REACH >= cutoff:

@@ -21,7 +21,7 @@ previous outer iteration. Over-relaxation (Thibault et al. 2017; weight 1.8 afte
 iterations, back to plain for a pair whose marginal error blows up) cuts the iterations on
 clustered clouds, where plain Sinkhorn crawls while mass moves between weakly coupled clusters.
 A pair whose error falls by less than 10% over 50 iterations has stalled and stops there. CPU
-float32 denormals are flushed during a solve (they slow the products ~2.5x). The exact value's
+float32 denormals are flushed during a solve (they slow the products). The exact value's
 self terms ``sum C^2 r r`` come from a per-cloud ``C * C`` (clouds of at most 1024 points).
 
 Start. ``init="multiscale"`` (the default for clouds of >= 64 points) quantises both clouds by
@@ -55,7 +55,7 @@ of :mod:`gw.matrix` relies on.
 
 Threads. Many small solves on a shared CPU run best with ``OMP_WAIT_POLICY=PASSIVE`` in the
 environment (set before torch loads): idle OpenMP workers then sleep instead of spinning, which
-otherwise burns CPU and starves the main thread (3-5x slower here under load).
+otherwise burns CPU and starves the main thread. Measured effects of these choices: docs/performance.md.
 
 Modules: ``options`` (:class:`EntropicOptions`), ``products`` (the dense and factored products),
 ``sinkhorn`` (the two Sinkhorn loops and their one stopping rule), ``solve`` (the entry points, the

@@ -30,7 +30,7 @@ def _aligned_batch_like(x: torch.Tensor) -> torch.Tensor:
 def _exp(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``exp(x)`` with the arguments floored at ``_EXP_FLOOR`` (``x`` itself unchanged).
 
-    A CPU ``exp`` whose result underflows float32's normal range takes a slow path (~25x slower);
+    A CPU ``exp`` whose result underflows float32's normal range takes a slow path;
     log-kernels have most entries far below -87, so unfloored they would dominate the solve. The
     floor puts ~1e-38 where the exact value is smaller (or 0 after underflow): at most
     ``N M 1e-38 e^60`` of mass even at the absorption limit of the scalings, nothing in practice.

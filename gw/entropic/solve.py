@@ -204,7 +204,7 @@ def _distance(t: torch.Tensor, other: torch.Tensor | None, like: torch.Tensor) -
         return torch.full_like(like, math.inf)
     if t.is_cuda:
         return (t - other).abs().sum(dim=(1, 2), dtype=torch.float64)
-    # one fused pass per pair (a float64 sum of |x - y| costs ~4x more; float32 cascade sums are
+    # one fused pass per pair (a float64 sum of |x - y| costs more; float32 cascade sums are
     # accurate to ~1e-6 here, far below coupling_tol)
     return _per_pair(lambda x, y: torch.nn.functional.l1_loss(x, y, reduction="sum"), t, other).double()
 

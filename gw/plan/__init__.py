@@ -21,7 +21,7 @@ Solvers (recorded in :attr:`Plan.method`):
 
 * ``"matching"``: ``k == 2`` is a maximum-weight matching (networkx's blossom algorithm, per
   connected component, on integer-scaled weights so it runs in exact arithmetic). Always exact;
-  it costs O(V^3): about 13 s for 500 scorers and 2 min for 1,000 on one core here.
+  it costs O(V^3) in the scorers of a component (timings: docs/performance.md).
 * ``"milp"``: otherwise, exact set packing over every candidate group (the cliques of size <= k)
   with ``scipy.optimize.milp`` (HiGHS), while the candidates number at most ``max_candidates``.
   When HiGHS hits ``milp_time_limit``, the better of its incumbent and the heuristic is used and
@@ -30,7 +30,7 @@ Solvers (recorded in :attr:`Plan.method`):
   swap and two-step chain moves), then a large-neighbourhood search that re-solves groups of about
   16 scorers exactly with the MILP. On n = 30..100 it reached 93-100 % of the exact objective
   (uniformly random D is the hard case; clustered D, like GW distances between model families, gave
-  98-100 %); 1,000 scorers take about 3-10 s.
+  98-100 %).
 
 All solvers are deterministic (the same inputs give the same plan), except that where HiGHS stops at
 its time limit the outcome depends on the machine's speed; the method then says so.
