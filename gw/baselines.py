@@ -1,4 +1,4 @@
-"""Other ways to group scorers, to compare with :func:`gw.plan.solve_plan` (DESIGN §5, "Plan").
+"""Other ways to group scorers, to compare with :func:`gw.plan.solve_plan` (docs/architecture.md §4.3).
 
 * :func:`linkage_plan`: the GW-SMM paper's method (arXiv 2503.09774), agglomerative average-linkage
   clustering on D to a fixed number of groups, here with the group-size cap ``k``.

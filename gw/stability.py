@@ -1,4 +1,4 @@
-"""How stable a plan is under resampling of the responses behind its distances (DESIGN §5).
+"""How stable a plan is under resampling of the responses behind its distances (docs/architecture.md §4.3).
 
 GW distances move with which responses were sampled (sub-sampling kept the coarse ranking but not the
 fine ranking inside a family of similar models), so a plan should say how much each group can be

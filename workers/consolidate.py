@@ -1,4 +1,4 @@
-"""Turn a group of scorers into one backbone with a head per item, and gate it (DESIGN §5).
+"""Turn a group of scorers into one backbone with a head per item, and gate it (docs/architecture.md §4.4).
 
 For one planned group: merge the members' backbones against the pretrained base (`gw.merge`), score
 each member with its own head and with a head refit on the frozen merged backbone (`gw.head_fit`),

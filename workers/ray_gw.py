@@ -5,7 +5,7 @@ keys of the two feature files (which carry checkpoint, data and extraction hashe
 options, so adding one scorer to a fleet of n computes only its n new pairs and a rerun with nothing
 changed computes none. Missing pairs go to Ray in chunks (a chunk shares one load and one preparation
 of each cloud); at most `max_in_flight` chunks run at once and every wait has a timeout.
-The result is written as the long-form distances table of DESIGN §4 (plus a `skipped` column).
+The result is written as the long-form distances table of docs/architecture.md §3.4 (plus a `skipped` column).
 
 Skipping by lower bounds (the rule of `gw.matrix.gw_matrix`; see its docstring for why it is exact).
 With `skip_tau` or `skip_tau_quantile`, each feature set gets one cost profile (`gw.bounds`), computed

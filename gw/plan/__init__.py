@@ -1,4 +1,4 @@
-"""The merge plan: which scorers share an encoder (DESIGN §5, "Plan").
+"""The merge plan: which scorers share an encoder (docs/architecture.md §4.3).
 
 Given a symmetric distance matrix ``D`` between scorers, a threshold ``tau`` and a maximum group size
 ``k``, choose disjoint groups that are cliques under ``tau`` (every pair inside a group has

@@ -1,4 +1,4 @@
-"""Feature extraction (DESIGN §5): each scorer's encoder over its own item's responses.
+"""Feature extraction (docs/architecture.md §4.1): each scorer's encoder over its own item's responses.
 
 For scorer s: take its responses (default: the train split), keep at most ``max_responses`` of them,
 stratified by label and seeded, run its encoder in length-sorted batches, take hidden layer L (default
@@ -10,7 +10,7 @@ pattern (so label co-occurrence is kept, not only each label's rate). Each patte
 share of ``max_responses`` by the largest-remainder rule, so sample proportions are within one row of
 the full set's; rows missing a label form a stratum of their own.
 
-Storage (DESIGN §4): ``features/<scorer>/<ckpt>-<data>-<cfg>.parquet`` with columns ``response_id``
+Storage (docs/architecture.md §3.3): ``features/<scorer>/<ckpt>-<data>-<cfg>.parquet`` with columns ``response_id``
 (string) and ``vector`` (fixed-size list of float32). The key holds 16-character prefixes of the
 checkpoint hash (weights + config), the data hash (the response ids and texts actually used, in order)
 and the config hash (only the settings that change the vectors: layer, pooling, max length, CUDA
