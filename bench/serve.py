@@ -38,6 +38,13 @@ same per (padded) token whatever the batch size, so the steady-state gain comes 
 bigger batch of one call pads to a longer longest text, so for small calls it can even lose.
 
     .venv/bin/python bench/serve.py [--requests N] [--request-batch 64] [--batch-size 64] [--repeats 3]
+
+The scoring service (`fleetmerge serve`, HTTP on Ray Serve) on a whole published fleet instead
+(bench/_service_load.py): responses per second of the published consolidated run against the same
+fleet served as one model per item, both under one memory budget that holds a third of the per-item
+models, requests spread over all items (`service_speedup_at_budget`, target ≥ 2):
+
+    .venv/bin/python bench/serve.py --service .fleetmerge/beetle/fleet
 """
 from __future__ import annotations
 
@@ -284,10 +291,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--child", choices=("consolidated", "separate"), help=argparse.SUPPRESS)
+    parser.add_argument("--service", metavar="STORE",
+                        help="instead: the HTTP service (fleetmerge serve) on STORE's published run against the same "
+                             "fleet as one model per item, same memory budget (service_speedup_at_budget)")
+    parser.add_argument("--service-requests", type=int, default=120, help="HTTP requests (--service)")
+    parser.add_argument("--service-rows", type=int, default=16, help="rows per HTTP request (--service)")
+    parser.add_argument("--service-clients", type=int, default=4, help="concurrent clients (--service)")
+    parser.add_argument("--budget-share", type=float, default=1 / 3,
+                        help="the budget holds this share of the per-item models (--service)")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     quiet_transformers()
+    if args.service:
+        from _service_load import service_comparison
+
+        report = service_comparison(open_store(args.service), n_requests=args.service_requests, rows=args.service_rows,
+                                    clients=args.service_clients, share=args.budget_share, seed=args.seed,
+                                    device=args.device)
+        log(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))
+        print(json.dumps(report))
+        return report
     if args.child:
         report = cold_child(args.child, args)
         print(json.dumps(report))

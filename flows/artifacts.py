@@ -43,26 +43,89 @@ def heatmap_png(matrix: list[list[float]], ids: list[str]) -> bytes:
     return out.getvalue()
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
+
+
+def _decision(record: dict) -> str:
+    """A gate decision in words: merged whole, a fallback pair, or every member on its own scorer."""
+    accepted, members = record["accepted"], record["members"]
+    if not accepted:
+        return "kept on own scorers"
+    if len(accepted) == len(members):
+        return "merged whole"
+    left = [m for m in members if m not in accepted]
+    return f"fallback pair {' + '.join(accepted)} ({', '.join(left)} on own scorer)"
+
+
+def plan_rows(planned: dict) -> tuple[list[dict], str]:
+    """The merge plan as table rows (groups with their largest GW distance, 3 significant figures)."""
+    plan, ids, matrix = planned["plan"], planned["ids"], planned["matrix"]
+    index = {i: n for n, i in enumerate(ids)}
+    stability = {tuple(e["group"]): e["share"] for e in plan.get("stability") or []}
+    rows = []
+    for group in plan["groups"]:
+        spread = max(matrix[index[a]][index[b]] for a in group for b in group if a != b)
+        row = {"group": " + ".join(group), "size": len(group), "largest GW distance": float(f"{spread:.3g}")}
+        if stability:
+            row["stability"] = stability.get(tuple(group))
+        rows.append(row)
+    rows += [{"group": f"{s} (on its own)", "size": 1, "largest GW distance": None} for s in plan["singletons"]]
+    objective = plan.get("objective")
+    description = (f"plan ({plan['method']}): τ = {plan['tau']:.3g}"
+                   + (f", objective {objective:.3g}" if objective is not None else "")
+                   + f"; {len(plan['groups'])} groups, {len(plan['singletons'])} items on their own")
+    return rows, description
+
+
+def run_markdown(summary: dict[str, Any], records: list[dict]) -> str:
+    """One page for the whole run: what was merged, storage, the biggest changes, what was set aside."""
+    storage = summary["storage"]
+    lines = [f"# Run {summary['run_id']}", "",
+             f"**Storage** {_mb(storage['bytes_before'])} → {_mb(storage['bytes_after'])} "
+             f"({storage['ratio']}x smaller): "
+             f"{storage['n_backbones']} backbones for {storage['n_items']} items.", "",
+             "## Groups", "", "| planned group | gate | reason |", "|---|---|---|"]
+    lines += [f"| {' + '.join(r['members'])} | {_decision(r)} | {r['gate']['reason']} |" for r in records]
+    changed = [r for r in summary["items"] if r.get("test_macro_f1_before") is not None]
+    changed.sort(key=lambda r: r["test_macro_f1_after"] - r["test_macro_f1_before"])
+    lines += ["", "## Items that changed most (test macro F1)", "", "| item | before | after | change | backbone |",
+              "|---|---|---|---|---|"]
+    for r in changed[:3] + [r for r in changed[-3:] if r not in changed[:3]]:
+        change = r["test_macro_f1_after"] - r["test_macro_f1_before"]
+        lines.append(f"| {r['item']} | {r['test_macro_f1_before']:.3f} | {r['test_macro_f1_after']:.3f} | "
+                     f"{change:+.3f} | {r['backbone']} |")
+    lines += ["", "## Set aside", ""]
+    lines += ([f"- **{item}**: {'; '.join(reasons)}" for item, reasons in summary["set_aside"].items()]
+              or ["Nothing: every scorer passed validation."])
+    lines += ["", f"Computed: {_counts(summary['computed'])}; reused: {_counts(summary['reused'])}. "
+              f"Seconds: {', '.join(f'{k} {v:.1f}' for k, v in summary['seconds'].items())}."]
+    return "\n".join(lines) + "\n"
+
+
 def publish_run_artifacts(summary: dict[str, Any], planned: dict, records: list[dict]) -> None:
     png = base64.b64encode(heatmap_png(planned["matrix"], planned["ids"])).decode()
     create_markdown_artifact(f"![GW distance heatmap](data:image/png;base64,{png})", key="gw-heatmap",
                              description="pairwise GW distances between the scorers' feature clouds")
-    plan = planned["plan"]
-    stability = {tuple(entry["group"]): entry["share"] for entry in plan.get("stability") or []}
-    rows = [{"group": "+".join(g), "size": len(g), "stability": stability.get(tuple(g))} for g in plan["groups"]]
-    rows += [{"group": s, "size": 1, "stability": None} for s in plan["singletons"]]
-    create_table_artifact(rows, key="merge-plan", description=f"plan ({plan['method']}, tau={plan.get('tau')})")
+    rows, description = plan_rows(planned)
+    create_table_artifact(rows, key="merge-plan", description=description)
     create_table_artifact(summary["items"], key="item-metrics",
-                          description="macro F1 per item before and after, with the gate's decision")
-    gates = [{"group": "+".join(r["members"]), "passed": r["gate"]["passed"], "accepted": "+".join(r["accepted"]),
-              "reason": r["gate"]["reason"]} for r in records]
-    if gates:
-        create_table_artifact(gates, key="gate-decisions", description="the accuracy gate, group by group")
+                          description="macro F1 per item before and after (3 decimals), and what the gate decided")
+    if records:
+        create_table_artifact([{"planned group": " + ".join(r["members"]), "decision": _decision(r),
+                                "reason": r["gate"]["reason"]} for r in records],
+                              key="gate-decisions", description="the accuracy gate, group by group")
     storage = summary["storage"]
     create_markdown_artifact(
-        f"# Run {summary['run_id']}\n\n"
-        f"| | |\n|---|---|\n| bytes before | {storage['bytes_before']:,} |\n| bytes after | {storage['bytes_after']:,} |\n"
-        f"| ratio | {storage['ratio']} |\n| backbones | {storage['n_backbones']} |\n| items | {storage['n_items']} |\n"
-        f"| computed | {summary['computed']} |\n| reused | {summary['reused']} |\n"
-        f"| set aside | {', '.join(summary['set_aside']) or 'none'} |\n",
+        "| | |\n|---|---|\n"
+        f"| before | {_mb(storage['bytes_before'])} ({storage['n_items']} scorers) |\n"
+        f"| after | {_mb(storage['bytes_after'])} ({storage['n_backbones']} backbones + {storage['n_items']} heads) |\n"
+        f"| ratio | {storage['ratio']}x |\n| computed | {_counts(summary['computed'])} |\n"
+        f"| reused | {_counts(summary['reused'])} |\n| set aside | {', '.join(summary['set_aside']) or 'none'} |\n",
         key="storage-summary", description="storage before and after, and what was computed or reused")
+    create_markdown_artifact(run_markdown(summary, records), key="run-summary",
+                             description=f"run {summary['run_id']} at a glance")

@@ -7,7 +7,9 @@ from dataclasses import fields
 
 from flows.config import GATE_RULES, ConsolidateConfig
 from infra.manifest import MANIFEST_KEY
+from infra.publish import PublishError
 from infra.settings import offline_env
+from infra.storage import StorageError
 
 DEFAULTS = ConsolidateConfig()  # every run option's default comes from here
 
@@ -36,12 +38,16 @@ def _add_fleet_commands(sub) -> None:
     validate.set_defaults(func=cmd_fleet_validate)
 
 
-def _store(uri: str, endpoint: str | None):
+def _store(uri: str, endpoint: str | None, *, must_exist: bool = False):
+    """The store at `uri`; `must_exist`: a local store must be an existing directory (reading commands)."""
     from infra.settings import Settings
-    from infra.storage import open_store
+    from infra.storage import LocalStore, open_store
 
     overrides = {"s3_endpoint": endpoint} if endpoint else {}
-    return open_store(uri, Settings.from_env(store=uri, **overrides))
+    store = open_store(uri, Settings.from_env(store=uri, **overrides))
+    if must_exist and isinstance(store, LocalStore) and not store.root.is_dir():
+        raise FileNotFoundError(f"{uri}: no such store (not a directory)")
+    return store
 
 
 def cmd_fleet_build(args) -> int:
@@ -91,11 +97,55 @@ def cmd_predict(args) -> int:
 
     from workers.serving import ConsolidatedFleet
 
-    with ConsolidatedFleet(_store(args.published, args.s3_endpoint), args.run, device=args.device) as fleet:
-        for text, pred in zip(args.texts, fleet.predict(args.item, args.texts)):
-            label = pred.label if isinstance(pred.label, str) else ",".join(pred.label) or "-"
-            print(f"{label}\t{json.dumps(pred.scores)}\t{text}")
+    with ConsolidatedFleet(_store(args.published, args.s3_endpoint, must_exist=True), args.run,
+                           device=args.device) as fleet:
+        predictions = fleet.predict(args.item, args.texts)
+    if args.json:
+        for text, pred in zip(args.texts, predictions):
+            print(json.dumps({"item": args.item, "text": text, "label": pred.label,
+                              "scores": {k: round(v, 4) for k, v in pred.named_scores().items()}}))
+        return 0
+    rows = [(pred.label if isinstance(pred.label, str) else ",".join(pred.label) or "-",
+             " ".join(f"{k}={v:.3f}" for k, v in pred.named_scores().items()), text)
+            for text, pred in zip(args.texts, predictions)]
+    width = max(len("label"), *(len(r[0]) for r in rows))
+    print(f"{'label':<{width}}  scores  |  text")
+    for label, scores, text in rows:
+        print(f"{label:<{width}}  {scores}  |  {text}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from infra.publish import latest_run, read_manifest
+    from infra.ray_conn import ensure_ray
+    from workers.service import deployment
+
+    store = _store(args.published, args.s3_endpoint, must_exist=True)
+    if args.run:
+        read_manifest(store, args.run)  # PublishError: one line
+    elif latest_run(store) is None:
+        raise ValueError(f"{args.published}: nothing published yet (run `fleetmerge consolidate` first)")
+    budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
+    info = ensure_ray(args.ray_address)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(deployment(args.published, run_id=args.run, settings=_settings_dict(args.published, args.s3_endpoint),
+                             memory_budget=budget, device=args.device, poll_s=args.poll_s, replicas=args.replicas),
+                  name="fleetmerge", route_prefix="/", blocking=False)
+        which = f"run {args.run}" if args.run else f"LATEST, followed every {args.poll_s:g} s"
+        print(f"serving {args.published} ({which}) on "
+              f"http://{args.host}:{args.port}/score; GET /healthz for its state; Ctrl-C stops")
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        if info["mode"] != "existing":
+            ray.shutdown()
 
 
 def _consolidate_config(args) -> dict:
@@ -121,7 +171,10 @@ def cmd_consolidate(args) -> int:
 
     from flows.nightly import consolidate
     from flows.report import print_summary
+    from infra.manifest import load_manifest
 
+    # Checked here, before a Prefect server or Ray starts: a missing store or manifest is one line.
+    load_manifest(_store(args.store, args.s3_endpoint, must_exist=True), args.fleet)
     summary = consolidate(fleet=args.fleet, store=args.store, config=_consolidate_config(args),
                           settings=_settings_dict(args.store, args.s3_endpoint))
     print_summary(summary)
@@ -133,7 +186,7 @@ def cmd_consolidate(args) -> int:
 def cmd_report(args) -> int:
     from flows.report import print_run
 
-    print_run(_store(args.store, args.s3_endpoint), args.run)
+    print_run(_store(args.store, args.s3_endpoint, must_exist=True), args.run)
     return 0
 
 
@@ -226,10 +279,30 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--item", required=True)
     predict.add_argument("--device")
     predict.add_argument("--s3-endpoint")
+    predict.add_argument("--json", action="store_true", help="one JSON object per text instead of a table")
     predict.add_argument("texts", nargs="+", metavar="TEXT")
     predict.set_defaults(func=cmd_predict)
 
-    consolidate = sub.add_parser("consolidate", help="run the consolidation flow once (ephemeral Prefect, local Ray)")
+    serve = sub.add_parser("serve", help="serve a published fleet over HTTP (Ray Serve): POST /score")
+    serve.add_argument("--published", required=True, help="store URI holding published/ (its LATEST run is served)")
+    serve.add_argument("--run", help="serve this run and stay on it (default: LATEST, followed)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    serve.add_argument("--memory-budget-mb", type=float, default=None,
+                       help="weights kept in memory per replica; least recently used checkpoints are evicted "
+                            "(default: no limit)")
+    serve.add_argument("--replicas", type=int, default=1, help="service replicas (default: %(default)s)")
+    serve.add_argument("--poll-s", type=float, default=5.0,
+                       help="how often LATEST is checked for a new run (default: %(default)s)")
+    serve.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    serve.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray)")
+    serve.add_argument("--s3-endpoint")
+    serve.set_defaults(func=cmd_serve)
+
+    consolidate = sub.add_parser(
+        "consolidate", help="run the consolidation flow once",
+        description="Run the consolidation flow once: on the Prefect server at PREFECT_API_URL when it is set "
+                    "(else a temporary local one), on the Ray cluster at --ray-address (else a local Ray).")
     _add_consolidation_options(consolidate)
     consolidate.add_argument("--json", action="store_true", help="also print the run summary as JSON")
     consolidate.set_defaults(func=cmd_consolidate)
@@ -268,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"fleetmerge: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError, PublishError, StorageError) as exc:
+        # KeyError's str() is the repr of its key: print its message as written.
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"fleetmerge: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -26,6 +26,23 @@ MERGE_TAG = "fleetmerge-merge"
 RAY_WAIT_S = 3600.0  # Prefect's timeouts cannot interrupt a blocking ray.get: every Ray wait has its own
 
 
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry what may pass on a second try (a storage hiccup, a lost Ray worker); not bad input (a broken
+    manifest, a missing file, a failed validation), which fails the same way again."""
+    try:
+        state.result()
+    except (ValueError, KeyError, FileNotFoundError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
+def _merge_run_name(parameters: dict) -> str:
+    """The UI names a merge box by its members, so a person can tell the groups apart."""
+    return "merge " + " + ".join(parameters["members"])
+
+
 def _connect(cfg: ConsolidateConfig) -> None:
     """Join the configured Ray cluster up front; without one, steps start a local Ray only if they compute."""
     if cfg.ray_address:
@@ -40,7 +57,7 @@ def _store(uri: str, settings: dict | None):
     return open_store(uri, Settings(**settings) if settings else Settings.from_env(store=uri))
 
 
-@task(name="validate", retries=1, retry_delay_seconds=5)
+@task(name="validate", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def validate_task(store_uri: str, settings: dict | None, manifest_key: str) -> dict:
     from infra.manifest import load_manifest
     from infra.validation import validate_fleet
@@ -52,7 +69,7 @@ def validate_task(store_uri: str, settings: dict | None, manifest_key: str) -> d
     return report.to_dict()
 
 
-@task(name="extract-features", retries=1, retry_delay_seconds=5)
+@task(name="extract-features", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def extract_task(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str],
                  cfg: ConsolidateConfig) -> dict:
     from infra.manifest import load_manifest
@@ -76,7 +93,7 @@ def extract_task(store_uri: str, settings: dict | None, manifest_key: str, usabl
     return result.to_dict()
 
 
-@task(name="gw-matrix", retries=1, retry_delay_seconds=5)
+@task(name="gw-matrix", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: ConsolidateConfig) -> dict:
     from workers.extract import FeatureRef
     from workers.ray_gw import compute_distances
@@ -124,7 +141,7 @@ def plan_task(store_uri: str, settings: dict | None, distances: dict, cfg: Conso
     return {"plan": plan.to_dict(), "matrix": matrix.tolist(), "ids": ids}
 
 
-@task(name="group-keys", retries=1, retry_delay_seconds=5)
+@task(name="group-keys", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def group_keys_task(store_uri: str, settings: dict | None, manifest_key: str, groups: list[list[str]],
                     cfg: ConsolidateConfig) -> list[dict]:
     """Each planned group's cache key, and whether its record is already stored."""
@@ -136,7 +153,8 @@ def group_keys_task(store_uri: str, settings: dict | None, manifest_key: str, gr
     return [{"key": key, "cached": store.exists(f"candidates/groups/{key}/{RECORD}")} for key in keys]
 
 
-@task(name="merge-group", tags=[MERGE_TAG], retries=1, retry_delay_seconds=10)
+@task(name="merge-group", task_run_name=_merge_run_name, tags=[MERGE_TAG], retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_retry_transient)
 def merge_group_task(store_uri: str, settings: dict | None, manifest_key: str, members: list[str],
                      cfg: ConsolidateConfig, key: str) -> dict:
     import ray
@@ -158,14 +176,18 @@ def merge_group_task(store_uri: str, settings: dict | None, manifest_key: str, m
     return record
 
 
-@task(name="keep-individual", retries=1, retry_delay_seconds=10)
+@task(name="keep-individual", task_run_name="keep {item} on its own scorer", retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_retry_transient)
 def individual_task(store_uri: str, settings: dict | None, manifest_key: str, item: str) -> dict:
-    from workers.group_jobs import individual_job
+    from workers.group_jobs import individual_job, own_job
 
-    return individual_job(_store(store_uri, settings), item, manifest_key=manifest_key)
+    store = _store(store_uri, settings)
+    own = own_job(store, item, manifest_key=manifest_key)  # cached; the figures every report shows
+    return {**individual_job(store, item, manifest_key=manifest_key),
+            "validation_macro_f1": own["validation"]["macro_f1"], "test_macro_f1": own["test"]["macro_f1"]}
 
 
-@task(name="publish", retries=1, retry_delay_seconds=10)
+@task(name="publish", retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
 def publish_task(store_uri: str, settings: dict | None, manifest_key: str, sources: dict[str, str],
                  run_id: str, extra: dict) -> dict:
     from infra.manifest import load_manifest
@@ -232,8 +254,9 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
             sources[name], members[name] = record["checkpoint"], record["accepted"]
             merged_items.update(record["accepted"])
     individual = [i for i in usable if i not in merged_items]
-    kept = individual_task.map(unmapped(store), unmapped(settings), unmapped(fleet), individual)
-    for result in [f.result(raise_on_failure=True) for f in kept]:
+    kept = [f.result(raise_on_failure=True)
+            for f in individual_task.map(unmapped(store), unmapped(settings), unmapped(fleet), individual)]
+    for result in kept:
         name = f"items/{result['item']}"
         sources[name], members[name] = result["checkpoint"], [result["item"]]
     timings["individual"] = round(time.perf_counter() - started - sum(timings.values()), 2)
@@ -252,26 +275,38 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
         "reused": {"features": len(features["reused"]), "pairs": distances["reused"],
                    "merges": sum(r["reused"] for r in records)},
         "skipped": {"pairs": distances["skipped"]},
-        "items": _item_table(records, individual),
+        "items": _item_table(records, kept),
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
     }
     artifacts.publish_run_artifacts(summary, planned, records)
     return summary
 
 
-def _item_table(records: list[dict], individual: list[str]) -> list[dict[str, Any]]:
-    """Per item: group, gate decision, validation and test macro F1 before and after."""
+def _item_table(records: list[dict], kept: list[dict]) -> list[dict[str, Any]]:
+    """Per item: its backbone, what the gate decided, validation and test macro F1 before and after."""
     rows = []
     for record in records:
         accepted = set(record["accepted"])
+        fallback = bool(accepted) and len(accepted) < len(record["members"])
         for item in record["members"]:
             before = record["baseline_test"][item]["macro_f1"]
-            after = record.get("merged_test", {}).get(item, {}).get("macro_f1", before) if item in accepted else before
-            rows.append({"item": item, "group": "+".join(record["accepted"]) if item in accepted else "-",
-                         "gate": "merged" if item in accepted else "kept individual",
-                         "val_macro_f1_before": record["baseline_validation"][item]["macro_f1"],
-                         "val_macro_f1_after": record["merged_validation"].get(item, {}).get("macro_f1"),
-                         "test_macro_f1_before": before, "test_macro_f1_after": after})
+            merged = item in accepted
+            after = record.get("merged_test", {}).get(item, {}).get("macro_f1", before) if merged else before
+            rows.append({"item": item, "backbone": " + ".join(record["accepted"]) if merged else "own scorer",
+                         "decision": ("merged (fallback pair)" if fallback else "merged") if merged
+                         else "kept on its own scorer (gate)",
+                         "val_macro_f1_before": _round(val_before := record["baseline_validation"][item]["macro_f1"]),
+                         "val_macro_f1_after": _round(record["merged_validation"][item]["macro_f1"] if merged
+                                                      else val_before),
+                         "test_macro_f1_before": _round(before), "test_macro_f1_after": _round(after)})
     planned = {row["item"] for row in rows}
-    rows += [{"item": i, "group": "-", "gate": "not planned into a group"} for i in individual if i not in planned]
+    rows += [{"item": k["item"], "backbone": "own scorer", "decision": "kept on its own scorer (not planned into a group)",
+              "val_macro_f1_before": _round(k["validation_macro_f1"]),
+              "val_macro_f1_after": _round(k["validation_macro_f1"]),
+              "test_macro_f1_before": _round(k["test_macro_f1"]), "test_macro_f1_after": _round(k["test_macro_f1"])}
+             for k in kept if k["item"] not in planned]
     return sorted(rows, key=lambda r: r["item"])
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)

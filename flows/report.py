@@ -17,13 +17,13 @@ def print_summary(summary: dict) -> None:
     if summary["set_aside"]:
         for item, reasons in summary["set_aside"].items():
             print(f"  set aside {item}: {'; '.join(reasons)}")
-    print(f"\n  {'item':<34}{'gate':<26}{'test macro F1 before':>22}{'after':>8}{'change':>9}")
+    width = max([len(row["item"]) for row in summary["items"]] + [4]) + 2
+    print(f"\n  {'item':<{width}}{'test macro F1 before':>20}{'after':>8}{'change':>9}   decision")
     for row in summary["items"]:
         before, after = row.get("test_macro_f1_before"), row.get("test_macro_f1_after")
-        if before is None:
-            print(f"  {row['item']:<34}{row['gate']:<26}")
-            continue
-        print(f"  {row['item']:<34}{row['gate']:<26}{before:>22.3f}{after:>8.3f}{after - before:>+9.3f}")
+        figures = (f"{before:>20.3f}{after:>8.3f}{after - before:>+9.3f}" if None not in (before, after)
+                   else f"{'–':>20}{'–':>8}{'':>9}")
+        print(f"  {row['item']:<{width}}{figures}   {row['decision']}")
     print(f"\n  storage: {_mb(storage['bytes_before'])} -> {_mb(storage['bytes_after'])} "
           f"({storage['ratio']}x smaller, {storage['n_backbones']} backbones for {storage['n_items']} items)")
     print(f"  computed {summary['computed']}, reused {summary['reused']}")

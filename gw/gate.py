@@ -247,7 +247,8 @@ def check_group(members: Sequence[str], own: Mapping[str, Evidence], merged: Map
     if failing:
         reason = "; ".join(f"{c.member}: {c.reason}" for c in failing)
     else:
-        reason = f"every member passed (largest macro F1 fall {max(-worst.change, 0):.3f}, {worst.member})"
+        reason = ("every member passed (" + (f"largest macro F1 fall {-worst.change:.3f}, {worst.member})"
+                                             if worst.change < 0 else "no member's macro F1 fell)"))
     return GroupCheck(list(members), not failing, checks, worst.member, -worst.change, reason)
 
 

@@ -167,5 +167,11 @@ def test_publish_and_serve_round_trip(tmp_path, consolidator, capsys):
             served.predict("nope", texts)
 
     assert main(["predict", "--published", str(tmp_path / "out"), "--item", "circuits-1", *texts[:2]]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all(line.split("\t")[0] in ("incorrect", "partially_correct", "correct") for line in lines)
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["label", "scores", "|", "text"]
+    assert len(lines) == 2 and all(line.split()[0] in ("incorrect", "partially_correct", "correct") for line in lines)
+    assert all(line.endswith(text) for line, text in zip(lines, texts))
+    assert main(["predict", "--published", str(tmp_path / "out"), "--item", "circuits-1", "--json", texts[0]]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["text"] == texts[0] and set(row["scores"]) == {"incorrect", "partially_correct", "correct"}
+    assert all(round(v, 4) == v for v in row["scores"].values())

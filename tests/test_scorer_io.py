@@ -95,3 +95,38 @@ def test_head_count_mismatch_is_refused(two_scorers):
     with pytest.raises(ValueError, match="head has 3 outputs but 2 labels"):
         MultiHeadScorer(scorers["circuits-1"].model.config, backbone, {"x": head},
                         {"x": {"task": "multiclass", "labels": ["a", "b"]}})
+
+
+def test_a_saved_checkpoint_loads_cleanly_in_transformers_as_its_model_card_says(tmp_path, two_scorers):
+    import json
+    import re
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    model = _multihead(two_scorers)
+    tok = two_scorers["circuits-1"].tokenizer
+    meta = {"group": ["circuits-1", "circuits-3"], "merge": {"method": "ties"}, "params": {"lam": 1.0, "top_k": 0.2},
+            "validation": {"circuits-1": {"macro_f1": 0.5}}, "test": {"circuits-1": {"macro_f1": 0.4}}}
+    out = save_consolidated(tmp_path / "c", model, tok, meta=meta)
+    # No missing or unexpected weights, and a config that names no item.
+    encoder, info = AutoModel.from_pretrained(str(out / "backbone"), add_pooling_layer=False, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    config = AutoConfig.from_pretrained(str(out / "backbone"))
+    assert config.architectures == ["BertModel"] and config.problem_type is None
+    assert set(config.id2label.values()) == {"LABEL_0", "LABEL_1"}
+    assert model.backbone.config.id2label == two_scorers["circuits-1"].model.config.id2label  # the model is untouched
+    # truncation=True caps a long text at the encoder's positions.
+    saved_tok = AutoTokenizer.from_pretrained(str(out / "backbone"))
+    assert saved_tok.model_max_length <= config.max_position_embeddings
+    assert saved_tok(["word " * 1000], truncation=True)["input_ids"][0].__len__() <= config.max_position_embeddings
+    # The model card's plain-transformers code gives the consolidated scorer's logits.
+    card = (out / "README.md").read_text()
+    assert "circuits-3" in card and "ties" in card and json.loads((out / "consolidated.json").read_text())["items"]
+    snippet = re.findall(r"```python\n(.*?)```", card, re.S)[-1].replace('path = "."', f'path = "{out}"')
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - our own generated card
+    batch = tok(["an answer to score"], padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected = model(batch, ["circuits-1"])[0]
+    torch.testing.assert_close(scope["logits"][0], expected, atol=1e-5, rtol=1e-5)
+    assert scope["probs"].shape[-1] == len(model.items["circuits-1"]["labels"])

@@ -8,6 +8,7 @@ On disk (a directory; `workers.publish_fleet.save_checkpoint` writes it to a sto
 """
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -129,18 +130,43 @@ class MultiHeadScorer(nn.Module):
 
 def save_consolidated(out_dir: str | Path, scorer: MultiHeadScorer, tokenizer: PreTrainedTokenizerBase,
                       meta: Mapping | None = None) -> Path:
+    from workers.model_card import model_card
+
     out = Path(out_dir)
     (out / "heads").mkdir(parents=True, exist_ok=True)
     backbone_dir = out / "backbone"
-    scorer.backbone.save_pretrained(str(backbone_dir), safe_serialization=True)
+    shared = scorer.backbone.config
+    scorer.backbone.config = _neutral_config(scorer.backbone)
+    try:
+        scorer.backbone.save_pretrained(str(backbone_dir), safe_serialization=True)
+    finally:
+        scorer.backbone.config = shared
+    limit = getattr(scorer.backbone.config, "max_position_embeddings", None)
+    if limit and tokenizer.model_max_length > limit:  # else truncation=True does not cap a long text
+        tokenizer.model_max_length = limit
     tokenizer.save_pretrained(str(backbone_dir))
+    head_keys = {}
     for item, head in scorer.heads.items():
-        save_file({k: v.contiguous() for k, v in head.head_state_dict().items()}, str(out / "heads" / f"{item}.safetensors"),
+        state = head.head_state_dict()
+        head_keys[item] = set(state)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "heads" / f"{item}.safetensors"),
                   metadata={"item": item, "task": scorer.items[item]["task"]})
     doc = {"format": FORMAT, **(dict(meta) if meta else {}),
            "items": {item: {**schema, "head": f"heads/{item}.safetensors"} for item, schema in scorer.items.items()}}
+    (out / "README.md").write_text(model_card(scorer.items, dict(meta or {}), head_keys))
     (out / "consolidated.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
     return out
+
+
+def _neutral_config(encoder: nn.Module):
+    """A copy of the encoder's config that names no item: one member's labels or problem type would make
+    AutoModelForSequenceClassification load silently as that item's classifier."""
+    config = copy.deepcopy(encoder.config)
+    config.architectures = [type(encoder).__name__]
+    config.id2label, config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
+    config.problem_type = None
+    config.finetuning_task = None
+    return config
 
 
 def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiHeadScorer, PreTrainedTokenizerBase, dict]:

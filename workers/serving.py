@@ -2,12 +2,13 @@
 
 A mixed batch over items that share a backbone takes one backbone pass (length-sorted, dynamically
 padded batches) and then each row through its own item's head. Only runs with a manifest are trusted
-(`infra.publish`); checkpoints are loaded lazily, once, and kept.
+(`infra.publish`); checkpoints are loaded on first use and kept, within `memory_budget` bytes of
+weights when one is given (the least recently used checkpoint is evicted first).
 """
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,33 +27,63 @@ class Prediction:
     item: str
     label: str | list[str]  # a class name (multiclass) or the names of the labels present (multilabel)
     scores: list[float]  # class probabilities (multiclass) or per-label probabilities (multilabel)
+    label_names: tuple[str, ...] = ()  # what each score is the probability of
+
+    def named_scores(self) -> dict[str, float]:
+        return dict(zip(self.label_names, self.scores))
 
 
 class ConsolidatedFleet:
     def __init__(self, store: Store, run_id: str | None = None, *, device: str | None = None,
-                 batch_size: int = 64, max_length: int = 128):
+                 batch_size: int = 64, max_length: int = 128, memory_budget: int | None = None):
         run_id = run_id or latest_run(store)
         if run_id is None:
             raise ValueError(f"{store.uri}: no published run with a manifest")
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
         self.store, self.run_id = store, run_id
         self.manifest = read_manifest(store, run_id)
         self.routing: dict[str, dict] = self.manifest["routing"]
         self.prefix = run_prefix(store, run_id)
         self.device = device or default_device()
         self.batch_size, self.max_length = batch_size, max_length
-        self._loaded: dict[str, tuple[MultiHeadScorer, object]] = {}
-        self._stack = contextlib.ExitStack()
+        self.memory_budget = memory_budget
+        self.loads = self.evictions = 0
+        # name -> (model, tokenizer, weight bytes, the context that holds its files); oldest use first
+        self._loaded: OrderedDict[str, tuple[MultiHeadScorer, object, int, contextlib.ExitStack]] = OrderedDict()
 
     @property
     def items(self) -> list[str]:
         return sorted(self.routing)
 
+    @property
+    def loaded(self) -> list[str]:
+        """Checkpoints in memory, least recently used first."""
+        return list(self._loaded)
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(entry[2] for entry in self._loaded.values())
+
     def _checkpoint(self, name: str):
-        if name not in self._loaded:
-            path = self._stack.enter_context(self.store.local_dir(f"{self.prefix}/{name}"))
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+        else:
+            stack = contextlib.ExitStack()
+            path = stack.enter_context(self.store.local_dir(f"{self.prefix}/{name}"))
             model, tokenizer, _ = load_consolidated(path, device=self.device)
-            self._loaded[name] = (model, tokenizer)
-        return self._loaded[name]
+            size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            # Evict before keeping it; one checkpoint larger than the whole budget is still served.
+            while self._loaded and self.memory_budget is not None and self.loaded_bytes + size > self.memory_budget:
+                self._evict(next(iter(self._loaded)))
+            self._loaded[name] = (model, tokenizer, size, stack)
+            self.loads += 1
+        return self._loaded[name][:2]
+
+    def _evict(self, name: str) -> None:
+        *_, stack = self._loaded.pop(name)
+        stack.close()
+        self.evictions += 1
 
     def _route(self, item: str) -> str:
         if item not in self.routing:
@@ -81,8 +112,9 @@ class ConsolidatedFleet:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._stack.close()
-        self._loaded.clear()
+        while self._loaded:
+            *_, stack = self._loaded.popitem(last=False)[1]
+            stack.close()
 
     def __enter__(self):
         return self
@@ -95,7 +127,7 @@ def _prediction(item: str, schema: dict, logits: np.ndarray) -> Prediction:
     labels = schema["labels"]
     if schema["task"] == "multilabel":
         probs = 1.0 / (1.0 + np.exp(-logits))
-        return Prediction(item, [labels[i] for i in np.flatnonzero(logits > 0)], probs.round(6).tolist())
+        return Prediction(item, [labels[i] for i in np.flatnonzero(logits > 0)], probs.round(6).tolist(), tuple(labels))
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
-    return Prediction(item, labels[int(logits.argmax())], probs.round(6).tolist())
+    return Prediction(item, labels[int(logits.argmax())], probs.round(6).tolist(), tuple(labels))

@@ -30,7 +30,7 @@ def write_tiny_bert(out_dir: str | Path, *, hidden: int = 32, layers: int = 3, h
     out.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
+    tokenizer = BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True, model_max_length=128)
     tokenizer.save_pretrained(str(out))
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=hidden * 2, max_position_embeddings=128, pad_token_id=0)

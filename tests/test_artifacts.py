@@ -1,0 +1,40 @@
+"""The run's artifacts read at a glance: words for gate decisions, rounded figures, one summary page."""
+from __future__ import annotations
+
+from flows.artifacts import _decision, plan_rows, run_markdown
+
+
+def _record(members, accepted, reason="merged: every member passed (no member's macro F1 fell)"):
+    return {"members": members, "accepted": accepted, "gate": {"reason": reason}}
+
+
+def test_gate_decisions_in_words():
+    assert _decision(_record(["a", "b", "c"], ["a", "b", "c"])) == "merged whole"
+    assert _decision(_record(["a", "b", "c"], ["a", "c"])) == "fallback pair a + c (b on own scorer)"
+    assert _decision(_record(["a", "b"], [])) == "kept on own scorers"
+
+
+def test_plan_rows_round_and_name_singletons():
+    planned = {"ids": ["a", "b", "c"], "matrix": [[0, 0.123456, 0.5], [0.123456, 0, 0.7], [0.5, 0.7, 0]],
+               "plan": {"groups": [["a", "b"]], "singletons": ["c"], "method": "matching",
+                        "tau": 0.6105666790571508, "objective": 0.1234567, "stability": None}}
+    rows, description = plan_rows(planned)
+    assert rows[0] == {"group": "a + b", "size": 2, "largest GW distance": 0.123}  # no empty stability column
+    assert rows[1]["group"] == "c (on its own)"
+    assert description == "plan (matching): τ = 0.611, objective 0.123; 1 groups, 1 items on their own"
+
+
+def test_run_summary_lists_groups_changes_and_what_was_set_aside():
+    summary = {"run_id": "r1", "storage": {"bytes_before": 8_000_000, "bytes_after": 3_000_000, "ratio": 2.667,
+                                           "n_backbones": 3, "n_items": 8},
+               "items": [{"item": f"i{n}", "backbone": "own scorer", "test_macro_f1_before": 0.5,
+                          "test_macro_f1_after": 0.5 + d} for n, d in enumerate([-0.2, 0.0, 0.1, 0.3])],
+               "set_aside": {"bad": ["scorers/bad/model.safetensors: not a safetensors file"]},
+               "computed": {"features": 8, "pairs": 28, "merges": 3}, "reused": {"features": 0, "pairs": 0, "merges": 0},
+               "seconds": {"total": 12.345}}
+    page = run_markdown(summary, [_record(["i0", "i1", "i2"], ["i0", "i2"], "the group failed (i1: ...)")])
+    assert "8.0 MB → 3.0 MB (2.667x smaller)" in page
+    assert "| i0 + i1 + i2 | fallback pair i0 + i2 (i1 on own scorer) | the group failed (i1: ...) |" in page
+    assert "| i0 | 0.500 | 0.300 | -0.200 |" in page and "| i3 | 0.500 | 0.800 | +0.300 |" in page
+    assert "**bad**: scorers/bad/model.safetensors: not a safetensors file" in page
+    assert "8 features, 28 pairs, 3 merges" in page and "total 12.3" in page
