@@ -23,7 +23,6 @@ from gw.merge import merge
 from gw.tuning import default_grid, grid_search, worst_change
 from infra.manifest import FleetManifest, ScorerSpec
 from infra.storage import Store
-from infra.validation import sub_store
 from workers.batching import map_batches
 from workers.evaluate import item_metrics, split_rows, targets
 from workers.multihead import MultiHeadScorer
@@ -136,7 +135,7 @@ class GroupConsolidator:
         self.store, self.manifest = store, manifest
         self.device = device or default_device()
         self.heads = tuple(manifest.head_modules)
-        self.base_state = load_scorer_dir_backbone(sub_store(store, manifest.base_model), self.heads)
+        self.base_state = load_scorer_dir_backbone(store.sub(manifest.base_model), self.heads)
         self._members: dict[str, Member] = {}
         self._config = None
         self._tokenizer = None
@@ -145,7 +144,7 @@ class GroupConsolidator:
 
     def member(self, spec: ScorerSpec) -> Member:
         if spec.id not in self._members:
-            with sub_store(self.store, spec.checkpoint).local_dir("") as path:
+            with self.store.sub(spec.checkpoint).local_dir("") as path:
                 scorer = load_scorer(path, task=spec.task, device="cpu")
             backbone, head = split_model(scorer.model, self.heads)
             table = self.store.read_table(spec.responses)

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 from infra.manifest import MANIFEST_KEY, FleetManifest, load_manifest
 from infra.storage import Store
-from infra.validation import sub_store
 from workers.consolidate import GroupConsolidator, MergeConfig
 from workers.multihead import MultiHeadScorer
 from workers.publish_fleet import save_checkpoint
@@ -113,7 +112,7 @@ def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY)
     prefix = f"candidates/items/{key}"
     if store.exists(f"{prefix}/{RECORD}"):
         return {**store.read_json(f"{prefix}/{RECORD}"), "reused": True}
-    with sub_store(store, spec.checkpoint).local_dir("") as path:
+    with store.sub(spec.checkpoint).local_dir("") as path:
         scorer = load_scorer(path, task=spec.task)
     backbone, head = split_model(scorer.model, manifest.head_modules)
     model = MultiHeadScorer(scorer.model.config, backbone, {item: head}, {item: {"task": spec.task, "labels": spec.labels}})

@@ -20,7 +20,6 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from infra.storage import Store, StorageError, open_store
-from infra.validation import sub_store
 
 DEFAULT_HEAD_MODULES = ("pooler", "classifier")
 WEIGHTS_FILE = "model.safetensors"
@@ -124,7 +123,7 @@ def checkpoint_hash(source: str | Path | Store, checkpoint: str = "") -> str:
     unreadable checkpoint raises ValueError; a missing file in a directory raises FileNotFoundError.
     """
     in_store = isinstance(source, Store)
-    where = sub_store(source, checkpoint) if in_store else open_store(str(Path(source).absolute()))
+    where = source.sub(checkpoint) if in_store else open_store(str(Path(source).absolute()))
     try:
         _, weights_sha = where.size_and_sha256(WEIGHTS_FILE)
         config_bytes = where.read_bytes("config.json")

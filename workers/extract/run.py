@@ -7,7 +7,6 @@ from pathlib import Path
 
 from infra.manifest import ScorerSpec
 from infra.storage import Store
-from infra.validation import sub_store
 from workers.scorer_io import Scorer, ScorerLoadError, default_device, load_scorer
 
 from .config import ExtractConfig, FeatureRef
@@ -24,10 +23,10 @@ def load_spec_scorer(store: Store, spec: ScorerSpec, device: str, *, base_model:
     """
     try:
         with ExitStack() as stack:
-            path = stack.enter_context(sub_store(store, spec.checkpoint).local_dir(""))
+            path = stack.enter_context(store.sub(spec.checkpoint).local_dir(""))
             fallback: Path | None = None
             if base_model is not None:
-                fallback = stack.enter_context(sub_store(store, base_model).local_dir(""))
+                fallback = stack.enter_context(store.sub(base_model).local_dir(""))
             return load_scorer(path, task=spec.task, device=device, tokenizer_fallback=fallback)
     except Exception as exc:  # e.g. safetensors' own error on a corrupt file, which is not a ValueError
         raise ScorerLoadError(f"scorer {spec.id}: cannot load checkpoint {spec.checkpoint}: "

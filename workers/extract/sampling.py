@@ -10,7 +10,6 @@ import pyarrow.compute as pc
 
 from infra.manifest import ScorerSpec
 from infra.storage import Store, StorageError
-from infra.validation import sub_store
 
 from .config import ExtractConfig, ExtractionPlan
 from workers.scorer_io import checkpoint_hash
@@ -77,7 +76,7 @@ def select_responses(table: pa.Table, task: str, config: ExtractConfig, *, sourc
 def _read_responses(store: Store, ref: str) -> pa.Table:
     if "://" in ref or ref.startswith("/"):
         parent, _, name = ref.rstrip("/").rpartition("/")
-        return sub_store(store, parent or "/").read_table(name)
+        return store.sub(parent or "/").read_table(name)
     return store.read_table(ref)
 
 
