@@ -43,8 +43,6 @@ Pure math: numpy, torch, POT; no I/O.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, MutableMapping, Sequence
@@ -56,6 +54,7 @@ from .bounds import DEFAULT_LEVELS, bound_matrix, cost_profile, row_profiles, th
 from .clouds import (DEFAULT_NORMALISATION, Normalisation, PreparedCloud, check_cloud, feature_key, prepare,
                      resolve_device)
 from .entropic import SQ_COSTS_MAX_POINTS
+from .keys import json_key
 from .schedule import BoundSchedule, check_skipping, quantile_cutoff
 from .solvers import SOLVERS, EntropicOptions, GWResult, entropic_gw_batch, exact_gw, use_dense
 
@@ -127,8 +126,7 @@ class GWMatrix:
 def pair_cache_key(key_a: str, key_b: str, config: Mapping[str, Any]) -> str:
     """Cache key of a pair: both content keys (order-free) and every setting that changes the value."""
     first, second = sorted((str(key_a), str(key_b)))
-    blob = json.dumps({"a": first, "b": second, "config": dict(config)}, sort_keys=True, default=str)
-    return "gw:" + hashlib.sha256(blob.encode()).hexdigest()[:40]
+    return "gw:" + json_key({"a": first, "b": second, "config": dict(config)}, length=40)
 
 
 def solver_config(solver: str, options: EntropicOptions | None, normalisation: str, dtype: torch.dtype) -> dict[str, Any]:

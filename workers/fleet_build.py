@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from gw.keys import content_key
 from infra.manifest import FleetManifest, ScorerSpec, save_manifest
 from infra.storage import Store
 from workers.finetune import FinetuneConfig, finetune_scorer
@@ -75,13 +76,11 @@ def copy_base(base_dir: Path, out: Store, prefix: str = "base") -> str:
 
 
 def _build_key(base_hash: str, table: pa.Table, info: ItemInfo, config: FinetuneConfig) -> str:
-    digest = hashlib.sha256(base_hash.encode())
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    digest.update(sink.getvalue().to_pybytes())
-    digest.update(json.dumps([info.task, list(info.label_names), config.to_dict()], sort_keys=True).encode())
-    return digest.hexdigest()[:32]
+    settings = json.dumps([info.task, list(info.label_names), config.to_dict()], sort_keys=True)
+    return content_key(base_hash, sink.getvalue().to_pybytes(), settings, length=32)
 
 
 def build_fleet(responses: pa.Table, items: Mapping[str, ItemInfo], base_dir: str | Path, out: Store, *,

@@ -16,10 +16,9 @@ tasks (the flow's merge step).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 
+from gw.keys import json_key
 from infra.manifest import MANIFEST_KEY, FleetManifest, load_manifest
 from infra.storage import Store
 from workers.consolidate import GroupConsolidator, MergeConfig
@@ -32,7 +31,7 @@ SWEEP_VERSION = 1  # bump when what a sweep records changes
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return json_key(parts, length=24)
 
 
 def _inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str]) -> list:

@@ -20,7 +20,6 @@ written to the pair cache, so a later run with another tau can still solve it.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import time
@@ -35,6 +34,7 @@ import torch
 from gw.bounds import (DEFAULT_BINS, DEFAULT_LEVELS, CostProfile, bound_matrix, cost_profile, row_profiles,
                        third_lower_bound)
 from gw.clouds import PreparedCloud, prepare
+from gw.keys import content_key
 from gw.matrix import pair_cache_key as gw_pair_key
 from gw.matrix import solver_config
 from gw.schedule import Batch, BoundSchedule, check_skipping
@@ -50,7 +50,7 @@ PROFILE_SETTINGS = {"normalisation": "mean", "dtype": "float32", "n_levels": DEF
 
 
 def _short(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return content_key(text, length=20)
 
 
 def pair_cache_key(solver: str, options: EntropicOptions | None, a: FeatureRef, b: FeatureRef) -> str:

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from gw.keys import content_key
 from infra.storage import Store, StorageError, open_store
 
 DEFAULT_HEAD_MODULES = ("pooler", "classifier")
@@ -131,9 +132,7 @@ def checkpoint_hash(source: str | Path | Store, checkpoint: str = "") -> str:
         if not in_store:
             raise
         raise ValueError(f"checkpoint {checkpoint}: cannot hash it ({exc})") from None
-    digest = hashlib.sha256(weights_sha.encode())
-    digest.update(config_bytes)
-    return digest.hexdigest()[:32]
+    return content_key(weights_sha, config_bytes, length=32)
 
 
 def default_device() -> str:

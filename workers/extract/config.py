@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .keys import FORMAT_VERSION, _sha256
+from gw.keys import json_key
+
+from .keys import FORMAT_VERSION
 
 Pooling = Literal["cls", "mean"]
 
@@ -55,7 +56,7 @@ class ExtractConfig:
                 "cuda_autocast": self.cuda_autocast, "cuda_dtype": self.cuda_dtype}
 
     def config_hash(self) -> str:
-        return _sha256(json.dumps(self.output_settings(), sort_keys=True).encode())
+        return json_key(self.output_settings(), length=32)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
+from gw.keys import content_key
 from infra.manifest import unsafe_id_reason
 
 FEATURES_PREFIX = "features"
@@ -12,20 +12,15 @@ FORMAT_VERSION = 1  # bump when the stored vectors would change for the same inp
 KEY_HASH_CHARS = 16
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
 def data_hash(response_ids: Sequence[str], texts: Sequence[str]) -> str:
     """Hash of the (response_id, text) pairs actually used, in order (length-prefixed, so unambiguous)."""
     if len(response_ids) != len(texts):
         raise ValueError(f"data_hash: {len(response_ids)} response ids but {len(texts)} texts")
-    digest = hashlib.sha256()
+    parts = []
     for value in (v for pair in zip(response_ids, texts) for v in pair):
         encoded = str(value).encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-    return digest.hexdigest()[:32]
+        parts += [len(encoded).to_bytes(8, "little"), encoded]
+    return content_key(*parts, length=32)
 
 
 def feature_key(scorer_id: str, checkpoint_hash: str, data_hash_: str, config_hash: str, *,
