@@ -56,8 +56,6 @@ def linkage_plan(
     k: int = 3,
     linkage: Linkage = "average",
     tau: float | None = None,
-    base_models: Mapping[str, str] | None = None,
-    forbidden: Iterable[tuple[str, str]] = (),
     fill: bool = False,
     method: str = "linkage",
 ) -> Plan:
@@ -65,9 +63,8 @@ def linkage_plan(
 
     Starting from singletons, repeatedly merge the two clusters with the smallest linkage distance
     (``average``: mean of D over the cross pairs, as in GW-SMM; or ``complete`` / ``single``) among
-    those whose union has at most ``k`` members, whose members all share a base model, with no
-    unknown (NaN / inf) or forbidden cross pair, and, if ``tau`` is given, whose linkage distance is
-    below ``tau``. Ties go to the lowest indices, so the result is deterministic.
+    those whose union has at most ``k`` members, with no unknown (NaN / inf) cross pair, and, if
+    ``tau`` is given, whose linkage distance is below ``tau``. Ties go to the lowest indices, so the result is deterministic.
 
     Stops when ``n_groups`` multi-member groups exist, or when nothing can merge (``n_groups=None``
     merges as long as anything can). So that ``n_groups`` stays reachable, a merge that would leave
@@ -83,8 +80,8 @@ def linkage_plan(
     n_groups = _check_n_groups(n_groups, n)
     if linkage not in ("average", "complete", "single"):
         raise ValueError(f"linkage must be 'average', 'complete' or 'single', got {linkage!r}")
-    # Pairs that may ever share a cluster: known distance, same base, not forbidden.
-    compatible = allowed_pairs(D, ids, math.inf, base_models=base_models, forbidden=forbidden)
+    # Pairs that may ever share a cluster: known distance.
+    compatible = allowed_pairs(D, ids, math.inf)
     finite_D = np.where(np.isfinite(D), D, 0.0)
 
     members: list[list[int]] = [[i] for i in range(n)]
@@ -379,8 +376,6 @@ def plan_from_similarity(
     n_groups: int | None,
     k: int = 3,
     *,
-    base_models: Mapping[str, str] | None = None,
-    forbidden: Iterable[tuple[str, str]] = (),
     linkage: Linkage = "average",
     fill: bool = False,
     method: str = "similarity",
@@ -390,9 +385,7 @@ def plan_from_similarity(
     NaN similarities mean "unknown, never group". ``method`` names the source in the plan.
     """
     D = similarity_to_distance(S)
-    return linkage_plan(
-        D, ids, n_groups, k=k, linkage=linkage, base_models=base_models, forbidden=forbidden, fill=fill, method=method
-    )
+    return linkage_plan(D, ids, n_groups, k=k, linkage=linkage, fill=fill, method=method)
 
 
 def description_plan(

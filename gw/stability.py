@@ -111,7 +111,7 @@ def solve_stable_plan(
 
     Every resample is solved with the reference plan's tau (a quantile threshold is resolved once, on
     ``D``), so the stability measures how the distances move, not how the threshold moves.
-    ``solve_options`` go to :func:`gw.plan.solve_plan` (k, base_models, pinned, forbidden, ...).
+    ``solve_options`` go to :func:`gw.plan.solve_plan` (k, method, ...).
     """
     reference = solve_plan(D, ids, **solve_options)
     options: Mapping[str, Any] = {**solve_options, "tau": reference.tau}

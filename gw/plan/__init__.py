@@ -8,14 +8,9 @@ so the solver always prefers grouping when it can; the threshold decides what "c
 Rules, and the choices made where the issue left them open:
 
 * ``NaN`` / ``inf`` distances mean "unknown, never group".
-* Scorers with different base models never share a group (``base_models``: id -> base).
-* ``forbidden`` pairs never share a group.
-* ``pinned`` pairs must end in the same group; pins are transitive, so pinned pairs form pinned
-  components that always stay together. A pin overrides the threshold for the pairs inside its
-  component (a person's explicit decision beats ``D >= tau``; those pairs then add ``tau - D``, possibly
-  negative, to the objective). A pin is an error when it cannot be honoured: a component larger than
-  ``k``, two bases, a forbidden pair, or a non-finite distance inside the component (its objective
-  would be undefined; provide a distance).
+* A fleet has one base model (the manifest's ``base_model``), so every pair may share a group as far
+  as the base goes; there are no pinned or forbidden pairs (neither the CLI nor the manifest has a way
+  to say them).
 
 Solvers (recorded in :attr:`Plan.method`):
 
@@ -35,8 +30,8 @@ Solvers (recorded in :attr:`Plan.method`):
 All solvers are deterministic (the same inputs give the same plan), except that where HiGHS stops at
 its time limit the outcome depends on the machine's speed; the method then says so.
 
-Modules: ``types`` (:class:`Plan`), ``problem`` (input checks, the threshold, the problem on pinned
-units, objective and rule checks), ``exact`` (matching, set-packing MILP), ``heuristic`` (greedy,
+Modules: ``types`` (:class:`Plan`), ``problem`` (input checks, the threshold, the problem on units,
+objective and rule checks), ``exact`` (matching, set-packing MILP), ``heuristic`` (greedy,
 local and neighbourhood search), ``solve`` (:func:`solve_plan`).
 
 Pure math: numpy, scipy, networkx; no I/O.

@@ -1,10 +1,10 @@
-"""Input checks, the threshold and the problem on units (pinned components), with its objective and checks."""
+"""Input checks, the threshold and the problem on units, with its objective and checks."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -101,7 +101,7 @@ def _resolve_tau(D: np.ndarray, tau: float | None, tau_quantile: float) -> float
 
 
 # --------------------------------------------------------------------------------------------------
-# The problem on "units": pinned components that always travel together
+# The problem on "units" (each one scorer; the solvers work on units)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -109,132 +109,32 @@ def _resolve_tau(D: np.ndarray, tau: float | None, tau_quantile: float) -> float
 class _Problem:
     ids: tuple[str, ...]
     k: int
-    units: list[tuple[int, ...]]  # indices into ids; pinned components and singletons
+    units: list[tuple[int, ...]]  # indices into ids; one scorer each
     unit_size: np.ndarray  # [U] ints
     unit_weight: np.ndarray  # [U, U] sum of (tau - D) across two units; 0 on the diagonal
     unit_allowed: np.ndarray  # [U, U] bool: the two units may share a group; False on the diagonal
 
 
-def _pair_index(ids: tuple[str, ...], pairs: Iterable[tuple[str, str]], what: str) -> list[tuple[int, int]]:
-    position = {s: i for i, s in enumerate(ids)}
-    out = []
-    for pair in pairs:
-        pair = tuple(pair)
-        if len(pair) != 2:
-            raise ValueError(f"{what} pair {pair!r} must have exactly two ids")
-        a, b = pair
-        for member in (a, b):
-            if member not in position:
-                raise ValueError(f"{what} pair {pair!r} names unknown id {member!r}")
-        if a == b:
-            raise ValueError(f"{what} pair {pair!r} pairs an id with itself")
-        out.append((position[a], position[b]))
-    return out
-
-
-def _components(n: int, edges: list[tuple[int, int]]) -> list[tuple[int, ...]]:
-    parent = list(range(n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in edges:
-        parent[find(a)] = find(b)
-    members: dict[int, list[int]] = {}
-    for i in range(n):
-        members.setdefault(find(i), []).append(i)
-    return sorted(tuple(sorted(m)) for m in members.values())
-
-
-def allowed_pairs(
-    D: np.ndarray,
-    ids: Sequence[str],
-    tau: float | None,
-    *,
-    base_models: Mapping[str, str] | None = None,
-    forbidden: Iterable[tuple[str, str]] = (),
-) -> np.ndarray:
-    """Boolean [n, n]: pairs that may share a group (finite ``D < tau``, same base, not forbidden)."""
+def allowed_pairs(D: np.ndarray, ids: Sequence[str], tau: float | None) -> np.ndarray:
+    """Boolean [n, n]: pairs that may share a group (finite ``D < tau``)."""
     ids = _check_ids(ids)
     D = check_distance_matrix(D, ids)
     n = len(ids)
     with np.errstate(invalid="ignore"):
         allowed = np.isfinite(D) & (D < tau) if tau is not None else np.zeros((n, n), dtype=bool)
-    allowed &= _same_base(ids, base_models)
-    for a, b in _pair_index(ids, forbidden, "forbidden"):
-        allowed[a, b] = allowed[b, a] = False
     np.fill_diagonal(allowed, False)
     return allowed
 
 
-def _same_base(ids: tuple[str, ...], base_models: Mapping[str, str] | None) -> np.ndarray:
+def _build_problem(D: np.ndarray, ids: tuple[str, ...], tau: float | None, k: int) -> _Problem:
     n = len(ids)
-    if base_models is None:
-        return np.ones((n, n), dtype=bool)
-    missing = [i for i in ids if i not in base_models]
-    if missing:
-        raise ValueError(f"base_models has no entry for ids {missing}")
-    bases = np.array([str(base_models[i]) for i in ids], dtype=object)
-    return bases[:, None] == bases[None, :]
-
-
-def _build_problem(
-    D: np.ndarray,
-    ids: tuple[str, ...],
-    tau: float | None,
-    k: int,
-    base_models: Mapping[str, str] | None,
-    pinned: Iterable[tuple[str, str]],
-    forbidden: Iterable[tuple[str, str]],
-) -> _Problem:
-    n = len(ids)
-    forbidden_idx = _pair_index(ids, forbidden, "forbidden")
-    pinned_idx = _pair_index(ids, pinned, "pinned")
-    allowed = allowed_pairs(D, ids, tau, base_models=base_models, forbidden=forbidden)
-    same_base = _same_base(ids, base_models)
-    forbidden_set = {frozenset(p) for p in forbidden_idx}
-
-    units = _components(n, pinned_idx)
-    for unit in units:
-        if len(unit) < 2:
-            continue
-        names = [ids[i] for i in unit]
-        if len(unit) > k:
-            raise ValueError(f"pinned pairs join {names} into one group of {len(unit)} > k={k}")
-        for x in range(len(unit)):
-            for y in range(x + 1, len(unit)):
-                a, b = unit[x], unit[y]
-                if not same_base[a, b]:
-                    raise ValueError(
-                        f"pinned ids {ids[a]!r} and {ids[b]!r} (group {names}) have different base models"
-                    )
-                if frozenset((a, b)) in forbidden_set:
-                    raise ValueError(f"ids {ids[a]!r} and {ids[b]!r} are both pinned (group {names}) and forbidden")
-                if not np.isfinite(D[a, b]):
-                    raise ValueError(
-                        f"pinned ids {ids[a]!r} and {ids[b]!r} (group {names}) have unknown distance "
-                        f"{D[a, b]}; give a finite distance to pin them"
-                    )
-                allowed[a, b] = allowed[b, a] = True  # the pin overrides the threshold
-
+    allowed = allowed_pairs(D, ids, tau)
     weight = np.where(np.isfinite(D), (tau if tau is not None else 0.0) - D, 0.0)
     np.fill_diagonal(weight, 0.0)
-    n_units = len(units)
-    membership = np.zeros((n_units, n), dtype=np.float64)
-    for u, unit in enumerate(units):
-        membership[u, list(unit)] = 1.0
-    unit_weight = membership @ weight @ membership.T
-    blocked = membership @ (~allowed).astype(np.float64) @ membership.T
-    unit_allowed = blocked == 0
-    np.fill_diagonal(unit_weight, 0.0)
+    units = [(i,) for i in range(n)]
+    unit_allowed = allowed.copy()
     np.fill_diagonal(unit_allowed, False)
-    # Units too big to join anything stay alone.
-    sizes = np.array([len(u) for u in units], dtype=np.int64)
-    unit_allowed &= (sizes[:, None] + sizes[None, :]) <= k
-    return _Problem(ids, k, units, sizes, unit_weight, unit_allowed)
+    return _Problem(ids, k, units, np.ones(n, dtype=np.int64), weight, unit_allowed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,33 +157,14 @@ def plan_objective(groups: Iterable[Iterable[str]], D: np.ndarray, ids: Sequence
     return total
 
 
-def plan_violations(
-    plan: Plan,
-    D: np.ndarray,
-    ids: Sequence[str],
-    *,
-    tau: float,
-    k: int,
-    base_models: Mapping[str, str] | None = None,
-    pinned: Iterable[tuple[str, str]] = (),
-    forbidden: Iterable[tuple[str, str]] = (),
-) -> list[str]:
-    """Human-readable reasons why ``plan`` breaks the rules of :func:`solve_plan` (empty when valid).
-
-    Pairs inside a pinned component are exempt from the threshold, as in :func:`solve_plan`.
-    """
+def plan_violations(plan: Plan, D: np.ndarray, ids: Sequence[str], *, tau: float, k: int) -> list[str]:
+    """Human-readable reasons why ``plan`` breaks the rules of :func:`solve_plan` (empty when valid)."""
     ids = _check_ids(ids)
     problems: list[str] = []
     if set(plan.ids) != set(ids):
         problems.append(f"plan covers {sorted(set(plan.ids) ^ set(ids))} differently from the ids")
-    allowed = allowed_pairs(D, ids, tau, base_models=base_models, forbidden=forbidden)
+    allowed = allowed_pairs(D, ids, tau)
     position = {s: i for i, s in enumerate(ids)}
-    pinned_idx = _pair_index(ids, pinned, "pinned")
-    component_of = {}
-    for c, unit in enumerate(_components(len(ids), pinned_idx)):
-        for i in unit:
-            component_of[i] = c
-    forbidden_set = {frozenset(p) for p in _pair_index(ids, forbidden, "forbidden")}
     for group in plan.groups:
         if len(group) > k:
             problems.append(f"group {group} has {len(group)} > k={k} members")
@@ -291,14 +172,8 @@ def plan_violations(
         for x in range(len(index)):
             for y in range(x + 1, len(index)):
                 a, b = index[x], index[y]
-                if allowed[a, b]:
-                    continue
-                if component_of[a] == component_of[b] and frozenset((a, b)) not in forbidden_set:
-                    continue
-                problems.append(f"group {group} joins {ids[a]!r} and {ids[b]!r}, which may not share a group")
-    for a, b in pinned_idx:
-        if plan.group_of(ids[a]) != plan.group_of(ids[b]):
-            problems.append(f"pinned ids {ids[a]!r} and {ids[b]!r} are in different groups")
+                if not allowed[a, b]:
+                    problems.append(f"group {group} joins {ids[a]!r} and {ids[b]!r}, which may not share a group")
     return problems
 
 

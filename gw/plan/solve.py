@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -35,9 +35,6 @@ def solve_plan(
     tau: float | None = None,
     tau_quantile: float = DEFAULT_TAU_QUANTILE,
     k: int = 3,
-    base_models: Mapping[str, str] | None = None,
-    pinned: Iterable[tuple[str, str]] = (),
-    forbidden: Iterable[tuple[str, str]] = (),
     method: str = "auto",
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     milp_time_limit: float | None = DEFAULT_MILP_TIME_LIMIT,
@@ -47,13 +44,10 @@ def solve_plan(
     Args:
         D: symmetric [n, n] distances (NaN / inf = unknown, never group); the diagonal is ignored.
         ids: the n scorer ids, in the order of D's rows.
-        tau: explicit threshold; pairs with ``D >= tau`` never share a group (unless pinned).
+        tau: explicit threshold; pairs with ``D >= tau`` never share a group.
         tau_quantile: used when ``tau`` is None: tau is this quantile of the finite off-diagonal
             distances (each pair once, across bases too).
         k: maximum group size (>= 2).
-        base_models: id -> base model; ids with different bases never share a group.
-        pinned: pairs that must share a group (transitive; override the threshold; see module doc).
-        forbidden: pairs that must not share a group.
         method: ``"auto"`` (matching for k = 2, else MILP while the candidates fit, else greedy),
             or force ``"matching"`` (k = 2 only), ``"milp"`` (error if over ``max_candidates``) or
             ``"greedy"`` (greedy + local search).
@@ -76,7 +70,7 @@ def solve_plan(
     if max_candidates < 0:
         raise ValueError(f"max_candidates must be >= 0, got {max_candidates}")
     tau = _resolve_tau(D, tau, tau_quantile)
-    problem = _build_problem(D, ids, tau, k, base_models, list(pinned), list(forbidden))
+    problem = _build_problem(D, ids, tau, k)
 
     if method == "greedy":
         groups, used = _solve_heuristic(problem), "greedy+local"
