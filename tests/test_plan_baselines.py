@@ -1,4 +1,4 @@
-"""Baseline plans (gw/baselines.py) and the similarities behind them (gw/similarity.py)."""
+"""Baseline plans (gw/baselines/) and the similarities behind them (gw/similarity.py)."""
 
 from __future__ import annotations
 
