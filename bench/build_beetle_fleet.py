@@ -31,7 +31,8 @@ from infra.storage import open_store  # noqa: E402
 from infra.validation import validate_fleet  # noqa: E402
 from workers.evaluate import evaluate_fleet, fleet_figures  # noqa: E402
 from workers.finetune import FinetuneConfig  # noqa: E402
-from workers.fleet_build import build_fleet, default_device, load_items  # noqa: E402
+from workers.fleet_build import build_fleet, load_items  # noqa: E402
+from workers.scorer_io import default_device  # noqa: E402
 from workers.models import default_base_dir, quiet_transformers  # noqa: E402
 
 PRIMARY = ("accuracy", "macro_f1", "qwk")

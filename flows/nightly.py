@@ -1,4 +1,4 @@
-"""The nightly consolidation as a Prefect flow over Ray (DESIGN §2).
+"""The nightly consolidation as a Prefect flow over Ray (docs/architecture.md §1).
 
 validate -> extract features (Ray actors) -> GW matrix (Ray tasks, cached per pair) -> plan ->
 merge + gate each group (one Prefect task per group, throttled by the `fleetmerge-merge` tag's

@@ -22,13 +22,14 @@ Pure math: numpy and torch; no I/O.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from .keys import content_key
 
 Normalisation = Literal["mean", "max"]
 NORMALISATIONS: tuple[str, ...] = ("mean", "max")
@@ -299,10 +300,7 @@ def feature_key(X: Any) -> str:
             raise ValueError("feature_key: expected a numeric array")
         arr = arr.astype("<f4", copy=False)
     arr = np.ascontiguousarray(arr, dtype="<f4")
-    digest = hashlib.sha256()
-    digest.update(f"float32{arr.shape}".encode())
-    digest.update(arr.tobytes())
-    return digest.hexdigest()[:32]
+    return content_key(f"float32{arr.shape}", arr.tobytes(), length=32)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,16 +35,14 @@ tightened by his third lower bound for the pairs that are about to be solved (``
 Fan-out. A distributed layer can do the same with :func:`prepare_fleet` (prepare once per cloud),
 :func:`~gw.solvers.gw_pair` or :func:`~gw.entropic.entropic_gw_batch` (pairs),
 :func:`pair_cache_key` / :func:`solver_config` (cache keys), :func:`gw.bounds.bound_matrix` /
-:func:`gw.bounds.third_lower_bound` (bounds) and :func:`quantile_cutoff` (the ``U`` above, for
-batches of pairs in bound order).
+:func:`gw.bounds.third_lower_bound` (bounds) and :class:`gw.schedule.BoundSchedule` (the order
+and the skipping above, batch by batch; :func:`gw_matrix` runs the same schedule).
 
 Pure math: numpy, torch, POT; no I/O.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, MutableMapping, Sequence
@@ -56,10 +54,14 @@ from .bounds import DEFAULT_LEVELS, bound_matrix, cost_profile, row_profiles, th
 from .clouds import (DEFAULT_NORMALISATION, Normalisation, PreparedCloud, check_cloud, feature_key, prepare,
                      resolve_device)
 from .entropic import SQ_COSTS_MAX_POINTS
+from .keys import json_key
+from .schedule import BoundSchedule, check_skipping, quantile_cutoff
 from .solvers import SOLVERS, EntropicOptions, GWResult, entropic_gw_batch, exact_gw, use_dense
 
+__all__ = ["GWMatrix", "check_skipping", "gw_matrix", "pair_cache_key", "prepare_fleet", "quantile_cutoff",
+           "solver_config"]
+
 Progress = Callable[[int, int], None]
-_TLB_REACH = 4.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,8 +126,7 @@ class GWMatrix:
 def pair_cache_key(key_a: str, key_b: str, config: Mapping[str, Any]) -> str:
     """Cache key of a pair: both content keys (order-free) and every setting that changes the value."""
     first, second = sorted((str(key_a), str(key_b)))
-    blob = json.dumps({"a": first, "b": second, "config": dict(config)}, sort_keys=True, default=str)
-    return "gw:" + hashlib.sha256(blob.encode()).hexdigest()[:40]
+    return "gw:" + json_key({"a": first, "b": second, "config": dict(config)}, length=40)
 
 
 def solver_config(solver: str, options: EntropicOptions | None, normalisation: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -137,29 +138,6 @@ def solver_config(solver: str, options: EntropicOptions | None, normalisation: s
         config["options"] = (options or EntropicOptions()).to_dict()
         config["dtype"] = str(dtype)
     return config
-
-
-def quantile_cutoff(known_values: Sequence[float], n_pairs: int, quantile: float) -> float:
-    """``U``: the value at rank ``ceil(q (m - 1))`` of the known values padded with +inf to m pairs.
-
-    Pairs whose lower bound is ``>= U`` never need computing for a q-quantile threshold (see the
-    module docstring). +inf while fewer values than that rank are known.
-    """
-    if n_pairs < 1:
-        raise ValueError("n_pairs must be >= 1")
-    hi = math.ceil(quantile * (n_pairs - 1))
-    known = np.sort(np.asarray(known_values, dtype=np.float64))
-    return float(known[hi]) if known.size > hi else math.inf
-
-
-def check_skipping(skip_tau: float | None, skip_tau_quantile: float | None) -> None:
-    """Raise ValueError unless at most one of an explicit (finite) tau and a quantile in [0, 1] is given."""
-    if skip_tau is not None and skip_tau_quantile is not None:
-        raise ValueError("give skip_tau or skip_tau_quantile, not both")
-    if skip_tau is not None and not math.isfinite(float(skip_tau)):
-        raise ValueError(f"skip_tau must be finite, got {skip_tau}")
-    if skip_tau_quantile is not None and not 0.0 <= float(skip_tau_quantile) <= 1.0:
-        raise ValueError(f"skip_tau_quantile must be in [0, 1], got {skip_tau_quantile}")
 
 
 def prepare_fleet(
@@ -228,8 +206,8 @@ def gw_matrix(
         skip_tau_quantile: skip with tau = this quantile of the off-diagonal values (exactly; see
             the module docstring). Give at most one of the two.
         bound_levels: resolution of the lower bounds (see :mod:`gw.bounds`).
-        third_bound: also try Mémoli's third lower bound (2-4x tighter than the second, ~1 ms a
-            pair at 500 points plus one row profile per cloud) on each pair about to be solved
+        third_bound: also try Mémoli's third lower bound (2-4x tighter than the second, and dearer:
+            an N x M problem a pair plus one row profile per cloud) on each pair about to be solved
             once a cutoff is known and its second bound is within a factor 4 of it. On the planted
             benchmark fleet (60 x 500 points) it skips 26% of the pairs instead of 15%.
         batch_size: pairs per batched solver call (a pair's value does not depend on its batch
@@ -272,61 +250,50 @@ def gw_matrix(
                            options=options if solver == "entropic" else EntropicOptions(rank_tol=0.0, init="product"))
     bounds = None
     tau = None
-    skipped: set[tuple[int, int]] = set()
     skipping = skip_tau is not None or skip_tau_quantile is not None
-    row_laws: dict[str, Any] = {}
-    with_tlb: set[tuple[int, int]] = set()
+    pair_bounds = None
     if skipping and todo:
         bounds = np.zeros((n, n))
         sub = bound_matrix([cost_profile(clouds[ids[k]], n_levels=bound_levels) for k in needed])
         bounds[np.ix_(needed, needed)] = sub
-        todo.sort(key=lambda ij: (bounds[ij], ij))
-        if third_bound:
-            row_laws = {ids[k]: row_profiles(clouds[ids[k]]) for k in needed}
+        pair_bounds = {ij: float(bounds[ij]) for ij in todo}
+    known = [values[ij] for ij in pairs if (ids[ij[0]], ids[ij[1]]) in results]
+    schedule = BoundSchedule(todo, len(pairs), known, bounds=pair_bounds, skip_tau=skip_tau,
+                             skip_tau_quantile=skip_tau_quantile, third_bound=third_bound)
+    row_laws: dict[str, Any] = {}
 
-    def drop_reaching(cutoff: float, pending: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Move the pairs whose bound reaches ``cutoff`` to ``skipped``; return the others."""
-        kept = []
-        for ij in pending:
-            (skipped.add(ij) if bounds[ij] >= cutoff else kept.append(ij))
-        return kept
+    def third_bound_of(i: int, j: int) -> float:
+        for k in (i, j):
+            if ids[k] not in row_laws:
+                row_laws[ids[k]] = row_profiles(clouds[ids[k]])
+        return third_lower_bound(row_laws[ids[i]], row_laws[ids[j]])
 
     done = n_cached
     total = len(pairs)
     n_computed = 0
-    while todo:
-        if skipping:
-            if skip_tau is not None:
-                cutoff = float(skip_tau)
-            else:
-                known = [values[ij] for ij in pairs if (ids[ij[0]], ids[ij[1]]) in results]
-                cutoff = quantile_cutoff(known, len(pairs), float(skip_tau_quantile))
-            todo = drop_reaching(cutoff, todo)
-            if not todo:
-                break
-        batch, todo = todo[:batch_size], todo[batch_size:]
-        if skipping and third_bound and math.isfinite(cutoff):
-            # Tighter (and dearer, ~10 ms) bound, only for pairs about to be solved whose cheap
-            # bound is within reach of the cutoff (the third bound rarely exceeds 4x the second).
-            for i, j in batch:
-                if (i, j) not in with_tlb and bounds[i, j] * _TLB_REACH >= cutoff:
-                    with_tlb.add((i, j))
-                    tlb = third_lower_bound(row_laws[ids[i]], row_laws[ids[j]])
-                    bounds[i, j] = bounds[j, i] = max(bounds[i, j], tlb)
-            batch = drop_reaching(cutoff, batch)
-            if not batch:
-                continue
-        for (i, j), res in zip(batch, _solve_pairs(clouds, ids, batch, solver, options)):
+    while len(schedule):
+        batch = schedule.next_batch(batch_size)
+        if not batch.pairs:
+            break
+        # Tighter (and dearer) bound, only for the pairs the schedule names (see gw.schedule).
+        solve = schedule.settle(batch, {ij: third_bound_of(*ij) for ij in batch.tighten})
+        if not solve:
+            continue
+        for (i, j), res in zip(solve, _solve_pairs(clouds, ids, solve, solver, options)):
             record(i, j, res)
             if cache is not None:
                 cache[cache_keys[(i, j)]] = res.without_coupling()
-        n_computed += len(batch)
-        done += len(batch)
+        schedule.add(values[ij] for ij in solve)
+        n_computed += len(solve)
+        done += len(solve)
         if progress is not None:
             progress(done, total)
 
-    for i, j in skipped:
-        values[i, j] = values[j, i] = bounds[i, j]
+    for (i, j), bound in schedule.bounds.items():  # third bounds included
+        bounds[i, j] = bounds[j, i] = bound
+    skipped = schedule.skipped
+    for (i, j), bound in skipped.items():
+        values[i, j] = values[j, i] = bound
     if skip_tau is not None:
         tau = float(skip_tau)
     elif skip_tau_quantile is not None and pairs:

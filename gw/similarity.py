@@ -1,4 +1,4 @@
-"""Similarities between scorers other than GW, used by the baseline plans (DESIGN §5, "Plan").
+"""Similarities between scorers other than GW, used by the baseline plans (docs/architecture.md §4.3).
 
 * :func:`cosine_similarity_matrix`: cosine between rows, e.g. embeddings of item descriptions (the
   offline stand-in for the GW-SMM paper's GPT-o1 grouping; the embedding is computed elsewhere).

@@ -1,4 +1,4 @@
-"""How stable a plan is under resampling of the responses behind its distances (DESIGN §5).
+"""How stable a plan is under resampling of the responses behind its distances (docs/architecture.md §4.3).
 
 GW distances move with which responses were sampled (sub-sampling kept the coarse ranking but not the
 fine ranking inside a family of similar models), so a plan should say how much each group can be
@@ -111,7 +111,7 @@ def solve_stable_plan(
 
     Every resample is solved with the reference plan's tau (a quantile threshold is resolved once, on
     ``D``), so the stability measures how the distances move, not how the threshold moves.
-    ``solve_options`` go to :func:`gw.plan.solve_plan` (k, base_models, pinned, forbidden, ...).
+    ``solve_options`` go to :func:`gw.plan.solve_plan` (k, method, ...).
     """
     reference = solve_plan(D, ids, **solve_options)
     options: Mapping[str, Any] = {**solve_options, "tau": reference.tau}

@@ -1,4 +1,4 @@
-"""The fleet manifest (DESIGN §4): its schema, loading and saving.
+"""The fleet manifest (docs/architecture.md §3.1): its schema, loading and saving.
 
 A manifest lives in a store (local directory or S3 prefix) next to the files it names; every
 `checkpoint`, `responses` and `base_model` path in it is relative to that store's root unless it

@@ -1,4 +1,4 @@
-"""Connect to Ray (DESIGN §6, §7): an existing cluster when one is named, else a local loopback-only Ray.
+"""Connect to Ray (docs/architecture.md §5): an existing cluster when one is named, else a local loopback-only Ray.
 
 An address comes from the argument, then ``FLEETMERGE_RAY_ADDRESS`` (``Settings.ray_address``). With
 none, a local single-machine Ray is started that listens on and advertises 127.0.0.1 only: Ray picks

@@ -22,7 +22,7 @@ _ENV_SOURCES: dict[str, tuple[str, ...]] = {
     "ray_address": ("FLEETMERGE_RAY_ADDRESS",),
 }
 
-# Offline, loopback-friendly defaults (DESIGN §7); set only where the user has not chosen.
+# Offline, loopback-friendly defaults (docs/architecture.md §5); set only where the user has not chosen.
 OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

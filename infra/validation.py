@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from infra.manifest import SPLITS, FleetManifest, ManifestError, ScorerSpec, unsafe_id_reason
 from infra.safetensors_header import FLOAT_DTYPES, SafetensorsFormatError, non_finite_tensors, parse_header
-from infra.storage import Store, StorageError, open_store
+from infra.storage import Store, StorageError
 
 WEIGHTS_FILE = "model.safetensors"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
@@ -47,12 +47,8 @@ class ValidationReport:
 
 
 def sub_store(store: Store, ref: str) -> Store:
-    """A store rooted at `ref`: a full URI, an absolute path, or a key relative to `store`."""
-    if not ref.strip("/"):
-        return store
-    if "://" in ref or ref.startswith("/"):
-        return open_store(ref, getattr(store, "settings", None))
-    return open_store(store.uri_for(ref.strip("/")), getattr(store, "settings", None))
+    """``store.sub(ref)`` (kept for callers of this name): a store rooted at `ref`."""
+    return store.sub(ref)
 
 
 @dataclass
@@ -62,7 +58,7 @@ class _Base:
 
 
 def _load_base(store: Store, manifest: FleetManifest) -> _Base:
-    where = sub_store(store, manifest.base_model)
+    where = store.sub(manifest.base_model)
     try:
         config = json.loads(where.read_bytes("config.json"))
         tensors, _, _ = parse_header(where.read_bytes(WEIGHTS_FILE))
@@ -144,7 +140,7 @@ def _check_responses(store: Store, spec: ScorerSpec) -> list[str]:
     path = spec.responses
     try:
         table = store.read_table(path) if "://" not in path and not path.startswith("/") \
-            else sub_store(store, _parent(path)).read_table(_name(path))
+            else store.sub(_parent(path)).read_table(_name(path))
     except (StorageError, OSError, pa.ArrowInvalid) as exc:
         return [f"missing or unreadable responses {path}: {exc}"]
     label_column = "label" if spec.task == "multiclass" else "labels"
@@ -195,7 +191,7 @@ def validate_fleet(store: Store, manifest: FleetManifest, *, min_usable: int = 2
             problems.append(f"id {spec.id!r} appears {counts[spec.id]} times in the manifest")
         else:
             try:
-                problems += _check_checkpoint(sub_store(store, spec.checkpoint), spec, base, heads)
+                problems += _check_checkpoint(store.sub(spec.checkpoint), spec, base, heads)
             except (StorageError, OSError) as exc:
                 problems.append(f"checkpoint {spec.checkpoint} unreadable: {exc}")
             problems += _check_responses(store, spec)

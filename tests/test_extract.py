@@ -12,7 +12,7 @@ import torch
 
 from infra.manifest import load_manifest
 from infra.storage import open_store
-from workers import extract as extract_module
+from workers.extract import run as extract_run  # extract_for_spec looks extract_features up there
 from workers.extract import (ExtractConfig, extract_features, extract_for_spec, feature_metadata, plan_extraction,
                              read_features, resolve_layer, select_responses, store_checkpoint_hash, stratified_sample)
 from workers.scorer_io import checkpoint_hash, load_scorer
@@ -180,7 +180,7 @@ def test_extract_for_spec_writes_keyed_parquet_and_reuses_it(fleet_store, monkey
     def must_not_run(*args, **kwargs):
         raise AssertionError("features were recomputed although the key exists")
 
-    monkeypatch.setattr(extract_module, "extract_features", must_not_run)
+    monkeypatch.setattr(extract_run, "extract_features", must_not_run)
     assert extract_for_spec(fleet_store, spec, config, "cpu") == ref
     # A different sample (fewer responses) or a different seed is different data.
     for changed in (ExtractConfig(max_responses=20), ExtractConfig(max_responses=25, seed=1)):

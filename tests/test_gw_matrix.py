@@ -198,3 +198,31 @@ def test_bad_inputs_name_the_scorer(fleet):
         gw_matrix(fleet.features, skip_tau=0.1, skip_tau_quantile=0.25)
     with pytest.raises(ValueError, match="solver"):
         gw_matrix(fleet.features, solver="nope")
+
+
+def test_schedule_cutoff_is_quantile_cutoff_as_values_arrive():
+    from gw.schedule import BoundSchedule
+
+    rng = np.random.default_rng(0)
+    values = rng.random(40)
+    for q in (0.0, 0.25, 0.9, 1.0):
+        schedule = BoundSchedule([], 50, values[:3], skip_tau_quantile=q)
+        for n in range(3, 41):
+            assert schedule.cutoff == quantile_cutoff(values[:n], 50, q)
+            schedule.add(values[n:n + 1])
+
+
+def test_schedule_batches_in_bound_order_and_third_bounds_skip():
+    from gw.schedule import TLB_REACH, BoundSchedule
+
+    bounds = {(0, 1): 0.3, (0, 2): 0.1, (1, 2): 0.2, (0, 3): 0.05, (1, 3): 0.9}
+    schedule = BoundSchedule(list(bounds), 6, [0.5], bounds=bounds, skip_tau=0.25, third_bound=True)
+    batch = schedule.next_batch(2)
+    assert set(schedule.skipped) == {(0, 1), (1, 3)}  # second bound reaches tau
+    assert batch.pairs == ((0, 3), (0, 2)) and batch.cutoff == 0.25
+    assert batch.tighten == tuple(p for p in batch.pairs if bounds[p] * TLB_REACH >= 0.25) == ((0, 2),)
+    assert schedule.settle(batch, {(0, 2): 0.4}) == [(0, 3)]
+    assert schedule.skipped[(0, 2)] == schedule.bounds[(0, 2)] == 0.4
+    assert schedule.next_batch(2).pairs == ((1, 2),) and len(schedule) == 0
+    without = BoundSchedule(list(bounds), 6)  # no skipping: the given order, nothing skipped
+    assert without.next_batch(10).pairs == tuple(bounds) and not without.skipped

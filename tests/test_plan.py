@@ -1,4 +1,4 @@
-"""The merge-plan solver (gw/plan.py) and plan stability (gw/stability.py)."""
+"""The merge-plan solver (gw/plan/) and plan stability (gw/stability.py)."""
 
 from __future__ import annotations
 
@@ -64,39 +64,18 @@ def set_partitions(items: list[int], k: int):
                 yield [[first, *mates], *tail]
 
 
-def brute_force_best(D, tau, k, *, base=None, pinned=(), forbidden=()) -> float:
+def brute_force_best(D, tau, k) -> float:
     """Best objective over all partitions into valid groups, by enumeration."""
     n = len(D)
-    pinned_sets = [set(p) for p in pinned]
-    # Pinned components (transitive closure), whose inner pairs are exempt from the threshold.
-    component = list(range(n))
-    changed = True
-    while changed:
-        changed = False
-        for a, b in pinned:
-            low = min(component[a], component[b])
-            for node in range(n):
-                if component[node] in (component[a], component[b]) and component[node] != low:
-                    component[node] = low
-                    changed = True
-    forbidden_sets = [set(p) for p in forbidden]
     best = -math.inf
     for partition in set_partitions(list(range(n)), k):
         value, valid = 0.0, True
-        block_of = {m: b for b, block in enumerate(partition) for m in block}
-        if any(block_of[a] != block_of[b] for a, b in (tuple(p) for p in pinned_sets)):
-            continue
         for block in partition:
             for a, b in itertools.combinations(block, 2):
-                if {a, b} in forbidden_sets or (base is not None and base[a] != base[b]):
-                    valid = False
-                elif component[a] == component[b]:
-                    value += tau - D[a, b]
-                elif np.isfinite(D[a, b]) and D[a, b] < tau:
+                if np.isfinite(D[a, b]) and D[a, b] < tau:
                     value += tau - D[a, b]
                 else:
                     valid = False
-                if not valid:
                     break
             if not valid:
                 break
@@ -143,36 +122,6 @@ def test_milp_handles_k_4_exactly():
         assert max((len(g) for g in plan.groups), default=0) <= 4
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_exact_solver_with_bases_pins_and_forbidden_equals_brute_force(k):
-    rng = np.random.default_rng(200 + k)
-    checked = 0
-    for trial in range(30):
-        n = int(rng.integers(4, 9))
-        D = random_distances(rng, n)
-        ids = ids_for(n)
-        tau = float(rng.uniform(0.3, 0.8))
-        base = [str(b) for b in rng.integers(0, 2, n)]
-        base_models = dict(zip(ids, base))
-        same_base_pairs = [(a, b) for a, b in itertools.combinations(range(n), 2) if base[a] == base[b]]
-        if len(same_base_pairs) < 2:
-            continue
-        chosen = rng.choice(len(same_base_pairs), size=2, replace=False)
-        pin = [same_base_pairs[chosen[0]]]
-        forbid = [same_base_pairs[chosen[1]]]
-        pinned = [(ids[a], ids[b]) for a, b in pin]
-        forbidden = [(ids[a], ids[b]) for a, b in forbid]
-        for method in ("auto", "greedy"):
-            rules = dict(base_models=base_models, pinned=pinned, forbidden=forbidden)
-            plan = solve_plan(D, ids, tau=tau, k=k, method=method, **rules)
-            assert_valid(plan, D, ids, tau=tau, k=k, **rules)
-        plan = solve_plan(D, ids, tau=tau, k=k, **rules)
-        expected = brute_force_best(D, tau, k, base=base, pinned=pin, forbidden=forbid)
-        assert plan.objective == pytest.approx(expected, abs=1e-9), trial
-        checked += 1
-    assert checked >= 20
-
-
 # --------------------------------------------------------------------------------------------------
 # Greedy + local search
 # --------------------------------------------------------------------------------------------------
@@ -208,7 +157,7 @@ def test_candidate_limit_switches_to_greedy():
 
 
 def test_milp_time_limit_falls_back_to_the_better_heuristic(monkeypatch):
-    import gw.plan as plan_module
+    import gw.plan.solve as plan_module  # solve_plan calls the MILP from there
 
     rng = np.random.default_rng(6)
     D = clustered_distances(rng, 15)
@@ -225,91 +174,9 @@ def test_milp_time_limit_falls_back_to_the_better_heuristic(monkeypatch):
     assert_valid(fallback, D, ids, tau=fallback.tau, k=3)
 
 
-def test_greedy_honours_bases_pins_and_forbidden_at_scale():
-    rng = np.random.default_rng(5)
-    n = 60
-    D = clustered_distances(rng, n)
-    ids = ids_for(n)
-    base_models = {i: ("bert" if j % 2 else "roberta") for j, i in enumerate(ids)}
-    order = np.argsort(D[np.triu_indices(n, 1)])
-    rows, cols = np.triu_indices(n, 1)
-    same = [(int(rows[o]), int(cols[o])) for o in order if (rows[o] % 2) == (cols[o] % 2)]
-    forbidden = [(ids[a], ids[b]) for a, b in same[:5]]  # the five closest same-base pairs
-    pinned = [(ids[a], ids[b]) for a, b in same[-2:]]  # two of the farthest: the pin overrides tau
-    plan = solve_plan(D, ids, k=3, base_models=base_models, pinned=pinned, forbidden=forbidden, method="greedy")
-    assert_valid(plan, D, ids, tau=plan.tau, k=3, base_models=base_models, pinned=pinned, forbidden=forbidden)
-
-
 # --------------------------------------------------------------------------------------------------
 # Rules
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("method", ["auto", "greedy"])
-@pytest.mark.parametrize("k", [2, 3])
-def test_base_models_never_mixed(method, k):
-    # Cross-base pairs are the closest of all; they must still never be grouped.
-    n = 8
-    ids = ids_for(n)
-    base_models = {i: ("a" if j < 4 else "b") for j, i in enumerate(ids)}
-    D = np.full((n, n), 0.5)
-    D[:4, 4:] = D[4:, :4] = 0.01
-    np.fill_diagonal(D, 0.0)
-    plan = solve_plan(D, ids, tau=0.9, k=k, base_models=base_models, method=method)
-    assert plan.groups
-    for group in plan.groups:
-        assert len({base_models[m] for m in group}) == 1
-    without = solve_plan(D, ids, tau=0.9, k=k, method=method)
-    assert any(len({base_models[m] for m in g}) == 2 for g in without.groups)
-
-
-def test_pinned_pair_is_kept_even_above_tau_and_is_transitive():
-    n = 6
-    ids = ids_for(n)
-    D = np.full((n, n), 0.2)
-    D[0, 1] = D[1, 0] = 5.0  # far apart, yet pinned
-    np.fill_diagonal(D, 0.0)
-    plan = solve_plan(D, ids, tau=1.0, k=3, pinned=[(ids[0], ids[1])])
-    assert plan.group_of(ids[0]) == plan.group_of(ids[1])
-    assert plan.objective == pytest.approx(plan_objective(plan.groups, D, ids, 1.0))
-    chained = solve_plan(D, ids, tau=1.0, k=3, pinned=[(ids[0], ids[1]), (ids[1], ids[2])])
-    assert chained.group_of(ids[0]) == (ids[0], ids[1], ids[2])
-    k2 = solve_plan(D, ids, tau=1.0, k=2, pinned=[(ids[0], ids[1])])
-    assert (ids[0], ids[1]) in k2.groups
-
-
-def test_pinned_errors():
-    n = 5
-    ids = ids_for(n)
-    D = np.full((n, n), 0.2)
-    np.fill_diagonal(D, 0.0)
-    with pytest.raises(ValueError, match="k=2"):
-        solve_plan(D, ids, tau=1.0, k=2, pinned=[(ids[0], ids[1]), (ids[1], ids[2])])
-    with pytest.raises(ValueError, match="different base models"):
-        solve_plan(D, ids, tau=1.0, base_models={i: str(j % 2) for j, i in enumerate(ids)}, pinned=[(ids[0], ids[1])])
-    with pytest.raises(ValueError, match="pinned .* and forbidden"):
-        solve_plan(D, ids, tau=1.0, pinned=[(ids[0], ids[1])], forbidden=[(ids[1], ids[0])])
-    with pytest.raises(ValueError, match="unknown id"):
-        solve_plan(D, ids, tau=1.0, pinned=[(ids[0], "nobody")])
-    with pytest.raises(ValueError, match="itself"):
-        solve_plan(D, ids, tau=1.0, pinned=[(ids[0], ids[0])])
-    D_nan = D.copy()
-    D_nan[0, 1] = D_nan[1, 0] = np.nan
-    with pytest.raises(ValueError, match="unknown distance"):
-        solve_plan(D_nan, ids, tau=1.0, pinned=[(ids[0], ids[1])])
-
-
-@pytest.mark.parametrize("k", [2, 3])
-def test_forbidden_pair_is_never_grouped(k):
-    n = 6
-    ids = ids_for(n)
-    D = np.full((n, n), 0.5)
-    D[0, 1] = D[1, 0] = 0.01  # by far the best pair
-    np.fill_diagonal(D, 0.0)
-    assert solve_plan(D, ids, tau=1.0, k=k).group_of(ids[0]) == solve_plan(D, ids, tau=1.0, k=k).group_of(ids[1])
-    for method in ("auto", "greedy"):
-        plan = solve_plan(D, ids, tau=1.0, k=k, forbidden=[(ids[0], ids[1])], method=method)
-        assert plan.group_of(ids[0]) != plan.group_of(ids[1])
 
 
 def test_quantile_tau_and_threshold_respected():
@@ -362,7 +229,6 @@ def test_tiny_inputs():
         (np.zeros((2, 2)), ["a", "b"], {"k": 1}, "k must"),
         (np.zeros((2, 2)), ["a", "b"], {"method": "magic"}, "method"),
         (np.zeros((2, 2)), ["a", "b"], {"k": 3, "method": "matching"}, "k=2"),
-        (np.zeros((2, 2)), ["a", "b"], {"base_models": {"a": "x"}}, "no entry"),
         (np.zeros((2, 2)), ["a", "b"], {"tau": float("nan")}, "NaN"),
     ],
 )

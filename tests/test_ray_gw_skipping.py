@@ -6,6 +6,7 @@ import pytest
 
 from gw.bounds import bound_matrix, cost_profile
 from gw.clouds import prepare
+from gw.matrix import gw_matrix
 from gw.plan import solve_plan
 from gw.synthetic import planted_fleet
 from infra.storage import open_store
@@ -82,12 +83,45 @@ def test_explicit_tau_skips_exactly_the_pairs_whose_bound_reaches_it(fleet, full
     ids = sorted(fleet.features)
     tau = float(np.quantile(D[np.triu_indices(len(ids), 1)], 0.3))
     store, refs = _store_with(fleet, tmp_path)
-    result = compute_distances(store, refs, use_ray=False, skip_tau=tau)
+    result = compute_distances(store, refs, use_ray=False, skip_tau=tau, third_bound=False)
     expected = {(ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)) if bounds[i, j] >= tau}
     assert expected and _skipped_pairs(store, result) == expected
     assert result["tau"] == tau and result["skipped"] == len(expected)
     S = _matrix(store, result)
     assert np.allclose(S, np.where(bounds >= tau, bounds, D), rtol=0, atol=1e-12)
+
+
+def test_third_bound_skips_more_pairs_all_above_tau(fleet, full, bounds, tmp_path):
+    _, D = full
+    ids = sorted(fleet.features)
+    tau = float(np.quantile(D[np.triu_indices(len(ids), 1)], 0.3))
+    store, refs = _store_with(fleet, tmp_path)
+    result = compute_distances(store, refs, use_ray=False, skip_tau=tau)
+    by_second = {(ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)) if bounds[i, j] >= tau}
+    skipped = _skipped_pairs(store, result)
+    assert skipped > by_second and result["skipped"] == len(skipped)
+    S = _matrix(store, result)
+    for a, b in skipped:
+        i, j = ids.index(a), ids.index(b)
+        assert D[i, j] >= tau and bounds[i, j] - 1e-12 <= S[i, j] <= D[i, j] + 1e-6
+    assert solve_plan(S, ids, tau=tau).groups == solve_plan(D, ids, tau=tau).groups
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+@pytest.mark.parametrize("skipping", [{"skip_tau_quantile": Q}, {"skip_tau_quantile": 0.1}, {"skip_tau": None}])
+def test_ray_path_skips_the_same_pairs_as_gw_matrix(request, fleet, full, tmp_path, use_ray, skipping):
+    """One schedule (gw.schedule): the same clouds, chunks and tau skip the same pairs in both paths."""
+    if use_ray:
+        request.getfixturevalue("ray_local")
+    if "skip_tau" in skipping:
+        _, D = full
+        skipping = {"skip_tau": float(np.quantile(D[np.triu_indices(len(D), 1)], 0.3))}
+    store, refs = _store_with(fleet, tmp_path)
+    matrix = gw_matrix(fleet.features, keys={i: ref.key for i, ref in refs.items()}, batch_size=4, **skipping)
+    # One chunk in flight at a time, so the cutoff moves after each chunk as in gw_matrix.
+    result = compute_distances(store, refs, use_ray=use_ray, chunk_size=4, max_in_flight=1, **skipping)
+    assert matrix.skipped and _skipped_pairs(store, result) == set(matrix.skipped)
+    assert result["computed"] == matrix.n_computed and result["tau"] == pytest.approx(matrix.tau, rel=1e-5)
 
 
 def test_skipped_pairs_stay_out_of_the_cache_and_profiles_are_reused(fleet, full, tmp_path):

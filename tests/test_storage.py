@@ -94,7 +94,7 @@ def test_failed_table_write_keeps_previous_object(any_store: Store, monkeypatch:
         sink.write(b"PAR1 half a file")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(storage_module.pq, "write_table", fail_midway)
+    monkeypatch.setattr(storage_module.base.pq, "write_table", fail_midway)
     with pytest.raises(RuntimeError, match="disk on fire"):
         any_store.write_table("t/x.parquet", pa.table({"a": [9]}))
     monkeypatch.undo()
@@ -200,6 +200,20 @@ def test_join_and_uri_for(any_store: Store) -> None:
     else:
         assert uri == str(any_store.root / "k" / "v.bin")
         assert any_store.local_path("k/v.bin") == any_store.root / "k" / "v.bin"
+
+
+def test_sub_store_is_rooted_at_a_key_a_uri_or_a_path(any_store: Store, tmp_path: Path) -> None:
+    from infra.validation import sub_store
+
+    any_store.write_bytes("ckpt/a/config.json", b"{}")
+    sub = any_store.sub("ckpt/a")
+    assert type(sub) is type(any_store) and sub.settings is any_store.settings
+    assert sub.uri == any_store.uri_for("ckpt/a") and sub.read_bytes("config.json") == b"{}"
+    assert any_store.sub("") is any_store and any_store.sub("/") is any_store
+    assert any_store.sub(any_store.uri_for("ckpt")).read_bytes("a/config.json") == b"{}"
+    elsewhere = any_store.sub(str(tmp_path / "other"))
+    assert isinstance(elsewhere, LocalStore) and elsewhere.root == tmp_path / "other"
+    assert sub_store(any_store, "ckpt/a").uri == sub.uri
 
 
 # -- conditional create ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Turn a group of scorers into one backbone with a head per item, and gate it (DESIGN §5).
+"""Turn a group of scorers into one backbone with a head per item, and gate it (docs/architecture.md §4.4).
 
 For one planned group: merge the members' backbones against the pretrained base (`gw.merge`), score
 each member with its own head and with a head refit on the frozen merged backbone (`gw.head_fit`),
@@ -23,12 +23,10 @@ from gw.merge import merge
 from gw.tuning import default_grid, grid_search, worst_change
 from infra.manifest import FleetManifest, ScorerSpec
 from infra.storage import Store
-from infra.validation import sub_store
 from workers.batching import map_batches
 from workers.evaluate import item_metrics, split_rows, targets
-from workers.fleet_build import default_device
 from workers.multihead import MultiHeadScorer
-from workers.scorer_io import load_scorer, split_model
+from workers.scorer_io import default_device, load_scorer, split_model
 
 PRIMARY = "macro_f1"
 SPLITS = ("train", "validation", "test")
@@ -137,7 +135,7 @@ class GroupConsolidator:
         self.store, self.manifest = store, manifest
         self.device = device or default_device()
         self.heads = tuple(manifest.head_modules)
-        self.base_state = load_scorer_dir_backbone(sub_store(store, manifest.base_model), self.heads)
+        self.base_state = load_scorer_dir_backbone(store.sub(manifest.base_model), self.heads)
         self._members: dict[str, Member] = {}
         self._config = None
         self._tokenizer = None
@@ -146,7 +144,7 @@ class GroupConsolidator:
 
     def member(self, spec: ScorerSpec) -> Member:
         if spec.id not in self._members:
-            with sub_store(self.store, spec.checkpoint).local_dir("") as path:
+            with self.store.sub(spec.checkpoint).local_dir("") as path:
                 scorer = load_scorer(path, task=spec.task, device="cpu")
             backbone, head = split_model(scorer.model, self.heads)
             table = self.store.read_table(spec.responses)

@@ -10,10 +10,8 @@ import pyarrow.compute as pc
 from gw import metrics as gw_metrics
 from infra.manifest import ScorerSpec
 from infra.storage import Store
-from infra.validation import sub_store
 from workers.finetune import decisions, predict_logits
-from workers.fleet_build import default_device
-from workers.scorer_io import load_scorer
+from workers.scorer_io import default_device, load_scorer
 
 
 def split_rows(table: pa.Table, split: str) -> pa.Table:
@@ -34,7 +32,7 @@ def evaluate_scorer(store: Store, spec: ScorerSpec, *, split: str = "test", devi
     """Metrics of one item's own scorer on one split, with `n` (the split's size)."""
     device = device or default_device()
     table = split_rows(store.read_table(spec.responses), split)
-    with sub_store(store, spec.checkpoint).local_dir("") as path:
+    with store.sub(spec.checkpoint).local_dir("") as path:
         scorer = load_scorer(path, task=spec.task, device=device)
         logits = predict_logits(scorer.model, scorer.tokenizer, table.column("text").to_pylist(), device=device)
     result = item_metrics(spec.task, targets(table, spec.task), decisions(logits, spec.task), spec.n_labels)

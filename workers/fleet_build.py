@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from tqdm.auto import tqdm
 
+from gw.keys import content_key
 from infra.manifest import FleetManifest, ScorerSpec, save_manifest
 from infra.storage import Store
 from workers.finetune import FinetuneConfig, finetune_scorer
-from workers.scorer_io import TOKENIZER_FILES, WEIGHTS_FILE, file_sha256
+from workers.scorer_io import TOKENIZER_FILES, WEIGHTS_FILE, default_device, file_sha256
 
 BUILD_RECORD = "fleetmerge_build.json"
 BASE_FILES = ("config.json", WEIGHTS_FILE, *TOKENIZER_FILES)
@@ -55,10 +55,6 @@ def load_items(path: str | Path) -> dict[str, ItemInfo]:
     return items
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def item_seed(seed: int, item_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:4], "little")
 
@@ -80,13 +76,11 @@ def copy_base(base_dir: Path, out: Store, prefix: str = "base") -> str:
 
 
 def _build_key(base_hash: str, table: pa.Table, info: ItemInfo, config: FinetuneConfig) -> str:
-    digest = hashlib.sha256(base_hash.encode())
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    digest.update(sink.getvalue().to_pybytes())
-    digest.update(json.dumps([info.task, list(info.label_names), config.to_dict()], sort_keys=True).encode())
-    return digest.hexdigest()[:32]
+    settings = json.dumps([info.task, list(info.label_names), config.to_dict()], sort_keys=True)
+    return content_key(base_hash, sink.getvalue().to_pybytes(), settings, length=32)
 
 
 def build_fleet(responses: pa.Table, items: Mapping[str, ItemInfo], base_dir: str | Path, out: Store, *,

@@ -16,32 +16,29 @@ tasks (the flow's merge step).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 
+from gw.keys import json_key
 from infra.manifest import MANIFEST_KEY, FleetManifest, load_manifest
 from infra.storage import Store
-from infra.validation import sub_store
 from workers.consolidate import GroupConsolidator, MergeConfig
-from workers.extract import store_checkpoint_hash
 from workers.multihead import MultiHeadScorer
 from workers.publish_fleet import save_checkpoint
-from workers.scorer_io import load_scorer, split_model
+from workers.scorer_io import checkpoint_hash, load_scorer, split_model
 
 RECORD = "record.json"
 SWEEP_VERSION = 1  # bump when what a sweep records changes
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return json_key(parts, length=24)
 
 
 def _inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str]) -> list:
     """What a result about these members depends on: their checkpoints and responses, and the base."""
-    return [sorted((i, store_checkpoint_hash(store, manifest.scorer(i).checkpoint),
+    return [sorted((i, checkpoint_hash(store, manifest.scorer(i).checkpoint),
                     store.size_and_sha256(manifest.scorer(i).responses)[1]) for i in member_ids),
-            store_checkpoint_hash(store, manifest.base_model)]
+            checkpoint_hash(store, manifest.base_model)]
 
 
 def group_key(store: Store, member_ids: Sequence[str], config: MergeConfig,
@@ -110,11 +107,11 @@ def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY)
     """An item kept on its own scorer, saved in the consolidated format (cached by its checkpoint hash)."""
     manifest = load_manifest(store, manifest_key)
     spec = manifest.scorer(item)
-    key = _key("item", item, store_checkpoint_hash(store, spec.checkpoint), spec.labels, spec.task)
+    key = _key("item", item, checkpoint_hash(store, spec.checkpoint), spec.labels, spec.task)
     prefix = f"candidates/items/{key}"
     if store.exists(f"{prefix}/{RECORD}"):
         return {**store.read_json(f"{prefix}/{RECORD}"), "reused": True}
-    with sub_store(store, spec.checkpoint).local_dir("") as path:
+    with store.sub(spec.checkpoint).local_dir("") as path:
         scorer = load_scorer(path, task=spec.task)
     backbone, head = split_model(scorer.model, manifest.head_modules)
     model = MultiHeadScorer(scorer.model.config, backbone, {item: head}, {item: {"task": spec.task, "labels": spec.labels}})

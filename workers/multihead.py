@@ -1,6 +1,6 @@
-"""One shared encoder, one small head per item: the consolidated scorer (DESIGN §4, §5 Serving).
+"""One shared encoder, one small head per item: the consolidated scorer (docs/architecture.md §3.2, §4.5).
 
-On disk (a directory; `workers/consolidated_store.py` moves it to and from a store):
+On disk (a directory; `workers.publish_fleet.save_checkpoint` writes it to a store):
     backbone/               a plain Hugging Face encoder directory (config, model.safetensors, tokenizer)
     heads/<item>.safetensors
     consolidated.json       items and their label schemas, plus whatever the caller records

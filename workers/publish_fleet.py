@@ -2,7 +2,7 @@
 
 Checkpoints are first saved under their own content-addressed prefixes (e.g. `candidates/<key>/`),
 so a rerun reuses them. Publishing copies the chosen ones under an immutable run prefix:
-    published/<run>/groups/<group>/   an accepted merged group (DESIGN §4 consolidated format)
+    published/<run>/groups/<group>/   an accepted merged group (docs/architecture.md §3.2, consolidated format)
     published/<run>/items/<item>/     an item kept on its own scorer, in the same format
 then writes `_MANIFEST.json` last (routing item -> checkpoint + head, storage accounting) and moves
 `LATEST`. Sizes count weights only (model.safetensors and head files): configs and tokenizers are

@@ -1,4 +1,4 @@
-"""Feature extraction over a fleet with Ray actors (DESIGN §2 "extract features", §7 resource sizing).
+"""Feature extraction over a fleet with Ray actors (docs/architecture.md §1 step 2, §5 sizing).
 
 The driver first plans every scorer (responses chosen, checkpoint and data hashed, key named) and
 reuses each feature file that already exists; only the rest reach Ray, so a rerun with nothing
@@ -6,7 +6,7 @@ changed starts no actor. The misses go to a sliding window of actors: each actor
 at a time (loads it once, runs its responses through in sorted batches, writes the Parquet file,
 returns a small `FeatureRef`) and then takes the next scorer.
 
-Sizing (DESIGN §7): on a 2-CPU machine, actors that each ask for a whole CPU wait forever, silently,
+Sizing (docs/architecture.md §5): on a 2-CPU machine, actors that each ask for a whole CPU wait forever, silently,
 once the CPUs are taken. So actors ask for a fraction of a CPU, the window of live actors is sized
 from `ray.cluster_resources()` (one per CPU, or one per GPU slot), and every wait has a timeout.
 GPU actors are used only when the cluster declares GPUs and `torch.cuda.is_available()` in a worker

@@ -5,23 +5,23 @@ keys of the two feature files (which carry checkpoint, data and extraction hashe
 options, so adding one scorer to a fleet of n computes only its n new pairs and a rerun with nothing
 changed computes none. Missing pairs go to Ray in chunks (a chunk shares one load and one preparation
 of each cloud); at most `max_in_flight` chunks run at once and every wait has a timeout.
-The result is written as the long-form distances table of DESIGN §4 (plus a `skipped` column).
+The result is written as the long-form distances table of docs/architecture.md §3.4 (plus a `skipped` column).
 
-Skipping by lower bounds (the rule of `gw.matrix.gw_matrix`; see its docstring for why it is exact).
-With `skip_tau` or `skip_tau_quantile`, each feature set gets one cost profile (`gw.bounds`), computed
-where the features are and cached under `gw/profiles/<hash of feature key + profile settings>.json`.
-The uncached pairs are submitted in ascending order of their bound; pairs not yet submitted whose
-bound reaches the cutoff are dropped: explicit tau up front, a quantile after each finished chunk
-(`gw.matrix.quantile_cutoff` over the known values, cached pairs included). A dropped pair is recorded
-at its bound (`skipped` True, solver "bound") and never written to the pair cache, so a later run
-with another tau can still solve it.
+Skipping by lower bounds: the schedule of `gw.matrix.gw_matrix` (`gw.schedule.BoundSchedule`; see
+`gw.matrix` for why it is exact). With `skip_tau` or `skip_tau_quantile`, each feature set gets one
+cost profile (`gw.bounds`), computed where the features are and cached under
+`gw/profiles/<hash of feature key + profile settings>.json`. The uncached pairs are submitted in
+ascending order of their bound; pairs not yet submitted whose bound reaches the cutoff (explicit
+tau, or the quantile's over the known values, cached pairs included, after each finished chunk) are
+dropped. With `third_bound` a chunk also carries the pairs worth Mémoli's third lower bound, which
+the task computes from the clouds it has loaded, before solving, skipping those it lifts to the
+chunk's cutoff. A dropped pair is recorded at its bound (`skipped` True, solver "bound") and never
+written to the pair cache, so a later run with another tau can still solve it.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -31,10 +31,13 @@ import pyarrow as pa
 
 import torch
 
-from gw.bounds import DEFAULT_BINS, DEFAULT_LEVELS, CostProfile, bound_matrix, cost_profile
+from gw.bounds import (DEFAULT_BINS, DEFAULT_LEVELS, CostProfile, bound_matrix, cost_profile, row_profiles,
+                       third_lower_bound)
 from gw.clouds import PreparedCloud, prepare
+from gw.keys import content_key
 from gw.matrix import pair_cache_key as gw_pair_key
-from gw.matrix import check_skipping, quantile_cutoff, solver_config
+from gw.matrix import solver_config
+from gw.schedule import Batch, BoundSchedule, check_skipping
 from gw.solvers import EntropicOptions, entropic_gw_batch, gw_pair
 from infra.storage import Store
 from workers.extract import FeatureRef, read_features
@@ -44,11 +47,10 @@ PROFILES_PREFIX = "gw/profiles"
 DISTANCES_PREFIX = "gw/distances"
 # Everything a profile depends on besides the features (prepare's defaults, as compute_chunk uses them).
 PROFILE_SETTINGS = {"normalisation": "mean", "dtype": "float32", "n_levels": DEFAULT_LEVELS, "n_bins": DEFAULT_BINS}
-_CUTOFF_GROWTH = 1.01  # recompute the quantile cutoff once the known values grew by 1 %
 
 
 def _short(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return content_key(text, length=20)
 
 
 def pair_cache_key(solver: str, options: EntropicOptions | None, a: FeatureRef, b: FeatureRef) -> str:
@@ -81,28 +83,43 @@ def _as_profile(record: dict) -> CostProfile:
                        upper=np.asarray(record["upper"], dtype=np.float64))
 
 
-def compute_chunk(store: Store, refs: Sequence[FeatureRef], pairs: Sequence[tuple[int, int]], solver: str,
-                  options: EntropicOptions | None, cache_keys: Sequence[str]) -> list[dict]:
-    """Solve `pairs` (indices into `refs`), write each under its cache key, return their records.
+def compute_chunk(store: Store, refs: Sequence[FeatureRef], batch: Batch, solver: str,
+                  options: EntropicOptions | None, cache_keys: Mapping[tuple[int, int], str]) -> dict:
+    """Solve a batch of pairs (indices into `refs`), write each under its cache key.
 
-    The driver names the cache keys, so reader and writer agree even if a worker runs other code.
+    First the third lower bound of the pairs in `batch.tighten`; `batch.split` says which of them
+    are then skipped. Returns {"records": one per solved pair, in batch order, "third_bounds":
+    {pair: bound}}. The driver names the cache keys, so reader and writer agree even if a worker
+    runs other code.
     """
-    needed = sorted({i for pair in pairs for i in pair})
-    clouds = {i: _prepared(store, refs[i]) for i in needed}
+    clouds: dict[int, PreparedCloud] = {}
+
+    def cloud(i: int) -> PreparedCloud:
+        if i not in clouds:
+            clouds[i] = _prepared(store, refs[i])
+        return clouds[i]
+
+    third_bounds = {}
+    if batch.tighten:
+        rows = {i: row_profiles(cloud(i)) for i in sorted({i for pair in batch.tighten for i in pair})}
+        third_bounds = {(i, j): third_lower_bound(rows[i], rows[j]) for i, j in batch.tighten}
+    pairs, _ = batch.split(third_bounds)
     # Solve each pair in a canonical order (by content key) so its value never depends on id order.
     ordered = [(i, j) if refs[i].key <= refs[j].key else (j, i) for i, j in pairs]
-    if solver == "entropic":
-        results = entropic_gw_batch([(clouds[i], clouds[j]) for i, j in ordered], options)
+    if not ordered:
+        results = []
+    elif solver == "entropic":
+        results = entropic_gw_batch([(cloud(i), cloud(j)) for i, j in ordered], options)
     else:
-        results = [gw_pair(clouds[i], clouds[j], solver=solver) for i, j in ordered]
+        results = [gw_pair(cloud(i), cloud(j), solver=solver) for i, j in ordered]
     records = []
-    for (i, j), result, cache_key in zip(pairs, results, cache_keys):
+    for (i, j), result in zip(pairs, results):
         # n_a / n_b follow a / b, not the canonical order the solver saw.
         record = {"a": refs[i].scorer_id, "b": refs[j].scorer_id, "key_a": refs[i].key, "key_b": refs[j].key,
                   **result.to_dict(), "n_a": clouds[i].n_points, "n_b": clouds[j].n_points}
-        store.write_json(cache_key, record)
+        store.write_json(cache_keys[(i, j)], record)
         records.append(record)
-    return records
+    return {"records": records, "third_bounds": third_bounds}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,51 +203,6 @@ def _run_all(runner, window: int, jobs: Sequence[tuple], on_result: Callable) ->
 # --------------------------------------------------------------------------------------------------
 
 
-class _BoundQueue:
-    """Pairs not yet submitted, in ascending order of their bound; the tail that reaches a cutoff is dropped."""
-
-    def __init__(self, pairs: Sequence[tuple[int, int]], bounds: Mapping[tuple[int, int], float] | None) -> None:
-        self.bounds = bounds
-        self.pairs = deque(sorted(pairs, key=lambda p: (bounds[p], p)) if bounds is not None else pairs)
-        self.skipped: list[tuple[int, int]] = []
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def take(self, n: int) -> list[tuple[int, int]]:
-        return [self.pairs.popleft() for _ in range(min(n, len(self.pairs)))]
-
-    def drop_reaching(self, cutoff: float) -> None:
-        while self.pairs and self.bounds[self.pairs[-1]] >= cutoff:
-            self.skipped.append(self.pairs.pop())
-
-
-class _QuantileCutoff:
-    """`quantile_cutoff` of the known values, recomputed only once they have grown by 1 %.
-
-    A stale cutoff is never lower than the current one (the cutoff only falls as values arrive), so
-    dropping by it stays exact; it only drops later. This keeps the driver's sorting cheap at scale.
-    """
-
-    def __init__(self, quantile: float, n_pairs: int) -> None:
-        self._quantile, self._n_pairs = quantile, n_pairs
-        self._seen, self._value = -1, math.inf
-
-    def __call__(self, known: Sequence[float]) -> float:
-        if len(known) > self._seen and len(known) >= self._seen * _CUTOFF_GROWTH:
-            self._seen, self._value = len(known), quantile_cutoff(known, self._n_pairs, self._quantile)
-        return self._value
-
-
-def _cutoff(skip_tau: float | None, skip_tau_quantile: float | None, n_pairs: int) -> Callable | None:
-    """known values -> the bound at which a pair not yet submitted is dropped; None without skipping."""
-    if skip_tau is not None:
-        return lambda _known: float(skip_tau)
-    if skip_tau_quantile is not None:
-        return _QuantileCutoff(float(skip_tau_quantile), n_pairs)
-    return None
-
-
 def load_profiles(store: Store, refs: Sequence[FeatureRef], needed: Sequence[int], make_runner: Callable
                   ) -> tuple[dict[int, CostProfile], int]:
     """Cost profiles of `refs[needed]`: cached ones read, the others computed (as tasks); (profiles, computed)."""
@@ -271,8 +243,11 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
                       options: EntropicOptions | None = None, chunk_size: int = 8, max_in_flight: int | None = None,
                       progress: Callable[[int, int], None] | None = None, timeout_s: float = 3600.0,
                       use_ray: bool = True, skip_tau: float | None = None,
-                      skip_tau_quantile: float | None = None) -> dict:
+                      skip_tau_quantile: float | None = None, third_bound: bool = True) -> dict:
     """All pairwise GW distances, or all that a threshold needs (`skip_tau` / `skip_tau_quantile`).
+
+    `third_bound`: also try Mémoli's third lower bound on the pairs about to be solved that the
+    schedule names (`gw.schedule`), as `gw.matrix.gw_matrix` does.
 
     Returns {key (distances table), ids, computed, reused, skipped, tau, profiles {computed, reused},
     seconds}; `tau` is the explicit tau or the exact quantile tau of the full matrix (None without skipping).
@@ -306,48 +281,50 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
     if skipping and todo:
         profiles, profiles_computed = load_profiles(store, refs, needed, make_runner)
         bounds = pair_bounds(profiles, todo)
-    queue = _BoundQueue(todo, bounds)
-    cutoff = _cutoff(skip_tau, skip_tau_quantile, total)
-    known = [float(r["value"]) for r in records.values()]
+    schedule = BoundSchedule(todo, total, [float(r["value"]) for r in records.values()], bounds=bounds,
+                             skip_tau=skip_tau, skip_tau_quantile=skip_tau_quantile, third_bound=third_bound)
 
-    def on_chunk(chunk: list, results: list) -> None:
-        for pair, record in zip(chunk, results):
+    def on_chunk(batch: Batch, result: dict) -> None:
+        solved = schedule.settle(batch, result["third_bounds"])
+        for pair, record in zip(solved, result["records"], strict=True):
             records[pair] = record
-            known.append(float(record["value"]))
+        schedule.add(float(record["value"]) for record in result["records"])
         if progress:
-            progress(len(records) + len(queue.skipped), total)
+            progress(len(records) + len(schedule.skipped), total)
 
-    _solve_in_bound_order(queue, cutoff, known, chunk_size,
-                          lambda: make_runner(compute_chunk, (store, list(refs))),
-                          lambda chunk: (chunk, solver, options, [keys[p] for p in chunk]), on_chunk)
-    for i, j in queue.skipped:
-        records[(i, j)] = _skipped_record(refs, i, j, bounds[(i, j)])
-    if queue.skipped and progress:
+    _solve_in_bound_order(schedule, chunk_size, lambda: make_runner(compute_chunk, (store, list(refs))),
+                          lambda batch: (batch, solver, options, {p: keys[p] for p in batch.pairs}), on_chunk)
+    for (i, j), bound in schedule.skipped.items():
+        records[(i, j)] = _skipped_record(refs, i, j, bound)
+    if schedule.skipped and progress:
         progress(total, total)
 
     key = _write_table(store, refs, records, solver, options, skip_tau, skip_tau_quantile)
-    return {"key": key, "ids": ids, "computed": len(todo) - len(queue.skipped), "reused": reused,
-            "skipped": len(queue.skipped), "tau": _tau(records, skip_tau, skip_tau_quantile),
+    return {"key": key, "ids": ids, "computed": len(todo) - len(schedule.skipped), "reused": reused,
+            "skipped": len(schedule.skipped), "tau": _tau(records, skip_tau, skip_tau_quantile),
             "profiles": {"computed": profiles_computed, "reused": len(needed) - profiles_computed if skipping else 0},
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _solve_in_bound_order(queue: _BoundQueue, cutoff: Callable | None, known: list, chunk_size: int,
-                          make_runner: Callable, job_args: Callable, on_chunk: Callable) -> None:
-    """Submit chunks from the front of `queue`; before each round drop the tail that reaches the cutoff."""
+def _solve_in_bound_order(schedule: BoundSchedule, chunk_size: int, make_runner: Callable, job_args: Callable,
+                          on_chunk: Callable) -> None:
+    """Submit the schedule's batches while the window has room; after each finished one, ask again."""
     runner = window = None
     while True:
-        if cutoff is not None:
-            queue.drop_reaching(cutoff(known))
-        if not queue and not (runner and len(runner)):
+        schedule.drop_reaching()
+        if not len(schedule) and not (runner and len(runner)):
             return
         if runner is None:  # only now, so a run with nothing left to solve never starts Ray
             runner, window = make_runner()
-        while queue and len(runner) < window:
-            chunk = queue.take(chunk_size)
-            runner.submit(chunk, *job_args(chunk))
-        for chunk, results in runner.wait():
-            on_chunk(chunk, results)
+        while len(schedule) and len(runner) < window:
+            batch = schedule.next_batch(chunk_size)
+            if not batch.pairs:
+                break
+            runner.submit(batch, *job_args(batch))
+        if not len(runner):
+            continue
+        for batch, result in runner.wait():
+            on_chunk(batch, result)
 
 
 def _tau(records: Mapping, skip_tau: float | None, skip_tau_quantile: float | None) -> float | None:

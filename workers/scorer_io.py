@@ -19,6 +19,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from gw.keys import content_key
+from infra.storage import Store, StorageError, open_store
+
 DEFAULT_HEAD_MODULES = ("pooler", "classifier")
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
@@ -113,13 +116,28 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_hash(path: str | Path) -> str:
-    """Content hash of a checkpoint: its weights and its config."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    digest.update(file_sha256(path / WEIGHTS_FILE).encode())
-    digest.update((path / "config.json").read_bytes())
-    return digest.hexdigest()[:32]
+def checkpoint_hash(source: str | Path | Store, checkpoint: str = "") -> str:
+    """Content hash of a checkpoint: sha256 of its weights' hex sha256 then its config.json bytes (32 hex).
+
+    ``source`` is the checkpoint directory, or a store with ``checkpoint`` the checkpoint's ref in it
+    (a key, an absolute path or a URI). The weights are streamed, never downloaded whole. A store's
+    unreadable checkpoint raises ValueError; a missing file in a directory raises FileNotFoundError.
+    """
+    in_store = isinstance(source, Store)
+    where = source.sub(checkpoint) if in_store else open_store(str(Path(source).absolute()))
+    try:
+        _, weights_sha = where.size_and_sha256(WEIGHTS_FILE)
+        config_bytes = where.read_bytes("config.json")
+    except StorageError as exc:
+        if not in_store:
+            raise
+        raise ValueError(f"checkpoint {checkpoint}: cannot hash it ({exc})") from None
+    return content_key(weights_sha, config_bytes, length=32)
+
+
+def default_device() -> str:
+    """Where scorers run unless told otherwise: CUDA when available, else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_config(path: str | Path):

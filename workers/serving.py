@@ -18,7 +18,7 @@ import torch
 from infra.publish import latest_run, read_manifest, run_prefix
 from infra.storage import Store
 from workers.batching import sorted_batches
-from workers.fleet_build import default_device
+from workers.scorer_io import default_device
 from workers.multihead import MultiHeadScorer, load_consolidated
 
 

@@ -26,14 +26,13 @@ Where we differ from the reference, and why:
   reference's Δ drifts into the shared subspace it means to protect. ``projection`` chooses:
   "final" (default) runs the reference's iterations and then projects Δ once, Δ ← (I − P)Δ, so the
   merge uses a Δ with no component in the subspace (PΔ = 0); "step" projects Δ after every Adam step
-  (projected Adam: every iterate stays in the complement; ~1.5x the optimisation time on CPU);
+  (projected Adam: every iterate stays in the complement; a projection per step costs time);
   "gradient" is the reference exactly (the gradient only).
 - Speed. The loss is quadratic in Δ, so the gradient is computed in closed form,
   ∇ = −2 Λ Σ_j a_j ⊙ τ_j with a_j = ⟨τ_j, τ_j − τ_m⟩ per row and Λ = Σ_i λ_i, instead of by autograd;
   weights of the same shape are optimised together in batches of at most 16 MB of task vectors (Adam
   is element-wise and the loss is a sum over weights, so this equals optimising each weight alone, as
-  the reference does), with torch's fused Adam kernel. A MiniLM-L6 trio (36 weights, 400 steps) takes
-  ~25 s of one CPU core.
+  the reference does), with torch's fused Adam kernel (timings: docs/performance.md).
 - Memory. No batch-sized temporaries: the projection is in place (``baddbmm_``), the residual constants
   are computed in the optimiser's buffers before it starts, the SVDs run one weight at a time and the
   final masked merge one weight at a time; peak memory is ~1.6x the inputs for a MiniLM-L6 trio.
@@ -163,7 +162,7 @@ def _row_inner(taus: Tensor, matrix: Tensor) -> Tensor:
 
 
 def _row_inner_into(taus: Tensor, matrix: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
-    """_row_inner into reused buffers, multiply-then-sum per task: ~2x faster on CPU than einsum,
+    """_row_inner into reused buffers, multiply-then-sum per task: faster on CPU than einsum,
     which copies the task vectors into a matmul-friendly layout on every call."""
     for task in range(taus.shape[0]):
         torch.sum(torch.mul(taus[task], matrix, out=scratch), dim=-1, out=out[task])
@@ -221,7 +220,7 @@ def optimise_shift(
         constant = _initial_residuals(taus, lambdas, merged=grad, scratch=delta_buffer)
         inner = torch.empty_like(constant)
         delta = torch.nn.Parameter(delta_buffer.zero_())
-        # torch's Adam with its defaults, as the reference; the fused kernel is one pass (~8x faster).
+        # torch's Adam with its defaults, as the reference; the fused kernel is one pass over the weights.
         optimizer = torch.optim.Adam([delta], lr=lr, fused=_fused_supported(delta))
         losses = torch.empty(steps + 1, dtype=torch.float64, device=taus.device)
         for step in range(steps + 1):

@@ -1,151 +1,17 @@
-"""Other ways to group scorers, to compare with :func:`gw.plan.solve_plan` (DESIGN §5, "Plan").
-
-* :func:`linkage_plan`: the GW-SMM paper's method (arXiv 2503.09774), agglomerative average-linkage
-  clustering on D to a fixed number of groups, here with the group-size cap ``k``.
-* :func:`random_plan`: random groups, seeded.
-* :func:`given_plan`: a person's grouping (e.g. by curriculum module); :func:`partition_modules`
-  splits labelled modules into groups of at most ``k``.
-* :func:`plan_from_similarity`: linkage on any similarity matrix, used by :func:`description_plan`
-  (cosine of description embeddings), :func:`task_vector_plan` (task-vector cosine) and
-  :func:`cka_plan` (linear CKA on a shared probe set).
-
-Every baseline takes the same ``k`` and can be asked for ``n_groups`` multi-member groups, so plans
-compare at equal size. Pure math; no I/O.
-"""
+"""Random (seeded) plans, a person's grouping, and curriculum modules split into groups of at most k."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from gw.plan import Plan, _check_ids, allowed_pairs, check_distance_matrix, plan_from_groups
-from gw.similarity import cka_matrix, cosine_similarity_matrix, similarity_to_distance, task_vector_cosine
+from gw.plan import Plan, _check_ids, check_distance_matrix, plan_from_groups
 
-Linkage = Literal["average", "complete", "single"]
+from ._checks import _check_k, _check_n_groups
 
-
-def _check_k(k: int) -> int:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 2:
-        raise ValueError(f"k must be an integer >= 2, got {k!r}")
-    return int(k)
-
-
-def _check_n_groups(n_groups: int | None, n: int) -> int | None:
-    if n_groups is None:
-        return None
-    if not isinstance(n_groups, (int, np.integer)) or isinstance(n_groups, bool) or n_groups < 0:
-        raise ValueError(f"n_groups must be a non-negative integer, got {n_groups!r}")
-    if 2 * n_groups > n:
-        raise ValueError(f"n_groups={n_groups} groups of >= 2 need {2 * n_groups} ids, only {n} given")
-    return int(n_groups)
-
-
-# --------------------------------------------------------------------------------------------------
-# The paper's method: capped agglomerative clustering
-# --------------------------------------------------------------------------------------------------
-
-
-def linkage_plan(
-    D: np.ndarray,
-    ids: Sequence[str],
-    n_groups: int | None = None,
-    *,
-    k: int = 3,
-    linkage: Linkage = "average",
-    tau: float | None = None,
-    base_models: Mapping[str, str] | None = None,
-    forbidden: Iterable[tuple[str, str]] = (),
-    fill: bool = False,
-    method: str = "linkage",
-) -> Plan:
-    """Agglomerative clustering on D where no cluster grows past ``k`` members.
-
-    Starting from singletons, repeatedly merge the two clusters with the smallest linkage distance
-    (``average``: mean of D over the cross pairs, as in GW-SMM; or ``complete`` / ``single``) among
-    those whose union has at most ``k`` members, whose members all share a base model, with no
-    unknown (NaN / inf) or forbidden cross pair, and, if ``tau`` is given, whose linkage distance is
-    below ``tau``. Ties go to the lowest indices, so the result is deterministic.
-
-    Stops when ``n_groups`` multi-member groups exist, or when nothing can merge (``n_groups=None``
-    merges as long as anything can). So that ``n_groups`` stays reachable, a merge that would leave
-    too few singletons to form the missing groups is skipped (with every pair compatible, exactly
-    ``n_groups`` groups come out whenever ``2 * n_groups <= n``). With ``fill=True``, after
-    ``n_groups`` is reached merging goes on, but only singletons into existing groups, so the groups
-    fill up towards ``k`` while their number stays ``n_groups``.
-    """
-    ids = _check_ids(ids)
-    D = check_distance_matrix(D, ids)
-    k = _check_k(k)
-    n = len(ids)
-    n_groups = _check_n_groups(n_groups, n)
-    if linkage not in ("average", "complete", "single"):
-        raise ValueError(f"linkage must be 'average', 'complete' or 'single', got {linkage!r}")
-    # Pairs that may ever share a cluster: known distance, same base, not forbidden.
-    compatible = allowed_pairs(D, ids, math.inf, base_models=base_models, forbidden=forbidden)
-    finite_D = np.where(np.isfinite(D), D, 0.0)
-
-    members: list[list[int]] = [[i] for i in range(n)]
-    alive = np.ones(n, dtype=bool)
-    size = np.ones(n, dtype=np.int64)
-    # Cluster-level statistics, merged in place: sum / max / min of D over cross pairs.
-    total = finite_D.copy()
-    largest = finite_D.copy()
-    smallest = finite_D.copy()
-    ok = compatible.copy()
-    upper = np.triu(np.ones((n, n), dtype=bool), 1)
-    n_multi = 0
-    while n_groups is None or n_multi < n_groups or fill:
-        pair_count = np.outer(size, size)
-        if linkage == "average":
-            dist = total / pair_count
-        elif linkage == "complete":
-            dist = largest
-        else:
-            dist = smallest
-        feasible = ok & alive[:, None] & alive[None, :] & (size[:, None] + size[None, :] <= k)
-        feasible &= upper
-        if tau is not None:
-            feasible &= dist < tau
-        if n_groups is not None:
-            multi = (size >= 2) & alive
-            if n_multi >= n_groups:
-                # Filling: a singleton joins an existing group, which keeps the count.
-                feasible &= multi[:, None] ^ multi[None, :]
-            else:
-                # Keep n_groups reachable: each missing group still needs two singletons.
-                missing = n_groups - n_multi
-                spare = int((alive & (size == 1)).sum()) - 2 * missing
-                if spare < 1:
-                    feasible &= ~multi[:, None] & ~multi[None, :]  # only two singletons may merge
-                if spare < 2:
-                    feasible &= ~(multi[:, None] & multi[None, :])  # two groups merging lose one
-        if not feasible.any():
-            break
-        masked = np.where(feasible, dist, np.inf)
-        a, b = map(int, np.unravel_index(int(np.argmin(masked)), masked.shape))
-        n_multi += 1 - int(size[a] >= 2) - int(size[b] >= 2)
-        members[a] += members[b]
-        members[b] = []
-        alive[b] = False
-        size[a] += size[b]
-        total[a] += total[b]
-        total[:, a] = total[a]
-        largest[a] = np.maximum(largest[a], largest[b])
-        largest[:, a] = largest[a]
-        smallest[a] = np.minimum(smallest[a], smallest[b])
-        smallest[:, a] = smallest[a]
-        ok[a] &= ok[b]
-        ok[:, a] = ok[a]
-    groups = [[ids[i] for i in members[c]] for c in range(n) if alive[c] and size[c] >= 2]
-    return plan_from_groups(groups, ids, method, D=D if tau is not None else None, tau=tau)
-
-
-# --------------------------------------------------------------------------------------------------
-# Random and given plans
-# --------------------------------------------------------------------------------------------------
+__all__ = ["default_group_sizes", "given_plan", "module_plan", "partition_modules", "random_plan"]
 
 
 def default_group_sizes(n: int, n_groups: int, k: int) -> list[int]:
@@ -365,57 +231,3 @@ def module_plan(modules: Mapping[str, str], sizes: Sequence[int], *, ids: Sequen
             groups.append(leftovers[:size])
             leftovers = leftovers[size:]
     return plan_from_groups(groups, ids, "module")
-
-
-# --------------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------------
-# Plans from other similarities
-# --------------------------------------------------------------------------------------------------
-
-
-def plan_from_similarity(
-    S: np.ndarray,
-    ids: Sequence[str],
-    n_groups: int | None,
-    k: int = 3,
-    *,
-    base_models: Mapping[str, str] | None = None,
-    forbidden: Iterable[tuple[str, str]] = (),
-    linkage: Linkage = "average",
-    fill: bool = False,
-    method: str = "similarity",
-) -> Plan:
-    """Capped linkage (see :func:`linkage_plan`) on distances ``max(S) - S`` from a similarity S.
-
-    NaN similarities mean "unknown, never group". ``method`` names the source in the plan.
-    """
-    D = similarity_to_distance(S)
-    return linkage_plan(
-        D, ids, n_groups, k=k, linkage=linkage, base_models=base_models, forbidden=forbidden, fill=fill, method=method
-    )
-
-
-def description_plan(
-    embeddings: Any, ids: Sequence[str], n_groups: int | None, k: int = 3, **options: Any
-) -> Plan:
-    """Groups by cosine similarity of item-description embeddings ([n, d], computed elsewhere)."""
-    return plan_from_similarity(cosine_similarity_matrix(embeddings), ids, n_groups, k, method="description", **options)
-
-
-def task_vector_plan(
-    task_vectors: Sequence[Mapping[str, torch.Tensor]] | np.ndarray,
-    ids: Sequence[str],
-    n_groups: int | None,
-    k: int = 3,
-    *,
-    keys: Iterable[str] | None = None,
-    **options: Any,
-) -> Plan:
-    """Groups by cosine similarity of task vectors (see :func:`gw.similarity.task_vector_cosine`)."""
-    S = task_vector_cosine(task_vectors, keys=keys)
-    return plan_from_similarity(S, ids, n_groups, k, method="task-vector-cosine", **options)
-
-
-def cka_plan(features: Mapping[str, Any], n_groups: int | None, k: int = 3, **options: Any) -> Plan:
-    """Groups by linear CKA of each model's features of a shared probe set (id -> [n, d])."""
-    return plan_from_similarity(cka_matrix(features), list(features), n_groups, k, method="cka", **options)
