@@ -376,7 +376,7 @@ def test_bad_method_and_parameters(trio):
     with pytest.raises(ValueError, match="non-empty sequence"):
         merge("ta", base, [])
     assert method_defaults("ties") == {"lam": 1.0, "top_k": 0.2}
-    assert set(available_methods()) == {"dare", "doge", "task_arithmetic", "ties"}
+    assert set(available_methods()) == {"dare", "doge", "iso_c", "iso_cts", "task_arithmetic", "ties", "tsv_m"}
 
 
 # ---- choosing parameters (gw.tuning) --------------------------------------------------------------
