@@ -412,7 +412,7 @@ def test_grid_search_ties_nan_and_errors():
     assert worst_change({"a": 0.8, "b": 0.7}, {"a": 0.79, "b": 0.72}) == pytest.approx(-0.01)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "doge"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "doge", "tsv_m", "iso_c", "iso_cts"])
 def test_default_grids_are_valid_merge_parameters(method, trio):
     from gw.tuning import default_grid
 

@@ -203,6 +203,13 @@ def test_registry_lists_the_svd_methods_with_their_defaults():
     assert method_defaults("iso_cts") == {"alpha": 1.0, "common_fraction": 0.8}
 
 
+def test_cli_method_choices_are_the_registry():
+    import flows.cli  # noqa: F401 - the CLI imports with its choices
+    from flows.config import MERGE_METHODS
+
+    assert set(MERGE_METHODS) == {*available_methods(), "ta"}
+
+
 @pytest.mark.parametrize("method", SVD_METHODS)
 def test_layout_inputs_determinism_and_non_matrix_rule(method, trio):
     base, models = trio

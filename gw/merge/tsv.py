@@ -9,8 +9,8 @@ For every weight of kind *matrix* (r = min(rows, cols), T tasks):
 3. Decorrelate: replace U and V by their nearest matrices with orthonormal columns (orthogonal
    Procrustes, U = P S Qᵀ → U⊥ = P Qᵀ; likewise V⊥), which removes the interference between the tasks'
    singular vectors while keeping each task's singular values.
-4. τ_TSV = U⊥ Σ V⊥ᵀ and θ = θ₀ + α τ_TSV, α = 1.0 by default (the paper does not tune α for TSV-M and
-   uses 1.0; FusionBench's TaskSingularVectorMerging config also defaults to alpha 1).
+4. τ_TSV = U⊥ Σ V⊥ᵀ and θ = θ₀ + α τ_TSV, α = 1.0 by default (FusionBench's TaskSingularVectorMerging
+   config: alpha 1; the paper's own statement on α was not checked against its text).
 
 When T·k > r (more tasks than the rank: k is then 1) the concatenated bases are wider than tall and
 their Procrustes factors have orthonormal rows instead.
