@@ -8,10 +8,12 @@ For every weight of kind *matrix* (r = min(rows, cols), T tasks, Δ = Σ_i τ_i 
 - **Iso-CTS** (common and task-specific subspaces): the top k singular directions of Δ span the common
   subspace (U_c, Σ_c, V_c); each task contributes the top s = ⌊(r − ⌊f·r⌋)/T⌋ singular triplets of its
   task vector projected off the common left subspace, τ̄_i = (I − U_c U_cᵀ) τ_i; the r − T·s remaining
-  directions all go to the common subspace (k = r − T·s ≥ ⌊f·r⌋, as in the authors' code, so the stacked
-  basis has exactly r columns). U = [U_c, U_1 … U_T] and V = [V_c, V_1 … V_T] are replaced by their
-  nearest matrices with orthonormal columns (orthogonal Procrustes, U = P S Qᵀ → P Qᵀ, as in TSV-M),
-  σ̄ is the mean of the stacked singular values [Σ_c, Σ_1 … Σ_T] and M = σ̄ U⊥ V⊥ᵀ.
+  directions all go to the common subspace (k = r − T·s ≥ ⌊f·r⌋), so the stacked basis has exactly r
+  columns, as in the reference code (which rounds (r − ⌊f·r⌋)/T where we take the floor: at most one
+  task-specific direction per task fewer in some shapes, the same for BERT-base's 768 at f = 0.8, T = 3).
+  U = [U_c, U_1 … U_T] and V = [V_c, V_1 … V_T] are replaced by their nearest matrices with orthonormal
+  columns (orthogonal Procrustes, U = P S Qᵀ → P Qᵀ, as in TSV-M), σ̄ is the mean of the stacked
+  singular values [Σ_c, Σ_1 … Σ_T] and M = σ̄ U⊥ V⊥ᵀ.
   With f = 1 there is no task-specific part and Iso-CTS is Iso-C.
 
 θ = θ₀ + α M. The paper chooses α on held-out validation data per setting; the default here is 1.0
@@ -19,9 +21,10 @@ For every weight of kind *matrix* (r = min(rows, cols), T tasks, Δ = Σ_i τ_i 
 fraction f = 0.8 is the authors' setting (their README and config/method/iso_cts.yaml; FusionBench's
 iso_cts.yaml agrees).
 
-Other parameters: the method is defined on matrices; the authors' code averages every other tensor, so
-biases, LayerNorm weights/biases, embedding tables and other float tensors get the Task Arithmetic
-mean θ₀ + (1/T) Σ τ_i (α does not apply to them). Buffers are copied.
+Other parameters: the method is defined on matrices. Biases, LayerNorm weights/biases, embedding tables
+and other float tensors get the Task Arithmetic mean θ₀ + (1/T) Σ τ_i (α does not apply to them);
+buffers are copied. The reference code in FusionBench also averages the non-2-D tensors but merges
+embedding tables like any 2-D tensor and scales everything by α (gw/merge/README.md).
 """
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ For every weight of kind *matrix* (r = min(rows, cols), T tasks):
 When T·k > r (more tasks than the rank: k is then 1) the concatenated bases are wider than tall and
 their Procrustes factors have orthonormal rows instead.
 
-Other parameters: the paper's procedure is defined on matrices; its reference implementation averages
-every non-matrix tensor, so biases, LayerNorm weights/biases, embedding tables and other float tensors
-get the Task Arithmetic mean θ₀ + (1/T) Σ τ_i (α does not apply to them). Buffers are copied.
+Other parameters: the paper's procedure is defined on matrices. Biases, LayerNorm weights/biases,
+embedding tables and other float tensors get the Task Arithmetic mean θ₀ + (1/T) Σ τ_i (α does not apply
+to them); buffers are copied. The reference code in FusionBench also averages the non-2-D tensors but
+SVD-merges embedding tables like any 2-D tensor and scales everything by α (gw/merge/README.md).
 """
 from __future__ import annotations
 
