@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from flows.config import GATE_RULES, ConsolidateConfig
+from flows.config import GATE_RULES, MERGE_METHODS, ConsolidateConfig
 from infra.manifest import MANIFEST_KEY
 from infra.publish import PublishError
 from infra.settings import offline_env
@@ -247,7 +247,7 @@ def _add_consolidation_options(parser) -> None:
     _add_plan_options(parser)
     parser.add_argument("--skip-by-bounds", action=argparse.BooleanOptionalAction, default=DEFAULTS.skip_by_bounds,
                         help="skip GW pairs whose lower bound is already at or above tau (default: %(default)s)")
-    parser.add_argument("--method", default=DEFAULTS.method, choices=["ties", "doge", "task_arithmetic", "ta", "dare"],
+    parser.add_argument("--method", default=DEFAULTS.method, choices=MERGE_METHODS,
                         help="merge method (default: %(default)s)")
     parser.add_argument("--tuning", action=argparse.BooleanOptionalAction, default=DEFAULTS.grid != [],
                         help="search the method's parameter grid on validation; --no-tuning: its default "

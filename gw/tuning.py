@@ -26,6 +26,11 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "dare": {"p": (0.5, 0.3, 0.7), "lam": (0.5, 0.7, 1.0)},
     # DOGE's η (0.07 in the paper); each candidate is a full Δ optimisation.
     "doge": {"eta": (0.07, 0.04, 0.1)},
+    # α of the SVD-based merges, default first (1.0: FusionBench's configs for all three; the Iso paper
+    # picks α on validation). Not compared on Beetle yet.
+    "tsv_m": {"alpha": (1.0, 0.7, 1.3)},
+    "iso_c": {"alpha": (1.0, 0.7, 1.3)},
+    "iso_cts": {"alpha": (1.0, 0.7, 1.3)},
 }
 
 

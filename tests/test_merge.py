@@ -376,7 +376,7 @@ def test_bad_method_and_parameters(trio):
     with pytest.raises(ValueError, match="non-empty sequence"):
         merge("ta", base, [])
     assert method_defaults("ties") == {"lam": 1.0, "top_k": 0.2}
-    assert set(available_methods()) == {"dare", "doge", "task_arithmetic", "ties"}
+    assert set(available_methods()) == {"dare", "doge", "iso_c", "iso_cts", "task_arithmetic", "ties", "tsv_m"}
 
 
 # ---- choosing parameters (gw.tuning) --------------------------------------------------------------
@@ -412,7 +412,7 @@ def test_grid_search_ties_nan_and_errors():
     assert worst_change({"a": 0.8, "b": 0.7}, {"a": 0.79, "b": 0.72}) == pytest.approx(-0.01)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "doge"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "doge", "tsv_m", "iso_c", "iso_cts"])
 def test_default_grids_are_valid_merge_parameters(method, trio):
     from gw.tuning import default_grid
 

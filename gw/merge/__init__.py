@@ -21,8 +21,10 @@ from torch import Tensor
 from gw.merge._state import classify_key, validate_state_dicts
 from gw.merge.dare import DareParams, merge_dare
 from gw.merge.doge import DogeParams, merge_doge
+from gw.merge.iso import IsoCParams, IsoCtsParams, merge_iso_c, merge_iso_cts
 from gw.merge.task_arithmetic import TaskArithmeticParams, merge_task_arithmetic
 from gw.merge.ties import TiesParams, merge_ties
+from gw.merge.tsv import TsvMParams, merge_tsv_m
 
 __all__ = ["MergeResult", "available_methods", "classify_key", "method_defaults", "merge"]
 
@@ -53,6 +55,9 @@ _METHODS: dict[str, _Method] = {
     "ties": _Method(TiesParams, merge_ties),
     "dare": _Method(DareParams, merge_dare),
     "doge": _Method(DogeParams, merge_doge),
+    "tsv_m": _Method(TsvMParams, merge_tsv_m),
+    "iso_c": _Method(IsoCParams, merge_iso_c),
+    "iso_cts": _Method(IsoCtsParams, merge_iso_cts),
 }
 _ALIASES = {"ta": "task_arithmetic"}
 
