@@ -311,5 +311,7 @@ def gate_group(members: Sequence[str], own: Mapping[str, Evidence], evaluate: Su
         return decide([], f"kept on own scorers: the group failed ({whole.reason}) and no pair passed", attempts)
     best = min(passing, key=lambda c: (c.max_drop, sum(c.drops.values()) / len(c.drops)))
     left = [m for m in members if m not in best.members]
+    # The pair is merged on its own, so a member that failed in the whole group may pass in it.
     return decide(list(best.members), f"fallback pair {' + '.join(best.members)} ({', '.join(left)} kept on "
-                                      f"its own scorer): the group failed ({whole.reason})", attempts)
+                                      f"its own scorer): the whole group failed ({whole.reason}); the pair, "
+                                      "merged on its own, passed", attempts)
