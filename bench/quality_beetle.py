@@ -172,11 +172,12 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[st
     rows: dict[str, dict] = {"premerge": figures(fold, {"items": fold.items({}), "groups": []}),
                              "shipped": figures(fold, shipped) | {"storage_ratio_published":
                                                                   published["extra"]["storage"]["ratio"]}}
-    for name, groups in plans.items():
+    compared = ["gw"] if args.methods_only else list(plans)
+    for name, groups in ((n, plans[n]) for n in compared):
         log(f"fold {fold_index}: ungated {name} ({len(groups)} groups)")
         for setting in HEAD_SETTINGS:
             rows[f"ungated/{name}/{defaults.method}/{setting}"] = figures(fold, fold.ungated(groups, merge_config, setting))
-    for name in ("gw", f"gw_tau{alt:g}", "module"):
+    for name in ("gw",) if args.methods_only else ("gw", f"gw_tau{alt:g}", "module"):
         for gate in GATES:
             log(f"fold {fold_index}: gated {name} gate={gate}")
             config = dataclasses.replace(merge_config, gate=gate)
@@ -208,6 +209,12 @@ def alternative_tau_quantile(shipped: float) -> float:
 def method_grid(method: str) -> list[dict] | None:
     """DOGE's default grid is three full optimisations; one (the paper's η) keeps the table affordable."""
     return [{"eta": 0.07}] if method == "doge" else None
+
+
+def method_pairs(methods: list[str], default: str) -> list[tuple[str, str]]:
+    """Each other method against the shipped one (A − B with B the default), then the others pairwise."""
+    others = [m for m in methods if m != default]
+    return [(m, default) for m in others] + [(a, b) for a in others for b in others if a < b]
 
 
 def combine(folds: list[dict]) -> dict:
@@ -243,6 +250,9 @@ def main() -> None:
     parser.add_argument("--random-seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render-only", action="store_true", help="re-render NAME.md and defaults.md from NAME.json")
+    parser.add_argument("--methods-only", action="store_true",
+                        help="only the shipped run, the GW plan (gated and ungated) and the method table: a quick "
+                             "look at other merge methods (cached apart from the full run's rows)")
     args = parser.parse_args()
     if args.render_only:
         rerender(Path(args.out))
@@ -257,7 +267,7 @@ def main() -> None:
     started = time.perf_counter()
     folds = []
     for f in wanted:
-        cache = fold_dir(work, args.folds, f) / "quality_rows.json"
+        cache = fold_dir(work, args.folds, f) / ("quality_rows_methods.json" if args.methods_only else "quality_rows.json")
         if cache.is_file():
             folds.append(json.loads(cache.read_text()))
             continue
@@ -286,14 +296,14 @@ def main() -> None:
             {n: r | {"per_unit_macro_f1": {f"0:{i}": m for i, m in r["per_item_macro_f1"].items()}}
              for n, r in folds[0]["rows"].items()},
             {f"0:{i}": n for i, n in folds[0]["test_sizes"].items()},
-            [(f"ungated/gw/{a}/refit_heads", f"ungated/gw/{b}/refit_heads") for a in METHODS for b in METHODS if a < b]),
+            [(f"ungated/gw/{a}/refit_heads", f"ungated/gw/{b}/refit_heads") for a, b in method_pairs(methods, method)]),
         "by_fold": folds,  # per-item figures included, so the report can be re-rendered and re-paired
         "defaults": {k: v for k, v in dataclasses.asdict(ConsolidateConfig()).items()
                      if k not in ("run_id", "ray_address")},
         "seconds": {"folds": [f["seconds"] for f in folds], "this_run": round(time.perf_counter() - started, 1)},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    write(Path(args.out), result)
+    write(Path(args.out), result, defaults=not args.methods_only)
     print(json.dumps({"folds": args.folds, "premerge_macro_f1": result["premerge"]["macro_f1"],
                       "shipped_macro_f1": result["shipped"]["macro_f1"],
                       "shipped_storage_ratio": result["shipped"]["storage_ratio"],
@@ -326,15 +336,16 @@ def gate_expectation(result: dict, draws: int = 2000) -> dict:
     return {"members": members, "tradeoff": tradeoff}
 
 
-def write(out: Path, result: dict) -> None:
-    """NAME.json, NAME.md and defaults.md beside them."""
+def write(out: Path, result: dict, *, defaults: bool = True) -> None:
+    """NAME.json, NAME.md and (`defaults`) defaults.md beside them."""
     if "tradeoff" not in result.get("gate_expectation", {}):
         result["gate_expectation"] = gate_expectation(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(render_markdown(result))
-    (out.parent / "defaults.md").write_text(render_defaults(result))
-    log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')} and {out.parent / 'defaults.md'}")
+    if defaults:
+        (out.parent / "defaults.md").write_text(render_defaults(result))
+    log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}{' and defaults.md' if defaults else ''}")
 
 
 def rerender(out: Path) -> None:

@@ -312,3 +312,23 @@ def test_merging_the_tiny_bert_fleet(method, consolidator):
     assert evaluation["merge"]["method"] == method and evaluation["params"]["alpha"] == 1.0
     assert set(evaluation["scores"]["own_heads"]) == {s.id for s in specs[:2]}
     json.dumps(evaluation)
+
+
+def test_nearest_orthogonal_retries_in_float64_when_the_svd_does_not_converge(monkeypatch):
+    import torch
+
+    from gw.merge import _lowrank
+
+    real_svd = torch.linalg.svd
+
+    def failing_in_float32(matrix, full_matrices=True):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(matrix, full_matrices=full_matrices)
+
+    matrix = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    expected = _lowrank.nearest_orthogonal(matrix)
+    monkeypatch.setattr(torch.linalg, "svd", failing_in_float32)
+    got = _lowrank.nearest_orthogonal(matrix)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

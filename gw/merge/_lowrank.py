@@ -34,7 +34,13 @@ def nearest_orthogonal(matrix: Tensor) -> Tensor:
     The closest matrix with orthonormal columns (rows, when it is wider than tall) in Frobenius norm;
     it spans the same column space and is equivariant under a permutation of the columns.
     """
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    try:
+        p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        # Stacked singular bases of real fine-tunes can be nearly rank-deficient with repeated singular
+        # values, where float32 LAPACK fails to converge (seen on MiniLM-L6 with Iso-CTS): retry in float64.
+        p, _, qh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return (p @ qh).to(matrix.dtype)
     return p @ qh
 
 
