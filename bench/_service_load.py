@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from infra.manifest import load_manifest
-from infra.publish import PublishError, latest_run, read_manifest
+from infra.publish import PublishError, latest_run, read_manifest, set_latest
 from infra.storage import Store
 from workers.group_jobs import individual_job
 from workers.publish_fleet import publish_consolidated, weights_bytes_before
@@ -41,7 +41,7 @@ def per_item_run(store: Store, items: Sequence[str]) -> str:
         publish_consolidated(store, run_id, sources, bytes_before=weights_bytes_before(store, load_manifest(store),
                                                                                        list(items)))
         if latest is not None:  # a benchmark run is not the district's published state
-            store.write_bytes("published/LATEST", latest.encode())
+            set_latest(store, latest)
     return run_id
 
 
@@ -101,16 +101,13 @@ def measure(store: Store, run_id: str, budget: int, bodies: Sequence[bytes], cli
     """Responses per second of the service pinned to `run_id`, with its loads and evictions."""
     from ray import serve
 
-    from workers.service import deployment
+    from workers.service import start
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(deployment(store.uri, run_id=run_id, memory_budget=budget, device=device), name="bench",
-                  route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
+        url = start(store.uri, port=port, name="bench", run_id=run_id, memory_budget=budget, device=device)
         _send(f"{url}/score", bodies[:clients], clients)  # warm-up, untimed
         rows = sum(len(json.loads(b)["requests"]) for b in bodies[clients:])
         started = time.perf_counter()

@@ -350,11 +350,7 @@ def write(out: Path, result: dict, *, defaults: bool = True) -> None:
 
 def rerender(out: Path) -> None:
     """Re-render the markdown from a finished run's NAME.json (no model is run)."""
-    result = json.loads(out.with_suffix(".json").read_text())
-    shipped = [f["rows"]["shipped"].get("storage_ratio_published") for f in result["by_fold"]]
-    if None not in shipped:  # runs before it was carried into the mean
-        result["shipped"].setdefault("storage_ratio_published", round(float(np.mean(shipped)), 4))
-    write(out, result)
+    write(out, json.loads(out.with_suffix(".json").read_text()))
 
 
 def _figures(row: dict) -> dict:

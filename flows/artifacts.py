@@ -8,6 +8,8 @@ from typing import Any
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
+from flows.report import megabytes
+
 
 class Progress:
     """A progress artifact that a long step moves from 0 to 100 %."""
@@ -41,10 +43,6 @@ def heatmap_png(matrix: list[list[float]], ids: list[str]) -> bytes:
     fig.savefig(out, format="png", dpi=90)
     plt.close(fig)
     return out.getvalue()
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -86,7 +84,7 @@ def run_markdown(summary: dict[str, Any], records: list[dict]) -> str:
     """One page for the whole run: what was merged, storage, the biggest changes, what was set aside."""
     storage = summary["storage"]
     lines = [f"# Run {summary['run_id']}", "",
-             f"**Storage** {_mb(storage['bytes_before'])} → {_mb(storage['bytes_after'])} "
+             f"**Storage** {megabytes(storage['bytes_before'])} → {megabytes(storage['bytes_after'])} "
              f"({storage['ratio']}x smaller): "
              f"{storage['n_backbones']} backbones for {storage['n_items']} items.", "",
              "## Groups", "", "| planned group | gate | reason |", "|---|---|---|"]
@@ -122,8 +120,8 @@ def publish_run_artifacts(summary: dict[str, Any], planned: dict, records: list[
     storage = summary["storage"]
     create_markdown_artifact(
         "| | |\n|---|---|\n"
-        f"| before | {_mb(storage['bytes_before'])} ({storage['n_items']} scorers) |\n"
-        f"| after | {_mb(storage['bytes_after'])} ({storage['n_backbones']} backbones + {storage['n_items']} heads) |\n"
+        f"| before | {megabytes(storage['bytes_before'])} ({storage['n_items']} scorers) |\n"
+        f"| after | {megabytes(storage['bytes_after'])} ({storage['n_backbones']} backbones + {storage['n_items']} heads) |\n"
         f"| ratio | {storage['ratio']}x |\n| computed | {_counts(summary['computed'])} |\n"
         f"| reused | {_counts(summary['reused'])} |\n| set aside | {', '.join(summary['set_aside']) or 'none'} |\n",
         key="storage-summary", description="storage before and after, and what was computed or reused")

@@ -115,7 +115,12 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args) -> int:
+    import signal
     import time
 
     import ray
@@ -123,7 +128,7 @@ def cmd_serve(args) -> int:
 
     from infra.publish import latest_run, read_manifest
     from infra.ray_conn import ensure_ray
-    from workers.service import deployment
+    from workers.service import start
 
     store = _store(args.published, args.s3_endpoint, must_exist=True)
     if args.run:
@@ -131,15 +136,15 @@ def cmd_serve(args) -> int:
     elif latest_run(store) is None:
         raise ValueError(f"{args.published}: nothing published yet (run `fleetmerge consolidate` first)")
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
+    # A service manager stops it with SIGTERM: shut Serve and Ray down then too, as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     info = ensure_ray(args.ray_address)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(deployment(args.published, run_id=args.run, settings=_settings_dict(args.published, args.s3_endpoint),
-                             memory_budget=budget, device=args.device, poll_s=args.poll_s, replicas=args.replicas),
-                  name="fleetmerge", route_prefix="/", blocking=False)
+        url = start(args.published, host=args.host, port=args.port, run_id=args.run,
+                    settings=_settings_dict(args.published, args.s3_endpoint), memory_budget=budget,
+                    device=args.device, poll_s=args.poll_s, replicas=args.replicas)
         which = f"run {args.run}" if args.run else f"LATEST, followed every {args.poll_s:g} s"
-        print(f"serving {args.published} ({which}) on "
-              f"http://{args.host}:{args.port}/score; GET /healthz for its state; Ctrl-C stops")
+        print(f"serving {args.published} ({which}) on {url}/score; GET /healthz for its state; Ctrl-C stops")
         while True:
             time.sleep(3600)
     finally:

@@ -5,7 +5,7 @@ from infra.publish import latest_run, read_manifest, run_prefix
 from infra.storage import Store
 
 
-def _mb(n: int) -> str:
+def megabytes(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
@@ -24,7 +24,7 @@ def print_summary(summary: dict) -> None:
         figures = (f"{before:>20.3f}{after:>8.3f}{after - before:>+9.3f}" if None not in (before, after)
                    else f"{'–':>20}{'–':>8}{'':>9}")
         print(f"  {row['item']:<{width}}{figures}   {row['decision']}")
-    print(f"\n  storage: {_mb(storage['bytes_before'])} -> {_mb(storage['bytes_after'])} "
+    print(f"\n  storage: {megabytes(storage['bytes_before'])} -> {megabytes(storage['bytes_after'])} "
           f"({storage['ratio']}x smaller, {storage['n_backbones']} backbones for {storage['n_items']} items)")
     print(f"  computed {summary['computed']}, reused {summary['reused']}")
     print(f"  seconds: {summary['seconds']}")
@@ -51,4 +51,4 @@ def print_run(store: Store, run_id: str | None = None) -> None:
     for item, reasons in extra.get("set_aside", {}).items():
         print(f"  set aside {item}: {'; '.join(reasons)}")
     if storage:
-        print(f"  storage: {_mb(storage['bytes_before'])} -> {_mb(storage['bytes_after'])} ({storage['ratio']}x)")
+        print(f"  storage: {megabytes(storage['bytes_before'])} -> {megabytes(storage['bytes_after'])} ({storage['ratio']}x)")

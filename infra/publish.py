@@ -32,6 +32,7 @@ __all__ = [
     "publish_run",
     "read_manifest",
     "run_prefix",
+    "set_latest",
     "verify_run",
 ]
 
@@ -151,8 +152,18 @@ def publish_run(
         raise PublishError(
             f"run {run_id!r} was published concurrently: {store.uri_for(manifest_key)} appeared while publishing"
         )
-    store.write_bytes(store.join(root, LATEST_NAME), run_id.encode("utf-8"))
+    _write_latest(store, run_id, root)
     return manifest
+
+
+def set_latest(store: Store, run_id: str, root: str = PUBLISHED) -> None:
+    """Point ``root/LATEST`` back at a run that is already published (what serving and reports follow)."""
+    read_manifest(store, run_id, root)  # PublishError unless it is published
+    _write_latest(store, run_id, root)
+
+
+def _write_latest(store: Store, run_id: str, root: str) -> None:
+    store.write_bytes(store.join(root, LATEST_NAME), run_id.encode("utf-8"))
 
 
 def read_manifest(store: Store, run_id: str, root: str = PUBLISHED) -> dict:

@@ -109,16 +109,13 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 def test_the_service_answers_over_http(published, ray_local):
     from ray import serve
 
-    from workers.service import deployment
+    from workers.service import start
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(deployment(published.uri, memory_budget=1, device="cpu", poll_s=0), name="fleetmerge",
-                  route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
+        url = start(published.uri, port=port, memory_budget=1, device="cpu", poll_s=0)
         status, doc = _post(f"{url}/score", b'{"item": "circuits-1", "texts": ["the switch is open", "no idea"]}')
         assert status == 200 and doc["run"] == "run-1" and len(doc["predictions"]) == 2
         assert set(doc["predictions"][0]["scores"]) == {"incorrect", "partially_correct", "correct"}

@@ -26,6 +26,7 @@ from workers.serving import ConsolidatedFleet, Prediction
 
 MAX_TEXT_CHARS = 10_000  # an answer longer than this is not a student response
 MAX_ROWS = 1_024  # rows per request
+BATCH_SIZE = 16  # requests answered together at most
 
 
 class BadRequest(ValueError):
@@ -153,7 +154,9 @@ def deployment(store_uri: str, *, run_id: str | None = None, settings: dict | No
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    @serve.deployment(name="fleetmerge-scorer", num_replicas=replicas, ray_actor_options={"num_cpus": 0})
+    # Enough requests in a replica at once for a full batch (Serve's default, 5, would cap it below 16).
+    @serve.deployment(name="fleetmerge-scorer", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=2 * BATCH_SIZE)
     class ScoringService:
         def __init__(self):
             from infra.settings import Settings, offline_env
@@ -164,7 +167,7 @@ def deployment(store_uri: str, *, run_id: str | None = None, settings: dict | No
             self.holder = FleetHolder(store, run_id=run_id, memory_budget=memory_budget, device=device,
                                       poll_s=poll_s)
 
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+        @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.005)
         async def _score_together(self, requests: list[list[tuple[str, str]]]) -> list[Any]:
             """Requests that arrive together are answered in one pass per checkpoint (each checkpoint is
             loaded once for all of them); a request with an unknown item fails alone."""
@@ -205,3 +208,13 @@ def deployment(store_uri: str, *, run_id: str | None = None, settings: dict | No
                                  "predictions": [prediction_json(item, p) for (item, _), p in zip(rows, predictions)]})
 
     return ScoringService.bind()
+
+
+def start(store_uri: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = "fleetmerge", **options) -> str:
+    """Start Ray Serve's HTTP proxy on host:port and the service on it (Ray must be connected); returns its
+    URL. `options` are `deployment`'s. Stop it with `ray.serve.shutdown()`."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployment(store_uri, **options), name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
