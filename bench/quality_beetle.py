@@ -88,7 +88,8 @@ class Fold:
         out = {}
         for i in self.ids:
             source = merged.get(i) or self.own[i]
-            out[i] = {"test": source["test"], "predictions": source["test_predictions"]}
+            out[i] = {"test": source["test"], "predictions": source["test_predictions"],
+                      "validation": source["validation"]}
         return out
 
     def ungated(self, groups: list[list[str]], config: MergeConfig, setting: str) -> dict:
@@ -107,7 +108,8 @@ class Fold:
             if record["accepted"]:
                 accepted.append(record["accepted"])
                 for i in record["accepted"]:
-                    merged[i] = {"test": record["merged_test"][i], "test_predictions": record["merged_test_predictions"][i]}
+                    merged[i] = {"test": record["merged_test"][i], "test_predictions": record["merged_test_predictions"][i],
+                                 "validation": record["merged_validation"][i]}
         return {"items": self.items(merged), "groups": accepted, "decisions": decisions}
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 
 from flows.config import ConsolidateConfig
+from gw.mergeability import shortlist
 from infra.manifest import load_manifest
 from infra.ray_conn import ensure_ray
 from infra.storage import Store
 from infra.validation import validate_fleet
 from workers.fleet_gw import bootstrap_matrices, distance_matrix, plan_fleet
+from workers.pair_jobs import measure_pairs, outcomes
 from workers.ray_extract import extract_fleet
 from workers.ray_gw import compute_distances
 
@@ -36,10 +38,16 @@ def distances_and_plan(store: Store, manifest_key: str, cfg: ConsolidateConfig, 
     out = {"distances": result}
     if plan:
         resampled = bootstrap_matrices(store, features.features, bootstrap, solver=cfg.solver) if bootstrap else []
-        chosen = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k,
-                            resampled=resampled, min_stability=min_stability)
+        measured = None
+        if cfg.planner == "measured":
+            trials = measure_pairs(store, shortlist(matrix, ids, cfg.shortlist), cfg.merge_config(),
+                                   manifest_key=manifest_key)
+            measured = outcomes(trials)
+            print(f"trial merges: {len(measured)} pairs ({trials['computed']} computed, {trials['reused']} reused)")
+        chosen = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
+                            measured=measured, resampled=resampled, min_stability=min_stability)
         stability = dict(chosen.stability or {})
-        print(f"\nplan ({chosen.method}, tau={chosen.tau:.4g}, k={cfg.k}):")
+        print(f"\nplan ({cfg.planner} planner, {chosen.method}, tau={chosen.tau:.4g}, k={cfg.k}):")
         for group in chosen.groups:
             share = f"  stability {stability[group]:.2f}" if group in stability else ""
             print(f"  {' + '.join(group)}{share}")

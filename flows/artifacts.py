@@ -61,22 +61,30 @@ def _decision(record: dict) -> str:
 
 
 def plan_rows(planned: dict) -> tuple[list[dict], str]:
-    """The merge plan as table rows (groups with their largest GW distance, 3 significant figures)."""
+    """The merge plan as table rows: per group its largest GW distance and, when trial merges were
+    measured, the worst of its pairs' outcomes (the worse member's agreement with its own scorer), side
+    by side, 3 significant figures."""
     plan, ids, matrix = planned["plan"], planned["ids"], planned["matrix"]
     index = {i: n for n, i in enumerate(ids)}
     stability = {tuple(e["group"]): e["share"] for e in plan.get("stability") or []}
+    measured = {frozenset((a, b)): v for a, b, v in planned.get("measured") or []}
     rows = []
     for group in plan["groups"]:
         spread = max(matrix[index[a]][index[b]] for a in group for b in group if a != b)
         row = {"group": " + ".join(group), "size": len(group), "largest GW distance": float(f"{spread:.3g}")}
+        if measured:
+            trials = [measured.get(frozenset((a, b))) for n, a in enumerate(group) for b in group[n + 1:]]
+            row["worst trial-merge agreement"] = None if None in trials else float(f"{min(trials):.3g}")
         if stability:
             row["stability"] = stability.get(tuple(group))
         rows.append(row)
     rows += [{"group": f"{s} (on its own)", "size": 1, "largest GW distance": None} for s in plan["singletons"]]
     objective = plan.get("objective")
-    description = (f"plan ({plan['method']}): τ = {plan['tau']:.3g}"
+    planner = plan.get("planner", "gw")
+    description = (f"plan ({planner} planner, {plan['method']}): τ = {plan['tau']:.3g}"
                    + (f", objective {objective:.3g}" if objective is not None else "")
-                   + f"; {len(plan['groups'])} groups, {len(plan['singletons'])} items on their own")
+                   + f"; {len(plan['groups'])} groups, {len(plan['singletons'])} items on their own"
+                   + (f"; {len(measured)} pairs trial-merged" if measured else ""))
     return rows, description
 
 

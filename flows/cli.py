@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from flows.config import GATE_RULES, MERGE_METHODS, ConsolidateConfig
+from flows.config import GATE_RULES, MERGE_METHODS, PLANNERS, ConsolidateConfig
 from infra.manifest import MANIFEST_KEY
 from infra.publish import PublishError
 from infra.settings import offline_env
@@ -236,9 +236,17 @@ def _add_plan_options(parser) -> None:
                         help="responses per scorer for its features (default: %(default)s)")
     parser.add_argument("--solver", choices=["entropic", "exact"], default=DEFAULTS.solver,
                         help="GW solver (default: %(default)s)")
+    parser.add_argument("--planner", choices=PLANNERS, default=DEFAULTS.planner,
+                        help="measured: set packing on trial merges of each scorer's --shortlist nearest partners by "
+                             "GW; gw: set packing on GW distances; linkage: the GW-SMM paper's average linkage "
+                             "(default: %(default)s)")
+    parser.add_argument("--shortlist", type=int, default=DEFAULTS.shortlist,
+                        help="measured planner: partners trial-merged per scorer (default: %(default)s)")
     parser.add_argument("--k", type=int, default=DEFAULTS.k, help="largest group size (default: %(default)s)")
     parser.add_argument("--tau", type=float, default=DEFAULTS.tau,
-                        help="GW threshold (default: the --tau-quantile quantile of the distances)")
+                        help="threshold: pairs at or above it never share a group; on GW distances, or on 1 - the "
+                             "worse member's agreement for the measured planner (default: the --tau-quantile "
+                             "quantile of those)")
     parser.add_argument("--tau-quantile", type=float, default=DEFAULTS.tau_quantile,
                         help="quantile of the distances that is tau when --tau is not given (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed,

@@ -9,13 +9,17 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from gw.gate import DEFAULT_DELTA
+from gw.mergeability import DEFAULT_SHORTLIST
 from gw.plan import DEFAULT_TAU_QUANTILE
 
 if TYPE_CHECKING:
     from workers.consolidate import MergeConfig
     from workers.extract import ExtractConfig
 
-GATE_RULES = ("bound", "delta")  # the rules gw.gate knows by name: add a new one here too
+GATE_RULES = ("bound", "delta")
+# How the plan is made (workers.fleet_gw.plan_fleet): set packing on trial merges' measured outcomes,
+# on GW distances, or the GW-SMM paper's average linkage on GW distances.
+PLANNERS = ("measured", "gw", "linkage")  # the rules gw.gate knows by name: add a new one here too
 # gw.merge's registry (available_methods() plus the "ta" alias), named here without importing torch so the
 # CLI starts fast; tests/test_merge_subspace.py checks that the two agree.
 MERGE_METHODS = ("ties", "doge", "task_arithmetic", "ta", "dare", "tsv_m", "iso_c", "iso_cts")
@@ -31,6 +35,8 @@ class ConsolidateConfig:
     max_responses: int = 256
     # GW matrix and plan
     solver: str = "entropic"
+    planner: str = "gw"
+    shortlist: int = DEFAULT_SHORTLIST  # measured planner: each scorer's nearest partners by GW that are trial-merged
     tau: float | None = None  # None: the tau_quantile-quantile of the distances
     tau_quantile: float = DEFAULT_TAU_QUANTILE
     k: int = 3
@@ -50,6 +56,10 @@ class ConsolidateConfig:
         # The gate runs last: an unknown rule should fail now, not after hours of features and distances.
         if self.gate not in GATE_RULES:
             raise ValueError(f"gate must be one of {list(GATE_RULES)}, got {self.gate!r}")
+        if self.planner not in PLANNERS:
+            raise ValueError(f"planner must be one of {list(PLANNERS)}, got {self.planner!r}")
+        if isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int) or self.shortlist < 1:
+            raise ValueError(f"shortlist must be an integer >= 1, got {self.shortlist!r}")
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ConsolidateConfig:

@@ -117,28 +117,54 @@ def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: C
 def _skipping(cfg: ConsolidateConfig) -> dict:
     """How the GW step may skip pairs: by the plan's own threshold, so the plan is that of the full matrix.
 
-    Nothing downstream needs the pairs at or above tau: the planner (cliques under tau) never groups
+    Nothing downstream needs the pairs at or above tau: the GW planner (cliques under tau) never groups
     them, and a quantile tau comes out exact (see gw.matrix). The heatmap shows a skipped pair at its
-    lower bound, itself >= tau. A plan that reads every distance (average linkage) would need the full
-    matrix: this flow has none; add one only with skip_by_bounds off. (Bootstrap stability would be
-    fine: it recomputes full matrices on the resamples and reads only grouped pairs of this one.)
+    lower bound, itself >= tau. Only the GW planner skips: average linkage reads every distance, and
+    the measured planner's tau is on its own scale (its shortlist wants each scorer's nearest GW
+    partners, whatever tau is). (Bootstrap stability would be fine: it recomputes full matrices on the
+    resamples and reads only grouped pairs of this one.)
     """
-    if not cfg.skip_by_bounds:
+    if not cfg.skip_by_bounds or cfg.planner != "gw":
         return {}
     return {"skip_tau": cfg.tau} if cfg.tau is not None else {"skip_tau_quantile": cfg.tau_quantile}
 
 
+@task(name="trial-merges", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
+def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, distances: dict,
+                      cfg: ConsolidateConfig) -> dict:
+    """The measured planner's evidence: each scorer's shortlist of GW-nearest partners, trial-merged."""
+    from gw.mergeability import shortlist
+    from workers.fleet_gw import distance_matrix
+    from workers.pair_jobs import measure_pairs
+
+    _connect(cfg)
+    store = _store(store_uri, settings)
+    ids = distances["ids"]
+    pairs = shortlist(distance_matrix(store, distances["key"], ids), ids, cfg.shortlist)
+    bar = artifacts.Progress("trial-merge-progress", "trial merges done")
+    result = measure_pairs(store, pairs, cfg.merge_config(), manifest_key=manifest_key,
+                           progress=lambda done, total: bar.update(done / max(total, 1)), timeout_s=RAY_WAIT_S)
+    get_run_logger().info(f"trial merges: {len(pairs)} pairs (shortlist {cfg.shortlist} per scorer), "
+                          f"{result['computed']} computed, {result['reused']} reused")
+    return result
+
+
 @task(name="plan")
-def plan_task(store_uri: str, settings: dict | None, distances: dict, cfg: ConsolidateConfig) -> dict:
+def plan_task(store_uri: str, settings: dict | None, distances: dict, cfg: ConsolidateConfig,
+              trials: dict | None = None) -> dict:
     from workers.fleet_gw import distance_matrix, plan_fleet
+    from workers.pair_jobs import outcomes
 
     store = _store(store_uri, settings)
     ids = distances["ids"]
     matrix = distance_matrix(store, distances["key"], ids)
-    plan = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k)
-    get_run_logger().info(f"plan ({plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} groups, "
-                          f"{len(plan.singletons)} singletons")
-    return {"plan": plan.to_dict(), "matrix": matrix.tolist(), "ids": ids}
+    measured = outcomes(trials) if trials else None
+    plan = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
+                      measured=measured)
+    get_run_logger().info(f"plan ({cfg.planner} planner, {plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} "
+                          f"groups, {len(plan.singletons)} singletons")
+    return {"plan": plan.to_dict() | {"planner": cfg.planner}, "matrix": matrix.tolist(), "ids": ids,
+            "measured": [[a, b, v] for (a, b), v in sorted(measured.items())] if measured else None}
 
 
 @task(name="group-keys", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
@@ -229,7 +255,9 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
     if len(usable) < 2:
         raise RuntimeError(f"fewer than two scorers have features; set aside: {set_aside}")
     distances = timed("gw", distances_task(store, settings, {i: features["features"][i] for i in usable}, cfg))
-    planned = timed("plan", plan_task(store, settings, distances, cfg))
+    trials = timed("trial-merges", trial_merges_task(store, settings, fleet, distances, cfg)) \
+        if cfg.planner == "measured" else None
+    planned = timed("plan", plan_task(store, settings, distances, cfg, trials))
     plan = planned["plan"]
 
     groups = [list(group) for group in plan["groups"]]
@@ -271,8 +299,10 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
         "groups": [r["accepted"] for r in records if r["checkpoint"]], "individual": individual,
         "set_aside": set_aside, "storage": published["extra"]["storage"],
         "computed": {"features": len(features["computed"]), "pairs": distances["computed"],
+                     **({"trial merges": trials["computed"]} if trials else {}),
                      "merges": sum(not r["reused"] for r in records)},
         "reused": {"features": len(features["reused"]), "pairs": distances["reused"],
+                   **({"trial merges": trials["reused"]} if trials else {}),
                    "merges": sum(r["reused"] for r in records)},
         "skipped": {"pairs": distances["skipped"]},
         "items": _item_table(records, kept),

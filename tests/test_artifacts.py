@@ -21,7 +21,18 @@ def test_plan_rows_round_and_name_singletons():
     rows, description = plan_rows(planned)
     assert rows[0] == {"group": "a + b", "size": 2, "largest GW distance": 0.123}  # no empty stability column
     assert rows[1]["group"] == "c (on its own)"
-    assert description == "plan (matching): τ = 0.611, objective 0.123; 1 groups, 1 items on their own"
+    assert description == "plan (gw planner, matching): τ = 0.611, objective 0.123; 1 groups, 1 items on their own"
+
+
+def test_plan_rows_show_gw_and_the_measured_outcome_side_by_side():
+    planned = {"ids": ["a", "b", "c", "d"], "matrix": [[0, 0.2, 0.3, 0.9], [0.2, 0, 0.4, 0.9], [0.3, 0.4, 0, 0.9],
+                                                       [0.9, 0.9, 0.9, 0]],
+               "plan": {"groups": [["a", "b", "c"]], "singletons": ["d"], "method": "milp", "tau": 0.2,
+                        "objective": 0.5, "planner": "measured"},
+               "measured": [["a", "b", 0.91234], ["a", "c", 0.876], ["b", "c", 0.95], ["c", "d", 0.5]]}
+    rows, description = plan_rows(planned)
+    assert rows[0] == {"group": "a + b + c", "size": 3, "largest GW distance": 0.4, "worst trial-merge agreement": 0.876}
+    assert description.startswith("plan (measured planner, milp)") and description.endswith("4 pairs trial-merged")
 
 
 def test_run_summary_lists_groups_changes_and_what_was_set_aside():

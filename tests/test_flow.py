@@ -134,3 +134,20 @@ def test_flow_reads_the_named_manifest_in_every_step_on_s3(prefect_harness, ray_
     monkeypatch.setattr(infra.ray_conn, "ensure_ray", no_ray)
     again = consolidate(fleet="other.yaml", store=uri, config=config, settings=settings)
     assert again["computed"] == {"features": 0, "pairs": 0, "merges": 0} and not again["republished"]
+
+
+def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefect_harness, ray_local, fleet_copy):
+    from workers.pair_jobs import PAIRS_PREFIX
+
+    config = {**FAST, "planner": "measured", "shortlist": 2}
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
+    store = open_store(str(fleet_copy))
+    measured = [store.read_json(key) for key in store.list(PAIRS_PREFIX)]
+    assert 0 < summary["computed"]["trial merges"] == len(measured) <= 2 * 5
+    pairs = {frozenset(r["pair"]) for r in measured}
+    plan = read_manifest(store, summary["run_id"])["extra"]["plan"]
+    assert plan["planner"] == "measured" and plan["groups"]
+    # every pair inside a planned group was trial-merged: unmeasured pairs never share a group
+    assert all(frozenset((a, b)) in pairs for g in plan["groups"] for a in g for b in g if a < b)
+    again = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
+    assert again["computed"]["trial merges"] == 0 and again["reused"]["trial merges"] == len(measured)

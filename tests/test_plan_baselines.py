@@ -375,3 +375,16 @@ def test_zero_row_similarity_is_never_grouped():
     assert ids_for(4)[2] in plan.singletons
     assert all(len(g) >= 2 for g in plan.groups)
     assert list(itertools.chain.from_iterable(plan.groups))  # something was grouped
+
+
+def test_sized_plan_keeps_the_sizes_and_groups_the_closest():
+    from gw.baselines import sized_plan
+
+    points = np.array([0.0, 0.1, 0.2, 5.0, 5.1, 9.0, 9.2])
+    D = np.abs(points[:, None] - points[None])
+    ids = [f"s{i}" for i in range(7)]
+    plan = sized_plan(D, ids, [3, 2, 2])
+    assert sorted(plan.groups) == [("s0", "s1", "s2"), ("s3", "s4"), ("s5", "s6")] and plan.singletons == ()
+    assert sorted(len(g) for g in sized_plan(D, ids, [2, 2]).groups) == [2, 2]
+    with pytest.raises(ValueError):
+        sized_plan(D, ids, [3, 3, 3])

@@ -5,8 +5,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gw.baselines import linkage_plan
 from gw.matrix import gw_matrix
-from gw.plan import Plan, solve_plan
+from gw.mergeability import outcome_distances
+from gw.plan import Plan, solve_plan, threshold_from_quantile
 from gw.stability import bootstrap_indices, solve_stable_plan
 from infra.storage import Store
 from workers.extract import FeatureRef, read_features
@@ -30,7 +32,26 @@ def bootstrap_matrices(store: Store, refs: Mapping[str, FeatureRef], n_resamples
 
 
 def plan_fleet(matrix: np.ndarray, ids: Sequence[str], *, tau: float | None, tau_quantile: float, k: int,
+               planner: str = "gw", measured: Mapping[tuple[str, str], float] | None = None,
                resampled: Sequence[np.ndarray] = (), min_stability: float = 0.0) -> Plan:
+    """The plan of one planner (flows.config.PLANNERS) from the GW `matrix` and, for "measured", the
+    trial merges' outcomes (`measured`, {(a, b): worse member's agreement}).
+
+    "gw": set packing on the GW distances under tau. "measured": the same set packing on ``1 −
+    outcome`` of the measured pairs (unmeasured pairs never share a group); tau and its quantile are
+    then on that scale. "linkage": the GW-SMM paper's average linkage on the GW distances, capped at k
+    and stopped at tau."""
+    if planner == "measured":
+        if measured is None:
+            raise ValueError("the measured planner needs the trial merges' outcomes")
+        if resampled:
+            raise ValueError("bootstrap stability is a GW plan's check; the measured planner has no resamples")
+        return solve_plan(outcome_distances(measured, ids), list(ids), tau=tau, tau_quantile=tau_quantile, k=k)
+    if planner == "linkage":
+        threshold = tau if tau is not None else threshold_from_quantile(matrix, tau_quantile)
+        return linkage_plan(matrix, list(ids), None, k=k, tau=threshold)
+    if planner != "gw":
+        raise ValueError(f"planner must be 'measured', 'gw' or 'linkage', got {planner!r}")
     if resampled:
         return solve_stable_plan(matrix, list(resampled), list(ids), min_stability=min_stability, tau=tau,
                                  tau_quantile=tau_quantile, k=k)

@@ -30,11 +30,11 @@ RECORD = "record.json"
 SWEEP_VERSION = 1  # bump when what a sweep records changes
 
 
-def _key(*parts) -> str:
+def job_key(*parts) -> str:
     return json_key(parts, length=24)
 
 
-def _inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str]) -> list:
+def job_inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str]) -> list:
     """What a result about these members depends on: their checkpoints and responses, and the base."""
     return [sorted((i, checkpoint_hash(store, manifest.scorer(i).checkpoint),
                     store.size_and_sha256(manifest.scorer(i).responses)[1]) for i in member_ids),
@@ -44,7 +44,7 @@ def _inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str]) ->
 def group_key(store: Store, member_ids: Sequence[str], config: MergeConfig,
               manifest_key: str = MANIFEST_KEY) -> str:
     manifest = load_manifest(store, manifest_key)
-    return _key("group", _inputs(store, manifest, member_ids), config.to_dict(), config.candidates())
+    return job_key("group", job_inputs(store, manifest, member_ids), config.to_dict(), config.candidates())
 
 
 def _cached_json(store: Store, key: str, compute) -> dict:
@@ -59,7 +59,7 @@ def own_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY,
             consolidator: GroupConsolidator | None = None) -> dict:
     """The item's own scorer on validation and test (what the gate and the reports compare with)."""
     consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key))
-    key = _key("own", _inputs(store, consolidator.manifest, [item]))
+    key = job_key("own", job_inputs(store, consolidator.manifest, [item]))
     return _cached_json(store, f"candidates/own/{key}.json",
                         lambda: consolidator.own(consolidator.manifest.scorer(item)))
 
@@ -69,7 +69,7 @@ def sweep_job(store: Store, member_ids: Sequence[str], config: MergeConfig, *,
     """The group merged at every candidate of the config's grid, every member scored (cached)."""
     consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key))
     members = list(member_ids)
-    key = _key("sweep", SWEEP_VERSION, _inputs(store, consolidator.manifest, members), config.method,
+    key = job_key("sweep", SWEEP_VERSION, job_inputs(store, consolidator.manifest, members), config.method,
                dict(config.params or {}), config.candidates(), config.seed)
     return _cached_json(store, f"candidates/sweeps/{key}.json",
                         lambda: consolidator.sweep([consolidator.manifest.scorer(i) for i in members], config))
@@ -107,7 +107,7 @@ def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY)
     """An item kept on its own scorer, saved in the consolidated format (cached by its checkpoint hash)."""
     manifest = load_manifest(store, manifest_key)
     spec = manifest.scorer(item)
-    key = _key("item", item, checkpoint_hash(store, spec.checkpoint), spec.labels, spec.task)
+    key = job_key("item", item, checkpoint_hash(store, spec.checkpoint), spec.labels, spec.task)
     prefix = f"candidates/items/{key}"
     if store.exists(f"{prefix}/{RECORD}"):
         return {**store.read_json(f"{prefix}/{RECORD}"), "reused": True}

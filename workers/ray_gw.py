@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +40,8 @@ from gw.schedule import Batch, BoundSchedule, check_skipping
 from gw.solvers import EntropicOptions, entropic_gw_batch, gw_pair
 from infra.storage import Store
 from workers.extract import FeatureRef, read_features
+from workers.ray_jobs import run_all as _run_all
+from workers.ray_jobs import runner as _make_runner
 
 PAIRS_PREFIX = "gw/pairs"
 PROFILES_PREFIX = "gw/profiles"
@@ -123,82 +124,6 @@ def compute_chunk(store: Store, refs: Sequence[FeatureRef], batch: Batch, solver
 
 
 # --------------------------------------------------------------------------------------------------
-# Running jobs: in this process, or as Ray tasks with a bounded window and a deadline
-# --------------------------------------------------------------------------------------------------
-
-
-class _Local:
-    """Runs each job as it is submitted, in this process."""
-
-    def __init__(self, fn: Callable, shared: tuple) -> None:
-        self._fn, self._shared, self._done = fn, shared, []
-
-    def __len__(self) -> int:
-        return len(self._done)
-
-    def submit(self, tag, *args) -> None:
-        self._done.append((tag, self._fn(*self._shared, *args)))
-
-    def wait(self) -> list:
-        done, self._done = self._done, []
-        return done
-
-
-class _OnRay:
-    """Jobs as Ray tasks (half a CPU each); `shared` arguments are put in the object store once."""
-
-    def __init__(self, fn: Callable, shared: tuple, deadline: float, timeout_s: float) -> None:
-        import ray
-
-        # Half a CPU each: never wait forever for CPUs that extraction actors or other jobs hold.
-        self._remote = ray.remote(num_cpus=0.5, max_retries=2)(fn)
-        self._shared = tuple(ray.put(value) for value in shared)
-        self._pending: dict = {}
-        self._deadline, self._timeout_s = deadline, timeout_s
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def submit(self, tag, *args) -> None:
-        self._pending[self._remote.remote(*self._shared, *args)] = tag
-
-    def wait(self) -> list:
-        import ray
-
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            for ref in self._pending:
-                ray.cancel(ref, force=True)
-            raise TimeoutError(f"GW matrix: {len(self._pending)} tasks still unfinished after {self._timeout_s} s")
-        done, _ = ray.wait(list(self._pending), num_returns=1, timeout=min(left, 60.0))
-        return [(self._pending.pop(ref), ray.get(ref, timeout=60.0)) for ref in done]
-
-
-def _runner(fn: Callable, shared: tuple, use_ray: bool, max_in_flight: int | None, deadline: float,
-            timeout_s: float):
-    """(runner, window): one job at a time in process (so the cutoff moves after each), else Ray's CPUs."""
-    if not use_ray:
-        return _Local(fn, shared), 1
-    import ray
-
-    from infra.ray_conn import ensure_ray
-
-    ensure_ray()
-    window = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return _OnRay(fn, shared, deadline, timeout_s), window
-
-
-def _run_all(runner, window: int, jobs: Sequence[tuple], on_result: Callable) -> None:
-    """Submit `jobs` ((tag, *args)) keeping at most `window` in flight; `on_result(tag, result)` each."""
-    queue = deque(jobs)
-    while queue or len(runner):
-        while queue and len(runner) < window:
-            runner.submit(*queue.popleft())
-        for tag, result in runner.wait():
-            on_result(tag, result)
-
-
-# --------------------------------------------------------------------------------------------------
 # Skipping by lower bounds
 # --------------------------------------------------------------------------------------------------
 
@@ -275,7 +200,7 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
         progress(reused, total)
 
     def make_runner(fn: Callable, shared: tuple):
-        return _runner(fn, shared, use_ray, max_in_flight, deadline, timeout_s)
+        return _make_runner(fn, shared, use_ray, max_in_flight, deadline, timeout_s, label="GW matrix")
 
     bounds, profiles_computed, needed = None, 0, sorted({k for pair in todo for k in pair})
     if skipping and todo:

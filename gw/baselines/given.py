@@ -11,7 +11,7 @@ from gw.plan import Plan, _check_ids, check_distance_matrix, plan_from_groups
 
 from ._checks import _check_k, _check_n_groups
 
-__all__ = ["default_group_sizes", "given_plan", "module_plan", "partition_modules", "random_plan"]
+__all__ = ["default_group_sizes", "given_plan", "module_plan", "partition_modules", "random_plan", "sized_plan"]
 
 
 def default_group_sizes(n: int, n_groups: int, k: int) -> list[int]:
@@ -169,16 +169,20 @@ def _chunk_by_distance(D: np.ndarray, sizes: list[int]) -> list[list[int]]:
     free = list(range(len(D)))
     chunks: list[list[int]] = []
     for s in sorted(sizes, reverse=True):
-        sub = D[np.ix_(free, free)] + np.diag(np.full(len(free), np.inf))
         if s == len(free):
             chunk = list(free)
         else:
-            a, b = np.unravel_index(int(np.argmin(sub)), sub.shape)
-            chunk = [free[a], free[b]]
-            while len(chunk) < s:
-                rest = [i for i in free if i not in chunk]
-                mean = D[np.ix_(rest, chunk)].mean(axis=1)
-                chunk.append(rest[int(np.argmin(mean))])
+            # Grow a chunk from every free pair (by smallest mean distance) and keep the tightest: seeding
+            # only from the closest pair can strand a large chunk among far members.
+            chunk, best = [], np.inf
+            for a, b in zip(*np.triu_indices(len(free), k=1)):
+                grown = [free[a], free[b]]
+                while len(grown) < s:
+                    rest = [i for i in free if i not in grown]
+                    grown.append(rest[int(np.argmin(D[np.ix_(rest, grown)].mean(axis=1)))])
+                total = D[np.ix_(grown, grown)].sum()
+                if total < best - 1e-12:
+                    chunk, best = grown, total
         chunks.append(chunk)
         free = [i for i in free if i not in chunk]
     # Swap pairs between chunks while that lowers the total within-chunk distance.
@@ -200,6 +204,22 @@ def _chunk_by_distance(D: np.ndarray, sizes: list[int]) -> list[list[int]]:
                     if improved:
                         break
     return chunks
+
+
+def sized_plan(D: np.ndarray, ids: Sequence[str], sizes: Sequence[int], *, method: str = "sized") -> Plan:
+    """Groups of exactly the given sizes with a small total within-group distance D (greedy seeding by the
+    closest free pair, growth by mean distance, then swaps between groups that lower the total), so plans
+    from different signals compare at equal group sizes. Unknown distances count as the largest known
+    one, plus one."""
+    ids = _check_ids(ids)
+    D = check_distance_matrix(D, ids)
+    sizes = [int(s) for s in sizes]
+    if any(s < 2 for s in sizes) or sum(sizes) > len(ids):
+        raise ValueError(f"group sizes {sorted(sizes)} need sizes >= 2 and at most {len(ids)} ids in all")
+    finite = D[np.isfinite(D)]
+    D = np.where(np.isfinite(D), D, (finite.max() if finite.size else 0.0) + 1.0)
+    groups = [tuple(sorted(ids[i] for i in chunk)) for chunk in _chunk_by_distance(D, sizes)]
+    return plan_from_groups(sorted(groups), ids, method)
 
 
 def module_plan(modules: Mapping[str, str], sizes: Sequence[int], *, ids: Sequence[str] | None = None) -> Plan:

@@ -1,0 +1,382 @@
+"""What predicts mergeability on Beetle, and which planner's plan is best (issue 11), over K folds.
+
+    .venv/bin/python bench/mergeability.py [--folds 3] [--all-pairs-folds 0] [--predictor-plans]
+    .venv/bin/python bench/mergeability.py --render-only   # re-render the markdown from the JSON
+
+Per fold (the folds and cached fleets of bench/quality_beetle.py):
+
+1. **The product's measured planning, cold**: `fleetmerge consolidate --planner measured` as a user runs
+   it (the Prefect flow, otherwise the shipped defaults). Its stage seconds (features, GW matrix, trial
+   merges, plan) are the planning cost; its published plan is the measured planner's.
+2. **Every pair's measured outcome** (folds in `--all-pairs-folds`): the product's trial merge
+   (`workers.pair_jobs.measure_pairs`, cached, so the shortlist's pairs are reused) for all N(N−1)/2
+   pairs, and the Spearman correlation with it of each cheap predictor: GW at layers −3 and −1 with CLS
+   pooling and at −3 with mean pooling, GW on the base model's features of the same responses,
+   task-vector cosine, linear CKA on a shared probe set (256 training answers drawn over all items),
+   description similarity (base MiniLM mean-pooled embeddings of the item questions), same module.
+   Each correlation carries a 95 % interval from resampling items (a pair is kept when both of its items
+   are drawn), since pairs sharing an item are not independent.
+3. **Plans**, each scored with the product's gated consolidation (`consolidate_group_job`, shipped
+   defaults): the three product planners (measured, gw, linkage) at their own group sizes, and at the
+   measured plan's group sizes the module plan (a person's), the description plan (the GPT-o1 stand-in:
+   groups by question similarity), two random plans and (`--predictor-plans`) a plan from each other
+   predictor. The default planner is the product planner with the best mean *validation* macro F1 over
+   folds (chosen on validation); every reported figure is *test* macro F1, paired over item × fold.
+
+Cached in each fold's store and directory, so an interrupted run resumes; writes
+docs/results/mergeability.{json,md}; the last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _quality_stats import fleet_summary, paired_comparison  # noqa: E402
+from beetle_data import DEFAULT_DATA, fold_dir, prepare  # noqa: E402
+from quality_beetle import Fold, figures  # noqa: E402
+
+from flows.config import PLANNERS, ConsolidateConfig  # noqa: E402
+from gw.baselines import module_plan, random_plan, sized_plan  # noqa: E402
+from gw.mergeability import shortlist  # noqa: E402
+from gw.similarity import cka_matrix, cosine_similarity_matrix, task_vector_cosine  # noqa: E402
+from infra.publish import read_manifest  # noqa: E402
+from infra.settings import offline_env  # noqa: E402
+from infra.storage import open_store  # noqa: E402
+from workers.extract import ExtractConfig  # noqa: E402
+from workers.extract.encoder import extract_features  # noqa: E402
+from workers.extract.run import load_spec_scorer  # noqa: E402
+from workers.finetune import FinetuneConfig  # noqa: E402
+from workers.fleet_build import build_fleet, load_items  # noqa: E402
+from workers.fleet_gw import distance_matrix, plan_fleet  # noqa: E402
+from workers.models import default_base_dir, quiet_transformers  # noqa: E402
+from workers.pair_jobs import measure_pairs, outcomes  # noqa: E402
+from workers.ray_extract import extract_fleet  # noqa: E402
+from workers.ray_gw import compute_distances  # noqa: E402
+
+# Cheap predictors, each a similarity (larger = expected to merge better).
+GW_VARIANTS = {"gw_l-3_cls": (-3, "cls"), "gw_l-1_cls": (-1, "cls"), "gw_l-3_mean": (-3, "mean")}
+PREDICTORS = (*GW_VARIANTS, "gw_base_l-3_cls", "task_vector_cosine", "cka_probe", "description", "same_module")
+PROBE_SIZE = 256
+
+
+def log(message: str) -> None:
+    print(f"[mergeability {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Predictors
+# ----------------------------------------------------------------------------------------------------
+
+
+def gw_similarity(store, fold: Fold, config: ExtractConfig, *, base: bool = False) -> tuple[np.ndarray, float]:
+    """−GW over the fleet's features at `config` (with `base`, the base model's features of the same
+    responses); and the seconds of features + matrix (what this run spent: cold once, then cached)."""
+    started = time.perf_counter()
+    specs = [fold.manifest.scorer(i) for i in fold.ids]
+    prefix = "features"
+    if base:
+        specs = [s.model_copy(update={"checkpoint": fold.manifest.base_model}) for s in specs]
+        prefix = "features-base"
+    extraction = extract_fleet(store, specs, config, base_model=fold.manifest.base_model, prefix=prefix)
+    if extraction.errors:
+        raise RuntimeError(f"features failed: {extraction.errors}")
+    result = compute_distances(store, extraction.features)
+    D = distance_matrix(store, result["key"], result["ids"])
+    assert result["ids"] == fold.ids
+    return -D, time.perf_counter() - started
+
+
+def task_vector_similarity(fold: Fold) -> np.ndarray:
+    base = fold.consolidator.base_state
+    deltas = []
+    for i in fold.ids:
+        backbone = fold.consolidator.member(fold.manifest.scorer(i)).backbone
+        deltas.append({k: backbone[k].float() - base[k].float() for k in base})
+    return task_vector_cosine(deltas)
+
+
+def probe_texts(responses_path: Path, seed: int) -> list[str]:
+    table = pq.read_table(responses_path, columns=["text", "split"]).to_pylist()
+    train = [r["text"] for r in table if r["split"] == "train"]
+    rng = np.random.default_rng(seed)
+    return [train[n] for n in sorted(rng.choice(len(train), size=min(PROBE_SIZE, len(train)), replace=False))]
+
+
+def cka_similarity(store, fold: Fold, texts: list[str]) -> np.ndarray:
+    config = ConsolidateConfig().extract_config()  # the flow's layer and pooling
+    features = {}
+    for i in fold.ids:
+        scorer = load_spec_scorer(store, fold.manifest.scorer(i), "cpu", base_model=fold.manifest.base_model)
+        features[i] = extract_features(scorer, texts, config)
+    return cka_matrix(features)
+
+
+def description_similarity(store, fold: Fold) -> np.ndarray:
+    spec = fold.manifest.scorer(fold.ids[0]).model_copy(update={"checkpoint": fold.manifest.base_model})
+    scorer = load_spec_scorer(store, spec, "cpu", base_model=fold.manifest.base_model)
+    questions = [fold.manifest.scorer(i).description or i for i in fold.ids]
+    return cosine_similarity_matrix(extract_features(scorer, questions, ExtractConfig(layer=-1, pooling="mean")))
+
+
+def predictors(store, fold: Fold, here: Path, responses: Path, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Every predictor's similarity matrix (rows in fold.ids order), cached in the fold directory."""
+    cache = here / "predictors.npz"
+    seconds_cache = here / "predictor_seconds.json"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            return {k: stored[k] for k in stored.files}, json.loads(seconds_cache.read_text())
+    out, seconds = {}, {}
+    for name, (layer, pooling) in GW_VARIANTS.items():
+        config = dataclasses.replace(ConsolidateConfig().extract_config(), layer=layer, pooling=pooling)
+        out[name], seconds[name] = gw_similarity(store, fold, config)
+        log(f"  {name}: {seconds[name]:.0f} s")
+    out["gw_base_l-3_cls"], seconds["gw_base_l-3_cls"] = gw_similarity(store, fold, ConsolidateConfig().extract_config(),
+                                                                         base=True)
+    for name, compute in (("task_vector_cosine", lambda: task_vector_similarity(fold)),
+                          ("cka_probe", lambda: cka_similarity(store, fold, probe_texts(responses, seed))),
+                          ("description", lambda: description_similarity(store, fold))):
+        started = time.perf_counter()
+        out[name] = compute()
+        seconds[name] = time.perf_counter() - started
+        log(f"  {name}: {seconds[name]:.0f} s")
+    modules = [fold.manifest.scorer(i).module or i for i in fold.ids]
+    out["same_module"] = np.array([[float(a == b) for b in modules] for a in modules])
+    seconds["same_module"] = 0.0
+    np.savez(cache, **out)
+    seconds_cache.write_text(json.dumps({k: round(v, 1) for k, v in seconds.items()}))
+    return out, {k: round(v, 1) for k, v in seconds.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Correlation with the measured outcome
+# ----------------------------------------------------------------------------------------------------
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def correlations(similarity: dict[str, np.ndarray], measured: dict[tuple[str, str], float], ids: list[str],
+                 draws: int = 300, seed: int = 0) -> dict:
+    """Spearman of each predictor with the outcome over all pairs, with a 95 % interval over items."""
+    index = {i: n for n, i in enumerate(ids)}
+    pairs = sorted(measured)
+    y = np.array([measured[p] for p in pairs])
+    rows = np.array([index[a] for a, _ in pairs]), np.array([index[b] for _, b in pairs])
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, S in similarity.items():
+        x = S[rows]
+        boot = []
+        for _ in range(draws):
+            drawn = np.bincount(rng.integers(0, len(ids), size=len(ids)), minlength=len(ids))
+            # a pair is drawn (drawn[a] * drawn[b]) times: repeat it that often
+            weight = drawn[rows[0]] * drawn[rows[1]]
+            keep = np.repeat(np.arange(len(pairs)), weight)
+            if len(keep) > 2 and np.ptp(x[keep]) > 0:
+                boot.append(spearman(x[keep], y[keep]))
+        low, high = np.percentile(boot, [2.5, 97.5])
+        out[name] = {"spearman": round(spearman(x, y), 3), "ci95": [round(float(low), 3), round(float(high), 3)],
+                     "n_pairs": len(pairs)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# One fold
+# ----------------------------------------------------------------------------------------------------
+
+
+def validation_macro_f1(run: dict) -> float:
+    return fleet_summary({i: v["validation"] for i, v in run["items"].items()})["macro_f1"]
+
+
+def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
+    started = time.perf_counter()
+    here = fold_dir(work, args.folds, fold_index)
+    responses, items_path = prepare(data_dir, here / "data", seed=args.seed, folds=args.folds, fold=fold_index)
+    store = open_store(str(here / "fleet"))
+    build_fleet(pq.read_table(responses), load_items(items_path), default_base_dir(), store,
+                fleet_name=data_dir.name, config=FinetuneConfig(seed=args.seed))
+    fold = Fold(store, args.seed)
+    defaults = ConsolidateConfig()
+    merge_config = defaults.merge_config()
+    log(f"fold {fold_index}: {len(fold.ids)} scorers ready")
+
+    # 1. The product's measured planning, as a user runs it (cold the first time; its seconds are kept).
+    from flows.nightly import consolidate
+
+    planning_cache = here / "mergeability_planning.json"
+    if planning_cache.is_file():
+        planning = json.loads(planning_cache.read_text())
+    else:
+        summary = consolidate(fleet="fleet.yaml", store=store.uri,
+                              config={"planner": "measured", "run_id": f"mergeability-fold{fold_index}"})
+        published = read_manifest(store, summary["run_id"])
+        planning = {"run_id": summary["run_id"], "seconds": summary["seconds"], "plan": published["extra"]["plan"],
+                    "computed": summary["computed"], "reused": summary["reused"]}
+        planning_cache.write_text(json.dumps(planning))
+    seconds = planning["seconds"]
+    planning_seconds = round(sum(seconds.get(k, 0.0) for k in ("validate", "extract", "gw", "trial-merges", "plan")), 1)
+    log(f"fold {fold_index}: measured planning {planning_seconds} s ({planning['computed']})")
+
+    # 2. Predictors and (all-pairs folds) every pair's outcome.
+    similarity, predictor_seconds = predictors(store, fold, here, responses, args.seed)
+    gw_D = -similarity["gw_l-3_cls"]
+    short = shortlist(gw_D, fold.ids, defaults.shortlist)
+    trials = measure_pairs(store, short, merge_config)  # the flow's, cached
+    result = {"fold": fold_index, "ids": fold.ids, "planning_seconds": planning_seconds,
+              "flow_seconds": seconds, "predictor_seconds": predictor_seconds, "shortlist_pairs": len(short),
+              "shortlist_merge_seconds": trials["merge_seconds"]}
+    if fold_index in args.all_pairs:
+        everything = measure_pairs(store, list(itertools.combinations(fold.ids, 2)), merge_config)
+        measured_all = outcomes(everything)
+        result["all_pairs_merge_seconds"] = everything["merge_seconds"]
+        result["correlation"] = correlations(similarity, measured_all, fold.ids)
+        result["outcomes"] = [[a, b, v] for (a, b), v in sorted(measured_all.items())]
+        # how much of each scorer's best partner the shortlist finds
+        best = {i: max((v, p) for p, v in measured_all.items() if i in p)[1] for i in fold.ids}
+        result["shortlist_finds_best_partner"] = round(float(np.mean([best[i] in set(short) for i in fold.ids])), 3)
+        log(f"fold {fold_index}: correlations {({k: v['spearman'] for k, v in result['correlation'].items()})}")
+
+    # 3. Plans, gated with the shipped defaults.
+    plans: dict[str, list[list[str]]] = {"measured": [list(g) for g in planning["plan"]["groups"]]}
+    for planner in PLANNERS:
+        if planner != "measured":
+            plans[planner] = [list(g) for g in plan_fleet(gw_D, fold.ids, tau=defaults.tau,
+                                                          tau_quantile=defaults.tau_quantile, k=defaults.k,
+                                                          planner=planner).groups]
+    sizes = sorted((len(g) for g in plans["measured"]), reverse=True)
+    modules = {i: fold.manifest.scorer(i).module or "?" for i in fold.ids}
+    plans["module"] = [list(g) for g in module_plan(modules, sizes).groups]
+    plans["description"] = [list(g) for g in sized_plan(-similarity["description"], fold.ids, sizes).groups]
+    for seed in range(args.random_seeds):
+        plans[f"random{seed}"] = [list(g) for g in random_plan(fold.ids, len(sizes), defaults.k, seed=seed,
+                                                               sizes=sizes).groups]
+    if args.predictor_plans:
+        for name in PREDICTORS:
+            if name not in ("description", "same_module"):
+                plans[f"sized/{name}"] = [list(g) for g in sized_plan(-similarity[name], fold.ids, sizes).groups]
+    rows = {}
+    for name, groups in plans.items():
+        log(f"fold {fold_index}: gated plan {name} ({len(groups)} groups)")
+        run = fold.gated(groups, merge_config)
+        rows[name] = figures(fold, run) | {"validation_macro_f1": validation_macro_f1(run),
+                                           "planned_backbones": len(fold.ids) - sum(len(g) - 1 for g in groups)}
+    rows["premerge"] = figures(fold, {"items": fold.items({}), "groups": []})
+    result |= {"plans": plans, "rows": rows, "test_sizes": {i: fold.own[i]["test"]["n"] for i in fold.ids},
+               "seconds": round(time.perf_counter() - started, 1)}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Across folds
+# ----------------------------------------------------------------------------------------------------
+
+
+def combine(folds: list[dict], random_seeds: int) -> dict:
+    names = [n for n in folds[0]["rows"] if all(n in f["rows"] for f in folds)]
+    units = {n: {f"{f['fold']}:{i}": m for f in folds for i, m in f["rows"][n]["per_item_macro_f1"].items()}
+             for n in names}
+    randoms = [f"random{s}" for s in range(random_seeds)]
+    units["random"] = {u: float(np.mean([units[r][u] for r in randoms])) for u in units[randoms[0]]}
+    weights = {f"{f['fold']}:{i}": n for f in folds for i, n in f["test_sizes"].items()}
+    plans = {}
+    for name in names:
+        values = [f["rows"][name] for f in folds]
+        plans[name] = {k: round(float(np.mean([v[k] for v in values])), 4)
+                       for k in ("macro_f1", "validation_macro_f1", "accuracy", "qwk", "backbones",
+                                 "planned_backbones", "storage_ratio") if all(v.get(k) is not None for v in values)}
+        plans[name]["macro_f1_by_fold"] = [v["macro_f1"] for v in values]
+    plans["random"] = {k: round(float(np.mean([plans[r][k] for r in randoms])), 4)
+                       for k in ("macro_f1", "validation_macro_f1", "backbones", "storage_ratio")}
+    default = max(PLANNERS, key=lambda p: (plans[p]["validation_macro_f1"], p == ConsolidateConfig().planner))
+    plans["default"] = {**plans[default], "planner": default}
+    units["default"] = units[default]
+    compare = [("default", other) for other in ("random", "module", "description", *PLANNERS, "premerge")
+               if other != default]
+    compare += [(f"{name}", "random") for name in names if name.startswith("sized/")]
+    paired = {f"{a} vs {b}": paired_comparison(units[a], units[b], weights) for a, b in compare}
+    return {"plans": plans, "default_planner": default, "paired": paired, "n_units": len(weights)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "mergeability"))
+    parser.add_argument("--work", default=None, help="cache (default .fleetmerge/<dataset dir name>)")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--only-folds", default="")
+    parser.add_argument("--all-pairs-folds", default="0", help="folds where every pair is trial-merged")
+    parser.add_argument("--random-seeds", type=int, default=2)
+    parser.add_argument("--predictor-plans", action="store_true", help="also a plan from every other predictor")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    from _mergeability_report import render
+
+    if args.render_only:
+        out.with_suffix(".md").write_text(render(json.loads(out.with_suffix(".json").read_text())))
+        return
+    offline_env()
+    quiet_transformers()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args.all_pairs = {int(f) for f in args.all_pairs_folds.split(",") if f}
+    data_dir = Path(args.data).resolve()
+    work = Path(args.work) if args.work else ROOT / ".fleetmerge" / data_dir.name.split("_")[-1]
+    wanted = [int(f) for f in args.only_folds.split(",") if f] or list(range(args.folds))
+    started = time.perf_counter()
+    folds = []
+    for f in wanted:
+        cache = fold_dir(work, args.folds, f) / f"mergeability_rows{'_predictors' if args.predictor_plans else ''}.json"
+        if cache.is_file():
+            folds.append(json.loads(cache.read_text()))
+            continue
+        folds.append(run_fold(f, args, data_dir, work))
+        cache.write_text(json.dumps(folds[-1]))
+    combined = combine(folds, args.random_seeds)
+    correlation = {}
+    for f in folds:
+        for name, c in f.get("correlation", {}).items():
+            correlation.setdefault(name, c | {"fold": f["fold"]})
+    result = {
+        "dataset": data_dir.name, "folds": args.folds, "folds_run": wanted, "n_items": len(folds[0]["ids"]),
+        "shortlist": ConsolidateConfig().shortlist, "correlation": correlation, **combined,
+        "default_minus_random": combined["paired"]["default vs random"],
+        "planning_seconds": {"by_fold": [f["planning_seconds"] for f in folds],
+                             "max": max(f["planning_seconds"] for f in folds)},
+        "by_fold": folds, "defaults": {k: v for k, v in dataclasses.asdict(ConsolidateConfig()).items()
+                                       if k not in ("run_id", "ray_address")},
+        "seconds": {"folds": [f["seconds"] for f in folds], "this_run": round(time.perf_counter() - started, 1)},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(result))
+    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    print(json.dumps({"default_planner": result["default_planner"],
+                      "default_macro_f1": result["plans"]["default"]["macro_f1"],
+                      "random_macro_f1": result["plans"]["random"]["macro_f1"],
+                      "default_minus_random_ci95": result["default_minus_random"]["ci95"],
+                      "planning_seconds_max": result["planning_seconds"]["max"],
+                      "seconds_total": result["seconds"]["this_run"]}))
+
+
+if __name__ == "__main__":
+    main()

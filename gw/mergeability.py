@@ -1,0 +1,90 @@
+"""Measured pair mergeability: how well a merged backbone keeps each member's own scorer (issue 11).
+
+A trial merge of two scorers is scored per member by its **agreement** with the member's own scorer:
+the mean over the item's responses of the probability mass the two put on the same outcomes,
+``sum_c min(p_own, p_merged)`` for one-of-C items (1 − total variation), ``1 − |p_own − p_merged|``
+averaged over labels for multi-label items. 1 means the merge left the item's scoring unchanged.
+
+Why this signal and not validation macro F1: Beetle items have about 17 validation answers, where
+macro F1 moves by a whole class's worth with one answer (the gate's argument, gw/gate.py). Agreement
+needs no labels, so it is measured on all of the item's train and validation responses (about 80 per
+item on Beetle; never the test split), and it is continuous per response, so its noise falls as
+1/sqrt(n) of those. It measures what merging costs an item (how far the shared backbone moves its
+answers) rather than whether a fallen label happens to land in validation.
+
+A pair's outcome is its worse member's agreement: the gate judges members one by one, and a group
+is only worth planning if every member keeps its scoring. The planner reads ``1 − outcome`` as a
+distance (unmeasured pairs are NaN: never grouped), so :func:`gw.plan.solve_plan` packs it as it
+packs GW distances.
+
+Which pairs to measure: each scorer's ``m`` nearest partners by a cheap signal (:func:`shortlist`),
+at most ``m * N`` pairs for N scorers (fewer when neighbourhoods overlap).
+
+Pure math: numpy only.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_SHORTLIST = 5
+"""Partners measured per scorer (m)."""
+
+
+def agreement(reference: np.ndarray, merged: np.ndarray, task: str) -> float:
+    """Mean probability overlap of two models' outputs on the same responses (1 = identical).
+
+    `reference`, `merged`: [n, C] class probabilities (rows summing to 1) or, for ``task ==
+    "multilabel"``, [n, L] per-label probabilities."""
+    p, q = np.asarray(reference, dtype=np.float64), np.asarray(merged, dtype=np.float64)
+    if p.shape != q.shape or p.ndim != 2 or len(p) == 0:
+        raise ValueError(f"agreement needs two [n, C] arrays of one shape with n >= 1, got {p.shape} and {q.shape}")
+    if not (np.isfinite(p).all() and np.isfinite(q).all()):
+        raise ValueError("agreement: probabilities must be finite")
+    if task == "multilabel":
+        return float(np.mean(1.0 - np.abs(p - q)))
+    return float(np.mean(np.minimum(p, q).sum(axis=1)))
+
+
+def pair_outcome(agreements: Mapping[str, float]) -> float:
+    """A trial merge's outcome: its worse member's agreement."""
+    if len(agreements) < 2:
+        raise ValueError(f"a pair outcome needs at least two members, got {sorted(agreements)}")
+    return float(min(agreements.values()))
+
+
+def shortlist(D: np.ndarray, ids: Sequence[str], m: int = DEFAULT_SHORTLIST) -> list[tuple[str, str]]:
+    """Each scorer's `m` nearest partners by the cheap signal `D` (smaller = closer), as unordered pairs.
+
+    Unknown (NaN / inf) entries are never chosen. Ties go to the earlier id, so the list is
+    deterministic; pairs come sorted, each as (smaller id, larger id). At most ``m * len(ids)``."""
+    D = np.asarray(D, dtype=np.float64)
+    n = len(ids)
+    if D.shape != (n, n):
+        raise ValueError(f"D must be [{n}, {n}] for {n} ids, got {D.shape}")
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise ValueError(f"the shortlist size m must be an integer >= 1, got {m!r}")
+    order = np.argsort(np.asarray(ids))  # ties by id, whatever the row order
+    pairs = set()
+    for i in range(n):
+        row = D[i, order]
+        candidates = [(row[r], ids[j]) for r, j in enumerate(order) if j != i and np.isfinite(row[r])]
+        candidates.sort(key=lambda c: c[0])  # stable: equal distances keep id order
+        for _, other in candidates[:m]:
+            pairs.add(tuple(sorted((ids[i], other))))
+    return sorted(pairs)
+
+
+def outcome_distances(outcomes: Mapping[tuple[str, str], float], ids: Sequence[str]) -> np.ndarray:
+    """The planner's matrix: ``1 − outcome`` for measured pairs, NaN (never group) elsewhere, 0 diagonal."""
+    index = {i: n for n, i in enumerate(ids)}
+    D = np.full((len(ids), len(ids)), np.nan)
+    np.fill_diagonal(D, 0.0)
+    for (a, b), value in outcomes.items():
+        if a not in index or b not in index or a == b:
+            raise ValueError(f"outcome for pair ({a!r}, {b!r}) does not name two of the planned scorers")
+        if not np.isfinite(value):
+            continue
+        D[index[a], index[b]] = D[index[b], index[a]] = 1.0 - float(value)
+    return D

@@ -1,0 +1,148 @@
+"""Measured pair mergeability: the math (gw.mergeability), the cached trial merges (workers.pair_jobs) and
+the measured planner (workers.fleet_gw.plan_fleet)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from gw.mergeability import agreement, outcome_distances, pair_outcome, shortlist
+from infra.manifest import load_manifest
+from infra.storage import open_store
+from workers.consolidate import MergeConfig
+from workers.fleet_gw import plan_fleet
+from workers.pair_jobs import measure_pairs, outcomes, trial_config
+
+# -- agreement ---------------------------------------------------------------------------------------
+
+
+def test_agreement_is_the_probability_overlap_by_hand():
+    p = np.array([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0]])
+    q = np.array([[0.5, 0.4, 0.1], [0.5, 0.5, 0.0]])
+    # row 1: min = 0.5 + 0.2 + 0.1 = 0.8; row 2: 0.0 + 0.5 + 0.0 = 0.5
+    assert agreement(p, q, "multiclass") == pytest.approx(0.65)
+    assert agreement(p, p, "multiclass") == pytest.approx(1.0)
+    assert agreement(np.eye(3), np.roll(np.eye(3), 1, axis=1), "multiclass") == 0.0
+
+
+def test_multilabel_agreement_averages_each_labels_closeness():
+    p = np.array([[0.9, 0.1], [0.5, 0.5]])
+    q = np.array([[0.6, 0.1], [0.5, 1.0]])
+    assert agreement(p, q, "multilabel") == pytest.approx(np.mean([0.7, 1.0, 1.0, 0.5]))
+
+
+@pytest.mark.parametrize("p, q", [(np.ones((2, 3)) / 3, np.ones((2, 2)) / 2), (np.zeros((0, 2)), np.zeros((0, 2))),
+                                  (np.array([[np.nan, 1.0]]), np.array([[0.0, 1.0]]))])
+def test_agreement_rejects_mismatched_empty_or_non_finite_inputs(p, q):
+    with pytest.raises(ValueError):
+        agreement(p, q, "multiclass")
+
+
+def test_pair_outcome_is_the_worse_member():
+    assert pair_outcome({"a": 0.9, "b": 0.7}) == 0.7
+    with pytest.raises(ValueError):
+        pair_outcome({"a": 0.9})
+
+
+# -- shortlist ---------------------------------------------------------------------------------------
+
+
+def _clustered(n: int = 9, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    points = np.concatenate([rng.normal(c, 0.1, size=(n // 3, 2)) for c in ((0, 0), (5, 0), (0, 5))])
+    D = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    return D, [f"s{i}" for i in range(len(points))]
+
+
+def test_shortlist_takes_each_scorers_m_nearest_and_stays_within_m_times_n():
+    D, ids = _clustered()
+    pairs = shortlist(D, ids, m=2)
+    assert len(pairs) <= 2 * len(ids) and pairs == sorted(pairs) and all(a < b for a, b in pairs)
+    for i, name in enumerate(ids):
+        nearest = {ids[j] for j in np.argsort(D[i])[1:3]}
+        assert all(tuple(sorted((name, other))) in pairs for other in nearest)
+    # m = 2 inside clusters of 3: every shortlisted pair lies within a cluster
+    assert all(int(a[1:]) // 3 == int(b[1:]) // 3 for a, b in pairs)
+    assert len(shortlist(D, ids, m=len(ids))) == len(ids) * (len(ids) - 1) // 2
+
+
+def test_shortlist_skips_unknown_distances_breaks_ties_by_id_and_ignores_row_order():
+    ids = ["c", "a", "b", "d"]
+    D = np.ones((4, 4))
+    np.fill_diagonal(D, 0)
+    D[0, 3] = D[3, 0] = np.nan
+    pairs = shortlist(D, ids, m=1)
+    # every distance is 1: each scorer takes its first partner by id; c never gets d (unknown)
+    assert pairs == [("a", "b"), ("a", "c"), ("a", "d")]
+    perm = [1, 2, 0, 3]
+    assert shortlist(D[np.ix_(perm, perm)], [ids[i] for i in perm], m=1) == pairs
+    with pytest.raises(ValueError):
+        shortlist(D, ids, m=0)
+    with pytest.raises(ValueError):
+        shortlist(D[:3, :3], ids, m=1)
+
+
+def test_outcome_distances_leave_unmeasured_pairs_unknown():
+    D = outcome_distances({("a", "b"): 0.9, ("b", "c"): 0.6}, ["a", "b", "c"])
+    assert D[0, 1] == D[1, 0] == pytest.approx(0.1) and D[1, 2] == pytest.approx(0.4)
+    assert np.isnan(D[0, 2]) and np.all(np.diag(D) == 0)
+    with pytest.raises(ValueError, match="does not name"):
+        outcome_distances({("a", "z"): 0.5}, ["a", "b"])
+
+
+# -- the planners --------------------------------------------------------------------------------------
+
+
+def test_measured_planner_groups_the_pairs_that_merge_best_not_the_gw_nearest():
+    ids = ["a", "b", "c", "d"]
+    gw = np.array([[0, 1, 2, 2], [1, 0, 2, 2], [2, 2, 0, 1], [2, 2, 1, 0]], dtype=float)  # GW: {a,b}, {c,d}
+    measured = {("a", "c"): 0.95, ("b", "d"): 0.9, ("a", "b"): 0.5, ("c", "d"): 0.4}
+    assert sorted(plan_fleet(gw, ids, tau=None, tau_quantile=1.0, k=2).groups) == [("a", "b"), ("c", "d")]
+    plan = plan_fleet(gw, ids, tau=None, tau_quantile=1.0, k=2, planner="measured", measured=measured)
+    assert sorted(plan.groups) == [("a", "c"), ("b", "d")]
+    # tau on the measured scale: pairs whose worse member agrees below 1 - tau never share a group
+    strict = plan_fleet(gw, ids, tau=0.08, tau_quantile=1.0, k=2, planner="measured", measured=measured)
+    assert strict.groups == (("a", "c"),) and set(strict.singletons) == {"b", "d"}
+    with pytest.raises(ValueError, match="needs the trial merges"):
+        plan_fleet(gw, ids, tau=None, tau_quantile=1.0, k=2, planner="measured")
+
+
+def test_linkage_planner_and_unknown_planners():
+    D, ids = _clustered()
+    plan = plan_fleet(D, ids, tau=None, tau_quantile=1.0, k=3, planner="linkage")
+    assert sorted(len(g) for g in plan.groups) == [3, 3, 3]
+    assert all(len({int(m[1:]) // 3 for m in g}) == 1 for g in plan.groups)
+    with pytest.raises(ValueError, match="planner must be"):
+        plan_fleet(D, ids, tau=None, tau_quantile=1.0, k=3, planner="nearest")
+
+
+# -- trial merges on a tiny fleet ------------------------------------------------------------------------
+
+
+def test_trial_config_is_the_method_at_its_defaults_with_own_heads():
+    cheap = trial_config(MergeConfig(method="tsv_m", grid=None, refit_heads=True, seed=3))
+    assert (cheap.method, cheap.candidates(), cheap.refit_heads, cheap.seed) == ("tsv_m", [{}], False, 3)
+
+
+def test_trial_merges_are_measured_on_train_and_validation_and_cached_by_content(tmp_path, tiny_fleet_dir):
+    root = tmp_path / "fleet"
+    shutil.copytree(tiny_fleet_dir, root)
+    store = open_store(str(root))
+    pairs = [("circuits-1", "circuits-2"), ("circuits-2", "plants-1"), ("circuits-1", "plants-1")]
+    first = measure_pairs(store, pairs, MergeConfig(), use_ray=False)
+    assert (first["computed"], first["reused"]) == (3, 0)
+    manifest = load_manifest(store)
+    for record in first["pairs"]:
+        assert 0.0 <= record["outcome"] <= 1.0 and record["outcome"] == min(record["agreement"].values())
+        for item in record["pair"]:
+            splits = store.read_table(manifest.scorer(item).responses).column("split").to_pylist()
+            assert record["n"][item] == sum(s in ("train", "validation") for s in splits)  # never test
+    again = measure_pairs(store, [tuple(reversed(p)) for p in pairs], MergeConfig(), use_ray=False)
+    assert (again["computed"], again["reused"]) == (0, 3) and outcomes(again) == outcomes(first)
+    # One scorer changes: only its pairs are measured again.
+    shutil.copy(root / "scorers" / "circuits-1" / "model.safetensors", root / "scorers" / "plants-1" / "model.safetensors")
+    changed = measure_pairs(store, pairs, MergeConfig(), use_ray=False)
+    assert (changed["computed"], changed["reused"]) == (2, 1)
+    with pytest.raises(ValueError, match="two different scorers"):
+        measure_pairs(store, [("circuits-1", "circuits-1")], MergeConfig(), use_ray=False)

@@ -1,0 +1,130 @@
+"""Trial merges of candidate pairs, as Ray tasks cached by content hash (issue 11; the math: gw.mergeability).
+
+A trial merge is the product's merge at a cheap setting: the configured method with its default
+parameters (no grid), the members' own heads (no refit), scored by each member's agreement with its
+own scorer on the item's train and validation responses. Each finished pair is stored under
+
+    candidates/pairs/<key>.json
+
+keyed by both members' checkpoints and responses, the base model and the cheap setting, so a nightly
+rerun with one changed scorer re-measures only that scorer's pairs. Uncached pairs go to Ray in
+chunks that share members (a chunk loads each of its scorers once).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from gw.mergeability import agreement, pair_outcome
+from infra.manifest import MANIFEST_KEY, load_manifest
+from infra.storage import Store
+from workers.consolidate import GroupConsolidator, MergeConfig
+from workers.group_jobs import job_inputs, job_key
+from workers.ray_jobs import run_all, runner
+
+PAIRS_PREFIX = "candidates/pairs"
+PAIR_VERSION = 1  # bump when what a trial merge measures changes
+AGREEMENT_SPLITS = ("train", "validation")  # never the test split
+
+
+def trial_config(config: MergeConfig) -> MergeConfig:
+    """The cheap setting of `config`'s merge: its method at default parameters, own heads."""
+    return MergeConfig(method=config.method, params=config.params, grid=[], refit_heads=False, seed=config.seed,
+                       batch_size=config.batch_size, max_length=config.max_length)
+
+
+def pair_key(store: Store, pair: Sequence[str], config: MergeConfig, manifest_key: str = MANIFEST_KEY) -> str:
+    manifest = load_manifest(store, manifest_key)
+    trial = trial_config(config)
+    key = job_key("pair", PAIR_VERSION, job_inputs(store, manifest, sorted(pair)), trial.method, dict(trial.params or {}),
+               trial.seed, AGREEMENT_SPLITS)
+    return f"{PAIRS_PREFIX}/{key}.json"
+
+
+def measure_chunk(store: Store, manifest_key: str, pairs: Sequence[tuple[str, str]], config: MergeConfig,
+                  keys: Sequence[str]) -> list[dict]:
+    """Trial-merge each pair, write each record under its key (the driver names them); return the records."""
+    consolidator = GroupConsolidator(store, load_manifest(store, manifest_key))
+    manifest, trial = consolidator.manifest, trial_config(config)
+    references: dict[str, np.ndarray] = {}
+
+    def texts(item: str) -> list[str]:
+        member = consolidator.member(manifest.scorer(item))
+        return [t for split in AGREEMENT_SPLITS for t in member.texts[split]]
+
+    def reference(item: str) -> np.ndarray:
+        if item not in references:
+            own = consolidator.individual(manifest.scorer(item))
+            references[item] = consolidator.probabilities(own, item, consolidator.features(own, texts(item)))
+        return references[item]
+
+    records = []
+    for pair, key in zip(pairs, keys, strict=True):
+        started = time.perf_counter()
+        specs = [manifest.scorer(i) for i in pair]
+        for spec in specs:
+            reference(spec.id)
+        model, merged = consolidator.merged_model(specs, {}, trial)
+        agreements = {spec.id: agreement(reference(spec.id),
+                                         consolidator.probabilities(model, spec.id,
+                                                                    consolidator.features(model, texts(spec.id))),
+                                         spec.task) for spec in specs}
+        record = {"pair": list(pair), "agreement": {i: round(v, 6) for i, v in agreements.items()},
+                  "outcome": round(pair_outcome(agreements), 6), "n": {i: len(reference(i)) for i in pair},
+                  "method": trial.method, "params": merged["params"],
+                  "seconds": round(time.perf_counter() - started, 3)}
+        store.write_json(key, record)
+        records.append(record)
+    return records
+
+
+def _chunks(pairs: Sequence[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
+    """Consecutive sorted pairs, so a chunk mostly shares its first member."""
+    ordered = sorted(pairs)
+    return [ordered[n:n + size] for n in range(0, len(ordered), size)]
+
+
+def measure_pairs(store: Store, pairs: Sequence[Sequence[str]], config: MergeConfig, *,
+                  manifest_key: str = MANIFEST_KEY, use_ray: bool = True, chunk_size: int = 6,
+                  max_in_flight: int | None = None, progress: Callable[[int, int], None] | None = None,
+                  timeout_s: float = 3600.0) -> dict:
+    """The trial merge of every pair (cached ones read, the rest computed as Ray tasks).
+
+    Returns {"pairs": records sorted by pair, "computed", "reused", "seconds" (this call),
+    "merge_seconds" (the records' own seconds, cached ones included: what the measurement costs cold)}."""
+    started = time.perf_counter()
+    wanted = sorted({tuple(sorted(p)) for p in pairs})
+    if any(len(p) != 2 or p[0] == p[1] for p in wanted):
+        raise ValueError(f"trial merges need pairs of two different scorers, got {[p for p in wanted if len(p) != 2 or p[0] == p[1]]}")
+    keys = {p: pair_key(store, p, config, manifest_key) for p in wanted}
+    records, todo = {}, []
+    for p in wanted:
+        if store.exists(keys[p]):
+            records[p] = store.read_json(keys[p])
+        else:
+            todo.append(p)
+    reused = len(records)
+    if progress:
+        progress(reused, len(wanted))
+    if todo:
+        jobs_runner, window = runner(measure_chunk, (store, manifest_key), use_ray, max_in_flight,
+                                     time.monotonic() + timeout_s, timeout_s, label="trial merges")
+
+        def on_result(chunk, result) -> None:
+            for p, record in zip(chunk, result, strict=True):
+                records[p] = record
+            if progress:
+                progress(len(records), len(wanted))
+
+        run_all(jobs_runner, window, [(tuple(c), c, config, [keys[p] for p in c]) for c in _chunks(todo, chunk_size)],
+                on_result)
+    out = [records[p] for p in wanted]
+    return {"pairs": out, "computed": len(todo), "reused": reused, "seconds": round(time.perf_counter() - started, 2),
+            "merge_seconds": round(sum(r["seconds"] for r in out), 2)}
+
+
+def outcomes(result: dict) -> dict[tuple[str, str], float]:
+    """{(a, b): outcome} of a `measure_pairs` result."""
+    return {tuple(r["pair"]): float(r["outcome"]) for r in result["pairs"]}

@@ -1,0 +1,82 @@
+"""Running many small jobs: in this process, or as Ray tasks with a bounded window and a deadline.
+
+The GW matrix (`workers.ray_gw`) and the trial merges (`workers.pair_jobs`) both hand out chunks of
+work this way: at most `window` jobs in flight (the cluster's CPUs by default), half a CPU each, every
+wait with a timeout, and whatever is unfinished at the deadline cancelled.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+
+class _Local:
+    """Runs each job as it is submitted, in this process."""
+
+    def __init__(self, fn: Callable, shared: tuple) -> None:
+        self._fn, self._shared, self._done = fn, shared, []
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def submit(self, tag, *args) -> None:
+        self._done.append((tag, self._fn(*self._shared, *args)))
+
+    def wait(self) -> list:
+        done, self._done = self._done, []
+        return done
+
+
+class _OnRay:
+    """Jobs as Ray tasks (half a CPU each); `shared` arguments are put in the object store once."""
+
+    def __init__(self, fn: Callable, shared: tuple, deadline: float, timeout_s: float, label: str) -> None:
+        import ray
+
+        # Half a CPU each: never wait forever for CPUs that extraction actors or other jobs hold.
+        self._remote = ray.remote(num_cpus=0.5, max_retries=2)(fn)
+        self._shared = tuple(ray.put(value) for value in shared)
+        self._pending: dict = {}
+        self._deadline, self._timeout_s, self._label = deadline, timeout_s, label
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def submit(self, tag, *args) -> None:
+        self._pending[self._remote.remote(*self._shared, *args)] = tag
+
+    def wait(self) -> list:
+        import ray
+
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            for ref in self._pending:
+                ray.cancel(ref, force=True)
+            raise TimeoutError(f"{self._label}: {len(self._pending)} tasks still unfinished after {self._timeout_s} s")
+        done, _ = ray.wait(list(self._pending), num_returns=1, timeout=min(left, 60.0))
+        return [(self._pending.pop(ref), ray.get(ref, timeout=60.0)) for ref in done]
+
+
+def runner(fn: Callable, shared: tuple, use_ray: bool, max_in_flight: int | None, deadline: float,
+           timeout_s: float, *, label: str = "jobs"):
+    """(runner, window): one job at a time in process, else as many as Ray has CPUs (or `max_in_flight`)."""
+    if not use_ray:
+        return _Local(fn, shared), 1
+    import ray
+
+    from infra.ray_conn import ensure_ray
+
+    ensure_ray()
+    window = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return _OnRay(fn, shared, deadline, timeout_s, label), window
+
+
+def run_all(runner, window: int, jobs: Sequence[tuple], on_result: Callable) -> None:
+    """Submit `jobs` ((tag, *args)) keeping at most `window` in flight; `on_result(tag, result)` each."""
+    queue = deque(jobs)
+    while queue or len(runner):
+        while queue and len(runner) < window:
+            runner.submit(*queue.popleft())
+        for tag, result in runner.wait():
+            on_result(tag, result)
