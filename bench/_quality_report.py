@@ -194,12 +194,31 @@ def storage_analysis(result: dict) -> list[str]:
     return lines
 
 
+def planner_row(d: dict, mergeability: dict | None, cmp, quality) -> str:
+    """The planner default against the other planners and the plans it must beat (bench/mergeability.py)."""
+    planner = d.get("planner", "gw")
+    if mergeability is None:
+        return f"| planner | {planner} | – | not measured (run `bench/mergeability.py`) | – |"
+    paired = mergeability["paired"]
+    chosen = mergeability["default_planner"]
+    plans = mergeability["plans"]
+    others = [o for o in ("random", "module", "description", "measured", "gw", "linkage") if o != chosen]
+    evidence = "; ".join(f"− {o}: {cmp(paired.get(f'default vs {o}'))}" for o in others)
+    validation = ", ".join(f"{p} {plans[p]['validation_macro_f1']:.3f}" for p in ("measured", "gw", "linkage"))
+    agrees = "" if chosen == planner else f" (**the shipped default is {planner}: update flows/config.py**)"
+    return (f"| planner | {planner} | {chosen} − each other plan, gated, {mergeability['folds']} folds "
+            f"(`docs/results/mergeability.md`) | {evidence} | the best validation macro F1 of the product's "
+            f"planners ({validation}){agrees}; against random: {quality(paired.get('default vs random'))} |")
+
+
 def _told(c: dict | None) -> bool | None:
     return None if c is None else bool(c["ci95"][0] > 0 or c["ci95"][1] < 0)
 
 
-def render_defaults(result: dict) -> str:
-    """docs/results/defaults.md: each shipped default, the cross-validated comparison behind it, and why."""
+def render_defaults(result: dict, mergeability: dict | None = None) -> str:
+    """docs/results/defaults.md: each shipped default, the cross-validated comparison behind it, and why.
+
+    `mergeability`: bench/mergeability.py's result, for the planner row (None: not yet measured)."""
     rows, paired, first = result["rows"], result["paired"], result["first_fold_paired"]
     d = result["defaults"]
     method = d["method"]
@@ -248,6 +267,7 @@ def render_defaults(result: dict) -> str:
              f"| plan | GW, k = {d['k']} | GW − module plan; GW − random plan (ungated) | {cmp(module)}; {cmp(random)} | "
              f"GW needs no curriculum metadata; against module: {quality(module)}, against random: {quality(random)}; "
              "k > 3 not measured here |",
+             planner_row(d, mergeability, cmp, quality),
              f"| method | {method} | first fold only: " + "; ".join(f"{m} − {method}" for m in methods) + " | "
              + "; ".join(cmp(c) for c in methods.values()) + " | "
              + "; ".join(f"{m}: {quality(c)}" for m, c in methods.items()) + f"; {method} stays |",

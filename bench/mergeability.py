@@ -71,6 +71,7 @@ from workers.ray_gw import compute_distances  # noqa: E402
 GW_VARIANTS = {"gw_l-3_cls": (-3, "cls"), "gw_l-1_cls": (-1, "cls"), "gw_l-3_mean": (-3, "mean")}
 PREDICTORS = (*GW_VARIANTS, "gw_base_l-3_cls", "task_vector_cosine", "cka_probe", "description", "same_module")
 PROBE_SIZE = 256
+PLANNING_VERSION = 2  # 2: the planned trios are checked by their own trial merges
 
 
 def log(message: str) -> None:
@@ -82,10 +83,9 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def gw_similarity(store, fold: Fold, config: ExtractConfig, *, base: bool = False) -> tuple[np.ndarray, float]:
+def gw_similarity(store, fold: Fold, config: ExtractConfig, *, base: bool = False) -> np.ndarray:
     """−GW over the fleet's features at `config` (with `base`, the base model's features of the same
-    responses); and the seconds of features + matrix (what this run spent: cold once, then cached)."""
-    started = time.perf_counter()
+    responses)."""
     specs = [fold.manifest.scorer(i) for i in fold.ids]
     prefix = "features"
     if base:
@@ -97,7 +97,7 @@ def gw_similarity(store, fold: Fold, config: ExtractConfig, *, base: bool = Fals
     result = compute_distances(store, extraction.features)
     D = distance_matrix(store, result["key"], result["ids"])
     assert result["ids"] == fold.ids
-    return -D, time.perf_counter() - started
+    return -D
 
 
 def task_vector_similarity(fold: Fold) -> np.ndarray:
@@ -132,33 +132,43 @@ def description_similarity(store, fold: Fold) -> np.ndarray:
     return cosine_similarity_matrix(extract_features(scorer, questions, ExtractConfig(layer=-1, pooling="mean")))
 
 
-def predictors(store, fold: Fold, here: Path, responses: Path, seed: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Every predictor's similarity matrix (rows in fold.ids order), cached in the fold directory."""
-    cache = here / "predictors.npz"
-    seconds_cache = here / "predictor_seconds.json"
-    if cache.is_file():
-        with np.load(cache) as stored:
-            return {k: stored[k] for k in stored.files}, json.loads(seconds_cache.read_text())
+def predictors(store, fold: Fold, here: Path, responses: Path, seed: int,
+               names: tuple[str, ...] = PREDICTORS) -> tuple[dict[str, np.ndarray], dict]:
+    """The named predictors' similarity matrices (rows in fold.ids order) and the seconds each took
+    cold, cached in the fold directory (one file per predictor, so a run that needs more adds them)."""
     out, seconds = {}, {}
-    for name, (layer, pooling) in GW_VARIANTS.items():
-        config = dataclasses.replace(ConsolidateConfig().extract_config(), layer=layer, pooling=pooling)
-        out[name], seconds[name] = gw_similarity(store, fold, config)
-        log(f"  {name}: {seconds[name]:.0f} s")
-    out["gw_base_l-3_cls"], seconds["gw_base_l-3_cls"] = gw_similarity(store, fold, ConsolidateConfig().extract_config(),
-                                                                         base=True)
-    for name, compute in (("task_vector_cosine", lambda: task_vector_similarity(fold)),
-                          ("cka_probe", lambda: cka_similarity(store, fold, probe_texts(responses, seed))),
-                          ("description", lambda: description_similarity(store, fold))):
+    for name in names:
+        cache = here / "predictors" / f"{name}.npz"
+        if cache.is_file():
+            with np.load(cache) as stored:
+                out[name], seconds[name] = stored["similarity"], float(stored["seconds"])
+            continue
         started = time.perf_counter()
-        out[name] = compute()
-        seconds[name] = time.perf_counter() - started
+        out[name] = compute_predictor(name, store, fold, responses, seed)
+        seconds[name] = round(time.perf_counter() - started, 1)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, similarity=out[name], seconds=seconds[name])
         log(f"  {name}: {seconds[name]:.0f} s")
-    modules = [fold.manifest.scorer(i).module or i for i in fold.ids]
-    out["same_module"] = np.array([[float(a == b) for b in modules] for a in modules])
-    seconds["same_module"] = 0.0
-    np.savez(cache, **out)
-    seconds_cache.write_text(json.dumps({k: round(v, 1) for k, v in seconds.items()}))
-    return out, {k: round(v, 1) for k, v in seconds.items()}
+    return out, seconds
+
+
+def compute_predictor(name: str, store, fold: Fold, responses: Path, seed: int) -> np.ndarray:
+    if name in GW_VARIANTS:
+        layer, pooling = GW_VARIANTS[name]
+        return gw_similarity(store, fold, dataclasses.replace(ConsolidateConfig().extract_config(), layer=layer,
+                                                              pooling=pooling))
+    if name == "gw_base_l-3_cls":
+        return gw_similarity(store, fold, ConsolidateConfig().extract_config(), base=True)
+    if name == "task_vector_cosine":
+        return task_vector_similarity(fold)
+    if name == "cka_probe":
+        return cka_similarity(store, fold, probe_texts(responses, seed))
+    if name == "description":
+        return description_similarity(store, fold)
+    if name == "same_module":
+        modules = [fold.manifest.scorer(i).module or i for i in fold.ids]
+        return np.array([[float(a == b) for b in modules] for a in modules])
+    raise ValueError(f"unknown predictor {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,21 +232,26 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     from flows.nightly import consolidate
 
     planning_cache = here / "mergeability_planning.json"
-    if planning_cache.is_file():
-        planning = json.loads(planning_cache.read_text())
+    previous = json.loads(planning_cache.read_text()) if planning_cache.is_file() else None
+    if previous and previous.get("version") == PLANNING_VERSION:
+        planning = previous
     else:
-        summary = consolidate(fleet="fleet.yaml", store=store.uri,
-                              config={"planner": "measured", "run_id": f"mergeability-fold{fold_index}"})
+        summary = consolidate(fleet="fleet.yaml", store=store.uri, config={
+            "planner": "measured", "run_id": f"mergeability-fold{fold_index}-v{PLANNING_VERSION}"})
         published = read_manifest(store, summary["run_id"])
-        planning = {"run_id": summary["run_id"], "seconds": summary["seconds"], "plan": published["extra"]["plan"],
-                    "computed": summary["computed"], "reused": summary["reused"]}
+        seconds = summary["seconds"]
+        if previous:  # an earlier version's run computed (cold) what this one reused: keep each stage's cold time
+            seconds = {k: max(v, previous["seconds"].get(k, 0.0)) for k, v in seconds.items()}
+        planning = {"run_id": summary["run_id"], "seconds": seconds, "plan": published["extra"]["plan"],
+                    "computed": summary["computed"], "reused": summary["reused"], "version": PLANNING_VERSION}
         planning_cache.write_text(json.dumps(planning))
     seconds = planning["seconds"]
     planning_seconds = round(sum(seconds.get(k, 0.0) for k in ("validate", "extract", "gw", "trial-merges", "plan")), 1)
     log(f"fold {fold_index}: measured planning {planning_seconds} s ({planning['computed']})")
 
     # 2. Predictors and (all-pairs folds) every pair's outcome.
-    similarity, predictor_seconds = predictors(store, fold, here, responses, args.seed)
+    names = PREDICTORS if fold_index in args.all_pairs or args.predictor_plans else ("gw_l-3_cls", "description")
+    similarity, predictor_seconds = predictors(store, fold, here, responses, args.seed, names)
     gw_D = -similarity["gw_l-3_cls"]
     short = shortlist(gw_D, fold.ids, defaults.shortlist)
     trials = measure_pairs(store, short, merge_config)  # the flow's, cached
@@ -369,7 +384,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(result))
-    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    beetle = out.parent / "beetle.json"
+    if beetle.is_file():  # the planner row of defaults.md reads this result
+        from _quality_report import render_defaults
+
+        (out.parent / "defaults.md").write_text(render_defaults(json.loads(beetle.read_text()), result))
+    log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}{' and defaults.md' if beetle.is_file() else ''}")
     print(json.dumps({"default_planner": result["default_planner"],
                       "default_macro_f1": result["plans"]["default"]["macro_f1"],
                       "random_macro_f1": result["plans"]["random"]["macro_f1"],

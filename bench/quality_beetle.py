@@ -346,7 +346,9 @@ def write(out: Path, result: dict, *, defaults: bool = True) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(render_markdown(result))
     if defaults:
-        (out.parent / "defaults.md").write_text(render_defaults(result))
+        planners = out.parent / "mergeability.json"
+        (out.parent / "defaults.md").write_text(
+            render_defaults(result, json.loads(planners.read_text()) if planners.is_file() else None))
     log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}{' and defaults.md' if defaults else ''}")
 
 

@@ -62,29 +62,34 @@ def _decision(record: dict) -> str:
 
 def plan_rows(planned: dict) -> tuple[list[dict], str]:
     """The merge plan as table rows: per group its largest GW distance and, when trial merges were
-    measured, the worst of its pairs' outcomes (the worse member's agreement with its own scorer), side
-    by side, 3 significant figures."""
+    measured, the group's measured outcome (its worst member's agreement with its own scorer, from the
+    group's own trial merge, else the worst of its pairs'), side by side, 3 significant figures."""
     plan, ids, matrix = planned["plan"], planned["ids"], planned["matrix"]
     index = {i: n for n, i in enumerate(ids)}
     stability = {tuple(e["group"]): e["share"] for e in plan.get("stability") or []}
-    measured = {frozenset((a, b)): v for a, b, v in planned.get("measured") or []}
+    measured = {frozenset(entry[:-1]): entry[-1] for entry in planned.get("measured") or []}
     rows = []
     for group in plan["groups"]:
         spread = max(matrix[index[a]][index[b]] for a in group for b in group if a != b)
         row = {"group": " + ".join(group), "size": len(group), "largest GW distance": float(f"{spread:.3g}")}
         if measured:
-            trials = [measured.get(frozenset((a, b))) for n, a in enumerate(group) for b in group[n + 1:]]
-            row["worst trial-merge agreement"] = None if None in trials else float(f"{min(trials):.3g}")
+            trials = [measured.get(frozenset(group))]
+            if trials[0] is None:
+                trials = [measured.get(frozenset((a, b))) for n, a in enumerate(group) for b in group[n + 1:]]
+            row["trial-merge agreement"] = None if None in trials else float(f"{min(trials):.3g}")
         if stability:
             row["stability"] = stability.get(tuple(group))
         rows.append(row)
     rows += [{"group": f"{s} (on its own)", "size": 1, "largest GW distance": None} for s in plan["singletons"]]
     objective = plan.get("objective")
     planner = plan.get("planner", "gw")
+    split = plan.get("split") or {}
+    pairs = sum(len(members) == 2 for members in measured)
     description = (f"plan ({planner} planner, {plan['method']}): τ = {plan['tau']:.3g}"
                    + (f", objective {objective:.3g}" if objective is not None else "")
                    + f"; {len(plan['groups'])} groups, {len(plan['singletons'])} items on their own"
-                   + (f"; {len(measured)} pairs trial-merged" if measured else ""))
+                   + (f"; {pairs} pairs trial-merged" if measured else "")
+                   + (f"; {len(split)} planned groups split after their own trial merge" if split else ""))
     return rows, description
 
 

@@ -149,8 +149,8 @@ def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, 
     return result
 
 
-@task(name="plan")
-def plan_task(store_uri: str, settings: dict | None, distances: dict, cfg: ConsolidateConfig,
+@task(name="plan", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
+def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distances: dict, cfg: ConsolidateConfig,
               trials: dict | None = None) -> dict:
     from workers.fleet_gw import distance_matrix, plan_fleet
     from workers.pair_jobs import outcomes
@@ -161,10 +161,24 @@ def plan_task(store_uri: str, settings: dict | None, distances: dict, cfg: Conso
     measured = outcomes(trials) if trials else None
     plan = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
                       measured=measured)
-    get_run_logger().info(f"plan ({cfg.planner} planner, {plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} "
-                          f"groups, {len(plan.singletons)} singletons")
-    return {"plan": plan.to_dict() | {"planner": cfg.planner}, "matrix": matrix.tolist(), "ids": ids,
-            "measured": [[a, b, v] for (a, b), v in sorted(measured.items())] if measured else None}
+    logger = get_run_logger()
+    split, groups_measured = {}, {}
+    if measured and any(len(g) > 2 for g in plan.groups):
+        # The planner scored each trio by its pairs: merge the planned trios themselves and split a weak one.
+        from workers.fleet_gw import check_planned_groups
+        from workers.pair_jobs import measure_pairs
+
+        _connect(cfg)
+        larger = [g for g in plan.groups if len(g) > 2]
+        checked = measure_pairs(store, larger, cfg.merge_config(), manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
+        groups_measured = outcomes(checked)
+        plan, split = check_planned_groups(plan, ids, measured, groups_measured)
+        logger.info(f"planned groups checked by their own trial merges: {len(larger)} ({checked['computed']} "
+                    f"computed), {len(split)} split into their best pair")
+    logger.info(f"plan ({cfg.planner} planner, {plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} "
+                f"groups, {len(plan.singletons)} singletons")
+    return {"plan": plan.to_dict() | {"planner": cfg.planner, "split": split}, "matrix": matrix.tolist(), "ids": ids,
+            "measured": [[*p, v] for p, v in sorted({**(measured or {}), **groups_measured}.items())] or None}
 
 
 @task(name="group-keys", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
@@ -257,7 +271,7 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
     distances = timed("gw", distances_task(store, settings, {i: features["features"][i] for i in usable}, cfg))
     trials = timed("trial-merges", trial_merges_task(store, settings, fleet, distances, cfg)) \
         if cfg.planner == "measured" else None
-    planned = timed("plan", plan_task(store, settings, distances, cfg, trials))
+    planned = timed("plan", plan_task(store, settings, fleet, distances, cfg, trials))
     plan = planned["plan"]
 
     groups = [list(group) for group in plan["groups"]]

@@ -48,10 +48,32 @@ def agreement(reference: np.ndarray, merged: np.ndarray, task: str) -> float:
 
 
 def pair_outcome(agreements: Mapping[str, float]) -> float:
-    """A trial merge's outcome: its worse member's agreement."""
+    """A trial merge's outcome (of a pair, or of a planned group): its worst member's agreement."""
     if len(agreements) < 2:
-        raise ValueError(f"a pair outcome needs at least two members, got {sorted(agreements)}")
+        raise ValueError(f"a trial merge's outcome needs at least two members, got {sorted(agreements)}")
     return float(min(agreements.values()))
+
+
+def split_weak_groups(groups: Sequence[Sequence[str]], group_outcomes: Mapping[tuple[str, ...], float],
+                      pair_outcomes: Mapping[tuple[str, str], float], tau: float
+                      ) -> tuple[list[tuple[str, ...]], dict[tuple[str, ...], tuple[str, ...]]]:
+    """Check each planned group of 3+ by its own trial merge: the planner scored it by its pairs, but
+    a trio's merge can cost a member more than either pair did. A group whose outcome fails the pairs'
+    threshold (``1 − outcome >= tau``) is replaced by its best measured pair; its other members go on
+    their own. Returns (the groups, {split group: the pair kept})."""
+    kept, split = [], {}
+    for group in groups:
+        group = tuple(sorted(group))
+        if len(group) < 3 or 1.0 - group_outcomes[group] < tau:
+            kept.append(group)
+            continue
+        pairs = [(pair_outcomes[p], p) for p in ((a, b) for n, a in enumerate(group) for b in group[n + 1:])
+                 if p in pair_outcomes]
+        best = max(pairs)[1] if pairs else None
+        split[group] = best
+        if best is not None:
+            kept.append(best)
+    return kept, split
 
 
 def shortlist(D: np.ndarray, ids: Sequence[str], m: int = DEFAULT_SHORTLIST) -> list[tuple[str, str]]:

@@ -31,8 +31,14 @@ def test_plan_rows_show_gw_and_the_measured_outcome_side_by_side():
                         "objective": 0.5, "planner": "measured"},
                "measured": [["a", "b", 0.91234], ["a", "c", 0.876], ["b", "c", 0.95], ["c", "d", 0.5]]}
     rows, description = plan_rows(planned)
-    assert rows[0] == {"group": "a + b + c", "size": 3, "largest GW distance": 0.4, "worst trial-merge agreement": 0.876}
+    assert rows[0] == {"group": "a + b + c", "size": 3, "largest GW distance": 0.4, "trial-merge agreement": 0.876}
     assert description.startswith("plan (measured planner, milp)") and description.endswith("4 pairs trial-merged")
+    # the trio's own trial merge, when there is one, is what the row shows
+    planned["measured"].append(["a", "b", "c", 0.8])
+    planned["plan"]["split"] = {"x+y+z": ["x", "y"]}
+    rows, description = plan_rows(planned)
+    assert rows[0]["trial-merge agreement"] == 0.8
+    assert description.endswith("4 pairs trial-merged; 1 planned groups split after their own trial merge")
 
 
 def test_run_summary_lists_groups_changes_and_what_was_set_aside():

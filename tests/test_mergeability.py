@@ -144,5 +144,30 @@ def test_trial_merges_are_measured_on_train_and_validation_and_cached_by_content
     shutil.copy(root / "scorers" / "circuits-1" / "model.safetensors", root / "scorers" / "plants-1" / "model.safetensors")
     changed = measure_pairs(store, pairs, MergeConfig(), use_ray=False)
     assert (changed["computed"], changed["reused"]) == (2, 1)
-    with pytest.raises(ValueError, match="two different scorers"):
+    with pytest.raises(ValueError, match="two or more different scorers"):
         measure_pairs(store, [("circuits-1", "circuits-1")], MergeConfig(), use_ray=False)
+
+
+def test_a_trio_whose_own_merge_fails_the_pairs_threshold_keeps_its_best_pair():
+    from gw.mergeability import split_weak_groups
+
+    pairs = {("a", "b"): 0.95, ("a", "c"): 0.9, ("b", "c"): 0.92, ("d", "e"): 0.9}
+    groups = [("a", "b", "c"), ("d", "e"), ("c2", "f", "g")]
+    trios = {("a", "b", "c"): 0.7, ("c2", "f", "g"): 0.97}
+    kept, split = split_weak_groups(groups, trios, pairs, tau=0.2)  # keep a group while 1 - outcome < 0.2
+    assert kept == [("a", "b"), ("d", "e"), ("c2", "f", "g")] and split == {("a", "b", "c"): ("a", "b")}
+    assert split_weak_groups(groups, trios, pairs, tau=0.5)[1] == {}
+
+
+def test_measured_plan_after_the_group_check():
+    from gw.plan import Plan
+    from workers.fleet_gw import check_planned_groups
+
+    ids = ["a", "b", "c", "d"]
+    measured = {("a", "b"): 0.95, ("a", "c"): 0.9, ("b", "c"): 0.92}
+    plan = Plan((("a", "b", "c"),), ("d",), "milp", tau=0.2, objective=0.0)
+    checked, split = check_planned_groups(plan, ids, measured, {("a", "b", "c"): 0.6})
+    assert checked.groups == (("a", "b"),) and set(checked.singletons) == {"c", "d"}
+    assert checked.method == "milp+group-check" and split == {"a+b+c": ["a", "b"]}
+    assert checked.objective == pytest.approx(0.2 - 0.05)
+    assert check_planned_groups(plan, ids, measured, {("a", "b", "c"): 0.9}) == (plan, {})

@@ -62,3 +62,45 @@ def test_acceptance_needed_solves_the_expected_loss():
     # Two trios may lose half a member in expectation: 2 (1 - a^3) = 0.5.
     assert _acceptance_needed([3, 3], 0.5) == pytest.approx(0.75 ** (1 / 3), abs=1e-9)
     assert _acceptance_needed([2, 3], 0.0) == pytest.approx(1.0)
+
+
+def _mergeability():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import mergeability
+
+    return mergeability
+
+
+def test_mergeability_correlations_rank_a_monotone_predictor_first():
+    import numpy as np
+
+    bench = _mergeability()
+    ids = [f"s{i}" for i in range(8)]
+    rng = np.random.default_rng(0)
+    truth = rng.random((8, 8))
+    truth = (truth + truth.T) / 2
+    measured = {(a, b): float(truth[i, j]) for i, a in enumerate(ids) for j, b in enumerate(ids) if i < j}
+    noise = rng.random((8, 8))
+    out = bench.correlations({"exact": truth ** 3, "noise": (noise + noise.T) / 2, "inverse": -truth},
+                             measured, ids, draws=100)
+    assert out["exact"]["spearman"] == 1.0 and out["inverse"]["spearman"] == -1.0
+    assert out["exact"]["ci95"][0] > 0.9 and out["exact"]["n_pairs"] == 28
+    assert abs(out["noise"]["spearman"]) < 0.6 and out["noise"]["ci95"][0] < out["noise"]["spearman"] < out["noise"]["ci95"][1]
+
+
+def test_mergeability_default_planner_is_chosen_on_validation_not_test():
+    bench = _mergeability()
+
+    def row(test, validation):
+        return {"macro_f1": test, "validation_macro_f1": validation, "backbones": 20, "planned_backbones": 16,
+                "storage_ratio": 2.0, "per_item_macro_f1": {"a": test, "b": test}}
+
+    rows = {"measured": row(0.50, 0.70), "gw": row(0.60, 0.60), "linkage": row(0.55, 0.50), "module": row(0.5, 0.5),
+            "description": row(0.5, 0.5), "random0": row(0.4, 0.4), "random1": row(0.45, 0.45),
+            "premerge": row(0.5, 0.5)}
+    folds = [{"fold": 0, "rows": rows, "test_sizes": {"a": 10, "b": 20}}]
+    combined = bench.combine(folds, random_seeds=2)
+    assert combined["default_planner"] == "measured"  # best validation, though gw is best on test
+    assert combined["plans"]["random"]["macro_f1"] == 0.425
+    assert combined["paired"]["default vs random"]["mean_diff"] == pytest.approx(0.075)
+    assert "default vs measured" not in combined["paired"] and "default vs gw" in combined["paired"]

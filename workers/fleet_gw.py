@@ -7,8 +7,8 @@ import numpy as np
 
 from gw.baselines import linkage_plan
 from gw.matrix import gw_matrix
-from gw.mergeability import outcome_distances
-from gw.plan import Plan, solve_plan, threshold_from_quantile
+from gw.mergeability import outcome_distances, split_weak_groups
+from gw.plan import Plan, plan_from_groups, solve_plan, threshold_from_quantile
 from gw.stability import bootstrap_indices, solve_stable_plan
 from infra.storage import Store
 from workers.extract import FeatureRef, read_features
@@ -56,3 +56,15 @@ def plan_fleet(matrix: np.ndarray, ids: Sequence[str], *, tau: float | None, tau
         return solve_stable_plan(matrix, list(resampled), list(ids), min_stability=min_stability, tau=tau,
                                  tau_quantile=tau_quantile, k=k)
     return solve_plan(matrix, list(ids), tau=tau, tau_quantile=tau_quantile, k=k)
+
+
+def check_planned_groups(plan: Plan, ids: Sequence[str], measured: Mapping[tuple[str, str], float],
+                         group_outcomes: Mapping[tuple[str, ...], float]) -> tuple[Plan, dict]:
+    """The measured plan after each planned group of 3+ is checked by its own trial merge
+    (`gw.mergeability.split_weak_groups`); returns (the plan, {"+"-joined split group: the pair kept})."""
+    groups, split = split_weak_groups(plan.groups, group_outcomes, measured, plan.tau)
+    if not split:
+        return plan, {}
+    checked = plan_from_groups(groups, list(ids), f"{plan.method}+group-check", D=outcome_distances(measured, ids),
+                               tau=plan.tau)
+    return checked, {"+".join(g): list(p) if p else None for g, p in split.items()}

@@ -90,14 +90,16 @@ def measure_pairs(store: Store, pairs: Sequence[Sequence[str]], config: MergeCon
                   manifest_key: str = MANIFEST_KEY, use_ray: bool = True, chunk_size: int = 6,
                   max_in_flight: int | None = None, progress: Callable[[int, int], None] | None = None,
                   timeout_s: float = 3600.0) -> dict:
-    """The trial merge of every pair (cached ones read, the rest computed as Ray tasks).
+    """The trial merge of every pair (or larger group: a planned trio is checked the same way; cached ones
+    read, the rest computed as Ray tasks).
 
     Returns {"pairs": records sorted by pair, "computed", "reused", "seconds" (this call),
     "merge_seconds" (the records' own seconds, cached ones included: what the measurement costs cold)}."""
     started = time.perf_counter()
     wanted = sorted({tuple(sorted(p)) for p in pairs})
-    if any(len(p) != 2 or p[0] == p[1] for p in wanted):
-        raise ValueError(f"trial merges need pairs of two different scorers, got {[p for p in wanted if len(p) != 2 or p[0] == p[1]]}")
+    bad = [p for p in wanted if len(p) < 2 or len(set(p)) != len(p)]
+    if bad:
+        raise ValueError(f"trial merges need two or more different scorers each, got {bad}")
     keys = {p: pair_key(store, p, config, manifest_key) for p in wanted}
     records, todo = {}, []
     for p in wanted:
@@ -125,6 +127,6 @@ def measure_pairs(store: Store, pairs: Sequence[Sequence[str]], config: MergeCon
             "merge_seconds": round(sum(r["seconds"] for r in out), 2)}
 
 
-def outcomes(result: dict) -> dict[tuple[str, str], float]:
-    """{(a, b): outcome} of a `measure_pairs` result."""
+def outcomes(result: dict) -> dict[tuple[str, ...], float]:
+    """{(a, b): outcome} of a `measure_pairs` result (members sorted)."""
     return {tuple(r["pair"]): float(r["outcome"]) for r in result["pairs"]}
