@@ -8,7 +8,9 @@ parameters, heads refit on the merged backbone and, beside them, the members' ow
 member the change of validation (and test) macro F1 against its own scorer, and the agreement of the
 merged model's decisions (refit heads) with its own scorer's on its held-out responses (validation
 and test). Pairs are split by the items' `module` (the demo's topics): within a topic against across.
-The GW distance of each pair comes from the fleet's distances table, when it has exactly one.
+The GW distance of each pair comes from the fleet's distances table, when it has exactly one. And
+the plan `gw.plan.solve_plan` makes (shipped tau and k) when a pair's distance is its measured outcome,
+the worst member's change of validation macro F1 (turned into a distance: the best outcome minus it).
 Prints one line per pair, then one JSON object as its last line.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from infra.manifest import load_manifest  # noqa: E402
 from infra.storage import open_store  # noqa: E402
+from gw.plan import solve_plan  # noqa: E402
 from workers.consolidate import GroupConsolidator, MergeConfig, decide  # noqa: E402
 from workers.models import quiet_transformers  # noqa: E402
 
@@ -51,6 +54,19 @@ def decisions(cons: GroupConsolidator, model, spec) -> np.ndarray:
     member = cons.member(spec)
     texts = [t for split in HELD_OUT for t in member.texts[split]]
     return decide(cons.probabilities(model, spec.id, cons.features(model, texts)), spec.task)
+
+
+def measured_plan(rows: list[dict]) -> list[list[str]]:
+    """The plan over distances made of the measured pair outcomes (worst member's validation change)."""
+    ids = sorted({i for row in rows for i in row["pair"]})
+    index = {i: n for n, i in enumerate(ids)}
+    outcome = np.zeros((len(ids), len(ids)))
+    for row in rows:
+        a, b = (index[i] for i in row["pair"])
+        outcome[a, b] = outcome[b, a] = min(m["d_val_f1_refit"] for m in row["members"].values())
+    distances = outcome.max() - outcome + 1e-3  # the best pair is the closest; every pair may be grouped
+    np.fill_diagonal(distances, 0.0)
+    return [list(g) for g in solve_plan(distances, ids).groups]
 
 
 def main(argv=None) -> int:
@@ -103,7 +119,7 @@ def main(argv=None) -> int:
         return out
 
     result = {"store": store.uri, "method": config.method, "params": "defaults", "within": summary(True),
-              "across": summary(False), "own_val_macro_f1": {i: round(o["validation"]["macro_f1"], 4)
+              "across": summary(False), "measured_plan": measured_plan(rows), "own_val_macro_f1": {i: round(o["validation"]["macro_f1"], 4)
                                                              for i, o in own.items()},
               "seconds": round(time.perf_counter() - started, 1), "pairs": rows}
     print(json.dumps(result))
