@@ -132,7 +132,7 @@ def _default_planner() -> str:
 @pytest.mark.xfail(_default_planner() == "gw", strict=True, raises=AssertionError,
                    reason="the GW plan mixes the planted topics (workers/demo_data.py has what it grouped)")
 def test_the_demo_plan_with_the_default_planner_recovers_the_planted_topics(tmp_path, prefect_harness):
-    """Real model, the whole `fleetmerge demo` (MiniLM-L6, shipped defaults, seed 0; ~7 min on 2 cores):
+    """Real model, the whole `fleetmerge demo` (MiniLM-L6, shipped defaults, seed 0; ~8 min on 2 busy cores):
     the published plan groups the items of each topic together and nothing else."""
     import torch
 
