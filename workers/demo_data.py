@@ -1,30 +1,52 @@
 """A synthetic school district for the demo: items in topics, with planted structure.
 
-Nothing here is real student data. Each topic has a pool of rubric concepts (each with several
-phrasings) and misconceptions; each item draws its concepts from its topic's pool, so items of one
-topic share vocabulary and rubric concepts while items of different topics share almost none.
+Nothing here is real student data. Two layouts (`structure`):
 
-Two layouts (`structure`):
+- "rules" (what `fleetmerge demo` generates): a fractions unit in three topics, adding, multiplying and
+  dividing fractions (3, 3 and 2 items). Every response draws on one pool of seven procedure steps with
+  four phrasings each (`STEPS`), so the topics share their words. What tells them apart is the topic's
+  rule (`RULES`), which every item of the topic follows (its items differ only in their fractions): the
+  steps that earn credit, and the steps of another operation's procedure that are a misconception
+  there. The same words thus carry conflicting rules across topics: "add the numerators" earns credit
+  when adding and scores "incorrect" when multiplying (and is flagged when dividing); "multiply the
+  numerators" earns credit when multiplying and scores "incorrect" when adding; "flip the second
+  fraction" is marked when dividing and scores "incorrect" when adding or multiplying. Adding items are
+  scored incorrect / partially_correct / correct on two steps, multiplying items incorrect / correct on
+  two, dividing items are multi-label (each of its two steps stated, and `uses_another_procedure`).
+  Merging two items' encoders should then help when they share a rule and hurt when they do not.
+  Measured on the default demo (seed 0, 200 responses, MiniLM-L6 at the demo's 6 epochs; own validation
+  macro F1 0.69-0.89) with `bench/demo_pairs.py`: every pair merged by the product's one call,
+  `GroupConsolidator.evaluate(pair, {}, MergeConfig())` (TIES defaults, heads refit), and each member's
+  change of validation macro F1 against its own scorer:
 
-- "rubric" (what `fleetmerge demo` generates): each topic also has its own rubric shape, as the items
-  of one assessment module often do. circuits items are scored 0/1/2 on three concepts (full credit
-  states all three, each missing one costs a level, a misconception scores 0), plants items mark each
-  of three concepts present (multi-label), fractions items are scored incorrect/correct on two
-  concepts (correct states both, without a misconception). The topics then differ in the geometry of
-  their responses and of their scorers' features (how many label clusters, of what sizes), not only
-  in their words, which gives a plan over each scorer's own features something to find. Measured on
-  the default demo (seed 0, 200 responses): the GW plan still mixes topics (it grouped
-  circuits-1 + fractions-1 + plants-2), so GW over these features does not recover the rubric shape
-  either; the planner issue takes that up.
-- "words" (the default, used by the test fixtures and the benchmark trio): every topic has the same
-  template (five concepts with four phrasings each, the same presence rates and scoring rule; the last
-  item of each topic with three or more items is multi-label, the rest score 0/1/2 by how many of
-  their three concepts a response states), so the topics differ only in their words. An item's
-  responses then look the same, up to a relabelling of the content, as an item of another topic with
-  the same task. GW on each scorer's features over its own responses cannot tell such items apart (it
-  is blind to isometries): the fine-tuned scorers' geometry follows their labels, so such a plan
-  groups items by task (multi-class with multi-class, multi-label with multi-label) across topics,
-  not by topic. The topics do show in the base encoder's features.
+  | pairs (members) | mean | worst member, mean | pairs with a fall | test, mean | own heads, mean |
+  |---|---|---|---|---|---|
+  | within a topic: 7 (14) | +0.073 | +0.054 | 1 of 7 (-0.004) | +0.073 | -0.015 |
+  | across topics: 21 (42) | -0.027 | -0.083 | 21 of 21 | -0.022 | -0.162 |
+
+  ("worst member": the lower of a pair's two changes; "a fall": a member below 0.)
+  The agreement of the merged model's decisions with the member's own scorer on its held-out answers
+  does not tell them apart (0.878 within, 0.880 across): the own scorers are weak, and a merge within
+  a topic that improves on one disagrees with it too. `gw.plan.solve_plan` on the measured pair
+  outcomes (the worst or the mean member's change) groups the three topics exactly. The GW plan does
+  not: on the same fleet the shipped defaults planned adding-1 + dividing-1 + dividing-2, adding-2 +
+  adding-3 + multiplying-2 and multiplying-1 + multiplying-3 (mean GW distance 0.243 within a topic,
+  0.260 across), and the gate merged the two mixed trios and kept multiplying-1 and -3 on their own
+  scorers. GW over each scorer's features of its own responses does not see the rules.
+  This layout replaces the earlier "rubric" one (each topic its own rubric shape, the topics otherwise
+  apart in their words), on which the GW plan mixed topics too (circuits-1 + fractions-1 + plants-2).
+- "words" (the default, used by the test fixtures and the benchmark trio): each topic has a pool of
+  rubric concepts (each with several phrasings) and misconceptions, and each item draws its concepts
+  from its topic's pool, so items of one topic share vocabulary and rubric concepts while items of
+  different topics share almost none. Every topic has the same template (five concepts with four
+  phrasings each, the same presence rates and scoring rule; the last item of each topic with three or
+  more items is multi-label, the rest score 0/1/2 by how many of their three concepts a response
+  states), so the topics differ only in their words. An item's responses then look the same, up to a
+  relabelling of the content, as an item of another topic with the same task. GW on each scorer's
+  features over its own responses cannot tell such items apart (it is blind to isometries): the
+  fine-tuned scorers' geometry follows their labels, so such a plan groups items by task (multi-class
+  with multi-class, multi-label with multi-label) across topics, not by topic. The topics do show in
+  the base encoder's features.
 """
 from __future__ import annotations
 
@@ -97,29 +119,63 @@ TOPICS: dict[str, dict] = {
 OPENERS = ["", "i think ", "because ", "well ", "my answer is that ", "it is because ", "so "]
 MULTICLASS_LABELS = ["incorrect", "partially_correct", "correct"]
 SPLIT_SHARES = (("train", 0.64), ("validation", 0.18), ("test", 0.18))
-STRUCTURES = ("words", "rubric")
+STRUCTURES = ("words", "rules")
+
+# -- the "rules" layout: fraction operations, one pool of steps, conflicting rules -------------------
+
+STEPS: dict[str, list[str]] = {
+    "common_denominator": ["you find a common denominator", "make the bottom numbers the same",
+                           "rewrite both fractions with the same denominator", "change them to the same size pieces"],
+    "add_numerators": ["add the numerators", "add the top numbers", "put the tops together",
+                       "the numerators get added"],
+    "keep_denominator": ["keep the denominator the same", "the bottom number stays the same",
+                         "leave the denominator alone", "the denominator does not change"],
+    "multiply_numerators": ["multiply the numerators", "multiply the top numbers", "times the tops together",
+                            "the numerators get multiplied"],
+    "multiply_denominators": ["multiply the denominators", "multiply the bottom numbers", "times the bottoms together",
+                              "the denominators get multiplied"],
+    "flip_divisor": ["flip the second fraction", "use the reciprocal of the second fraction",
+                     "turn the second fraction upside down", "invert the fraction you divide by"],
+    "change_to_multiply": ["change the division to a multiplication", "multiply instead of dividing",
+                           "turn the divide sign into a times sign", "do a times instead of the divide"],
+}
+FILLER = ["you just work it out", "i am not sure", "you do the sum", "it is about fractions"]
 
 
 @dataclass(frozen=True)
-class Rubric:
-    """A topic's rubric shape in the "rubric" layout.
+class Rule:
+    """What decides a topic's labels in the "rules" layout; every item of the topic follows it.
 
-    task: "multiclass" (a score scale) or "multilabel" (each concept marked present).
-    n_concepts: concepts per item; presence: how often a response states each of them.
-    scale: the multi-class scores, lowest first: full credit states every concept, each missing one
-        costs a level, a misconception scores the lowest.
+    credit: the steps that earn credit; misconceptions: steps of another operation's procedure that are
+    wrong here (a response that states one is scored lowest, or flagged); every other step is neutral.
+    task and scale: "multiclass" with the score names, lowest first (full credit states every credited
+    step), or "multilabel" with one label a credited step plus `flag` (a misconception stated).
+    presence: how often a response states each credited step; slip: how often it states a misconception.
     """
 
+    operation: str
+    credit: tuple[str, ...]
+    misconceptions: tuple[str, ...]
     task: str
-    n_concepts: int
-    presence: float
     scale: tuple[str, ...] = ()
+    flag: str = ""
+    presence: float = 0.6
+    slip: float = 0.2
 
 
-RUBRICS: dict[str, Rubric] = {
-    "circuits": Rubric("multiclass", 3, 0.65, tuple(MULTICLASS_LABELS)),
-    "plants": Rubric("multilabel", 3, 0.5),
-    "fractions": Rubric("multiclass", 2, 0.65, ("incorrect", "correct")),
+RULES: dict[str, Rule] = {
+    "adding": Rule("+", ("common_denominator", "add_numerators"), ("multiply_numerators", "flip_divisor",
+                   "change_to_multiply"), "multiclass", tuple(MULTICLASS_LABELS)),
+    "multiplying": Rule("x", ("multiply_numerators", "multiply_denominators"),
+                        ("add_numerators", "keep_denominator", "flip_divisor"), "multiclass",
+                        ("incorrect", "correct"), presence=0.7),
+    "dividing": Rule("divided by", ("flip_divisor", "change_to_multiply"), ("add_numerators", "keep_denominator"),
+                     "multilabel", flag="uses_another_procedure", presence=0.55),
+}
+EXAMPLES: dict[str, list[str]] = {  # the fractions of each item's question, one per item
+    "adding": ["1/2 and 1/3", "2/5 and 1/4", "3/4 and 1/6"],
+    "multiplying": ["2/3 and 3/4", "1/2 and 4/5", "3/5 and 1/3"],
+    "dividing": ["3/4 and 1/2", "2/3 and 4/5"],
 }
 
 
@@ -130,13 +186,16 @@ class DemoItem:
     task: str
     concepts: tuple[str, ...]
     question: str
-    rubric: Rubric | None = None  # the topic's rubric shape ("rubric" layout); None: the "words" template
+    rule: Rule | None = None  # the topic's rule ("rules" layout); None: the "words" template
+    example: str = ""
 
     @property
     def label_names(self) -> list[str]:
+        if self.rule is not None:
+            return list(self.rule.credit) + [self.rule.flag] if self.task == "multilabel" else list(self.rule.scale)
         if self.task == "multilabel":
             return list(self.concepts)
-        return list(self.rubric.scale) if self.rubric else list(MULTICLASS_LABELS)
+        return list(MULTICLASS_LABELS)
 
 
 def _check_structure(structure: str) -> None:
@@ -146,23 +205,23 @@ def _check_structure(structure: str) -> None:
 
 def demo_items(n_per_topic: Sequence[int] = (3, 3, 2), seed: int = 0, *, structure: str = "words") -> list[DemoItem]:
     """Items per topic. "words": the last item of each topic with three or more items is multi-label;
-    "rubric": every item of a topic has the topic's rubric shape (`RUBRICS`)."""
+    "rules": every item of a topic follows the topic's rule (`RULES`), with its own fractions."""
     _check_structure(structure)
+    if structure == "rules":
+        if len(n_per_topic) > len(RULES) or any(n > len(EXAMPLES[t]) for t, n in zip(RULES, n_per_topic)):
+            raise ValueError(f"the rules layout has at most {[len(EXAMPLES[t]) for t in RULES]} items per topic")
+        items = []
+        for topic, n in zip(RULES, n_per_topic):
+            rule = RULES[topic]
+            for j, example in enumerate(EXAMPLES[topic][:n]):
+                question = f"Explain how to work out {example.replace(' and ', f' {rule.operation} ')}, step by step."
+                items.append(DemoItem(f"{topic}-{j + 1}", topic, rule.task, rule.credit, question, rule, example))
+        return items
     rng = np.random.default_rng(seed)
     items = []
     for topic, n in zip(TOPICS, n_per_topic):
         pool = list(TOPICS[topic]["concepts"])
-        rubric = RUBRICS[topic] if structure == "rubric" else None
         for j in range(n):
-            if rubric is not None:
-                drawn = {it.concepts for it in items if it.topic == topic}
-                concepts = ()
-                while not concepts or concepts in drawn:  # items of a topic ask about different concept sets
-                    concepts = tuple(sorted(str(c) for c in rng.choice(pool, size=rubric.n_concepts, replace=False)))
-                named = ", ".join(c.replace("_", " ") for c in concepts)
-                question = f"Explain {topic} question {j + 1}: describe what happens, mentioning {named}."
-                items.append(DemoItem(f"{topic}-{j + 1}", topic, rubric.task, concepts, question, rubric))
-                continue
             concepts = tuple(sorted(rng.choice(pool, size=3, replace=False)))
             task = "multilabel" if n >= 3 and j == n - 1 else "multiclass"
             named = ", ".join(c.replace("_", " ") for c in concepts)
@@ -171,30 +230,41 @@ def demo_items(n_per_topic: Sequence[int] = (3, 3, 2), seed: int = 0, *, structu
     return items
 
 
-def _rubric_response(item: DemoItem, rng: np.random.Generator) -> tuple[str, int, list[int]]:
-    """A response to an item of the "rubric" layout: its concepts at the rubric's presence rate, other
-    concepts of the topic as distractors (shared vocabulary, no credit), sometimes a misconception."""
-    topic, rubric = TOPICS[item.topic], item.rubric
-    present = [c for c in item.concepts if rng.random() < rubric.presence]
-    distractors = [c for c in topic["concepts"] if c not in item.concepts and rng.random() < 0.25]
-    misconception = rng.random() < 0.15
-    parts = [topic["concepts"][c][int(rng.integers(4))] for c in present + distractors]
-    if misconception:
-        parts.append(topic["misconceptions"][int(rng.integers(len(topic["misconceptions"])))])
-    if not parts:
-        parts.append(f"the {topic['filler'][int(rng.integers(5))]} does something")
+def rule_score(rule: Rule, steps: Sequence[str]) -> tuple[int, list[int]]:
+    """The labels `rule` gives a response that states `steps`: (multi-class score, multi-label vector)."""
+    stated = set(steps)
+    wrong = bool(stated & set(rule.misconceptions))
+    credited = sum(c in stated for c in rule.credit)
+    vector = [int(c in stated) for c in rule.credit] + ([int(wrong)] if rule.flag else [])
+    if not rule.scale:
+        return 0, vector
+    top = len(rule.scale) - 1
+    score = 0 if wrong else max(0, top - (len(rule.credit) - credited))
+    return score, vector
+
+
+def _rules_response(item: DemoItem, rng: np.random.Generator) -> tuple[str, int, list[int]]:
+    """A response to an item of the "rules" layout: the rule's credited steps at its presence rate,
+    now and then a neutral step, sometimes a step of another operation (a misconception here)."""
+    rule = item.rule
+    steps = [c for c in rule.credit if rng.random() < rule.presence]
+    neutral = [s for s in STEPS if s not in rule.credit and s not in rule.misconceptions]
+    steps += [s for s in neutral if rng.random() < 0.15]
+    if rng.random() < rule.slip:
+        steps.append(rule.misconceptions[int(rng.integers(len(rule.misconceptions)))])
+    parts = [STEPS[s][int(rng.integers(4))] for s in steps] or [FILLER[int(rng.integers(len(FILLER)))]]
     rng.shuffle(parts)
-    text = OPENERS[int(rng.integers(len(OPENERS)))] + " and ".join(parts)
-    top = max(len(rubric.scale) - 1, 0)
-    score = 0 if misconception else max(0, top - (len(item.concepts) - len(present)))
-    if rubric.scale and rng.random() < 0.03:  # a little rater noise
-        score = int(rng.integers(len(rubric.scale)))
-    return text, score, [int(c in present) for c in item.concepts]
+    lead = f"for {item.example} " if rng.random() < 0.3 else ""
+    text = OPENERS[int(rng.integers(len(OPENERS)))] + lead + " and ".join(parts)
+    score, vector = rule_score(rule, steps)
+    if rule.scale and rng.random() < 0.03:  # a little rater noise
+        score = int(rng.integers(len(rule.scale)))
+    return text, score, vector
 
 
 def _response(item: DemoItem, rng: np.random.Generator) -> tuple[str, int, list[int]]:
-    if item.rubric is not None:
-        return _rubric_response(item, rng)
+    if item.rule is not None:
+        return _rules_response(item, rng)
     topic = TOPICS[item.topic]
     present = [c for c in item.concepts if rng.random() < 0.5]
     if not present and rng.random() < 0.3:
@@ -242,7 +312,7 @@ def generate_responses(items: Sequence[DemoItem], n_responses: int = 300, seed: 
 def write_demo_district(out_dir: str | Path, *, n_per_topic: Sequence[int] = (3, 3, 2), n_responses: int = 300,
                         seed: int = 0, structure: str = "words") -> tuple[Path, Path]:
     """Write `responses.parquet` and `items.jsonl` (the inputs of `fleetmerge fleet build`); `structure`
-    is the layout ("words" or "rubric", see the module docstring)."""
+    is the layout ("words" or "rules", see the module docstring)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = demo_items(n_per_topic, seed, structure=structure)
