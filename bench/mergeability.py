@@ -8,7 +8,7 @@ Per fold (the folds and cached fleets of bench/quality_beetle.py):
 1. **The product's measured planning, cold**: `fleetmerge consolidate --planner measured` as a user runs
    it (the Prefect flow, otherwise the shipped defaults). Its stage seconds (features, GW matrix, trial
    merges, plan) are the planning cost; its published plan is the measured planner's.
-2. **Every pair's measured outcome** (folds in `--all-pairs-folds`): the product's trial merge
+2. **Every pair's measured outcome** (folds in `--all-pairs-folds`, after every fold's plans): the product's trial merge
    (`workers.pair_jobs.measure_pairs`, cached, so the shortlist's pairs are reused) for all N(N−1)/2
    pairs, and the Spearman correlation with it of each cheap predictor: GW at layers −3 and −1 with CLS
    pooling and at −3 with mean pooling, GW on the base model's features of the same responses,
@@ -249,8 +249,8 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     planning_seconds = round(sum(seconds.get(k, 0.0) for k in ("validate", "extract", "gw", "trial-merges", "plan")), 1)
     log(f"fold {fold_index}: measured planning {planning_seconds} s ({planning['computed']})")
 
-    # 2. Predictors and (all-pairs folds) every pair's outcome.
-    names = PREDICTORS if fold_index in args.all_pairs or args.predictor_plans else ("gw_l-3_cls", "description")
+    # 2. The plans' predictors (all of them with --predictor-plans).
+    names = PREDICTORS if args.predictor_plans else ("gw_l-3_cls", "description")
     similarity, predictor_seconds = predictors(store, fold, here, responses, args.seed, names)
     gw_D = -similarity["gw_l-3_cls"]
     short = shortlist(gw_D, fold.ids, defaults.shortlist)
@@ -258,16 +258,6 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     result = {"fold": fold_index, "ids": fold.ids, "planning_seconds": planning_seconds,
               "flow_seconds": seconds, "predictor_seconds": predictor_seconds, "shortlist_pairs": len(short),
               "shortlist_merge_seconds": trials["merge_seconds"]}
-    if fold_index in args.all_pairs:
-        everything = measure_pairs(store, list(itertools.combinations(fold.ids, 2)), merge_config)
-        measured_all = outcomes(everything)
-        result["all_pairs_merge_seconds"] = everything["merge_seconds"]
-        result["correlation"] = correlations(similarity, measured_all, fold.ids)
-        result["outcomes"] = [[a, b, v] for (a, b), v in sorted(measured_all.items())]
-        # how much of each scorer's best partner the shortlist finds
-        best = {i: max((v, p) for p, v in measured_all.items() if i in p)[1] for i in fold.ids}
-        result["shortlist_finds_best_partner"] = round(float(np.mean([best[i] in set(short) for i in fold.ids])), 3)
-        log(f"fold {fold_index}: correlations {({k: v['spearman'] for k, v in result['correlation'].items()})}")
 
     # 3. Plans, gated with the shipped defaults.
     plans: dict[str, list[list[str]]] = {"measured": [list(g) for g in planning["plan"]["groups"]]}
@@ -296,6 +286,28 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     rows["premerge"] = figures(fold, {"items": fold.items({}), "groups": []})
     result |= {"plans": plans, "rows": rows, "test_sizes": {i: fold.own[i]["test"]["n"] for i in fold.ids},
                "seconds": round(time.perf_counter() - started, 1)}
+    return result
+
+
+def all_pairs_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
+    """Every pair's measured outcome on one fold (built and planned by run_fold first) and each
+    predictor's correlation with it; run after every fold's plans, since it is the longest step."""
+    here = fold_dir(work, args.folds, fold_index)
+    responses = here / "data" / "responses.parquet"
+    store = open_store(str(here / "fleet"))
+    fold = Fold(store, args.seed)
+    merge_config = ConsolidateConfig().merge_config()
+    similarity, predictor_seconds = predictors(store, fold, here, responses, args.seed)
+    short = set(shortlist(-similarity["gw_l-3_cls"], fold.ids, ConsolidateConfig().shortlist))
+    everything = measure_pairs(store, list(itertools.combinations(fold.ids, 2)), merge_config)
+    measured_all = outcomes(everything)
+    # how often a scorer's best measured partner is on its shortlist
+    best = {i: max((v, p) for p, v in measured_all.items() if i in p)[1] for i in fold.ids}
+    result = {"predictor_seconds": predictor_seconds, "all_pairs_merge_seconds": everything["merge_seconds"],
+              "correlation": correlations(similarity, measured_all, fold.ids),
+              "outcomes": [[a, b, v] for (a, b), v in sorted(measured_all.items())],
+              "shortlist_finds_best_partner": round(float(np.mean([best[i] in short for i in fold.ids])), 3)}
+    log(f"fold {fold_index}: correlations {({k: v['spearman'] for k, v in result['correlation'].items()})}")
     return result
 
 
@@ -365,6 +377,13 @@ def main() -> None:
             continue
         folds.append(run_fold(f, args, data_dir, work))
         cache.write_text(json.dumps(folds[-1]))
+    for fold in folds:  # every pair, last: the plans across folds come first
+        if fold["fold"] in args.all_pairs:
+            cache = fold_dir(work, args.folds, fold["fold"]) / "mergeability_pairs.json"
+            if not cache.is_file():
+                cache.write_text(json.dumps(all_pairs_fold(fold["fold"], args, data_dir, work)))
+            pairs = json.loads(cache.read_text())
+            fold |= pairs | {"predictor_seconds": fold["predictor_seconds"] | pairs["predictor_seconds"]}
     combined = combine(folds, args.random_seeds)
     correlation = {}
     for f in folds:

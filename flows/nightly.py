@@ -178,7 +178,8 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
     logger.info(f"plan ({cfg.planner} planner, {plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} "
                 f"groups, {len(plan.singletons)} singletons")
     return {"plan": plan.to_dict() | {"planner": cfg.planner, "split": split}, "matrix": matrix.tolist(), "ids": ids,
-            "measured": [[*p, v] for p, v in sorted({**(measured or {}), **groups_measured}.items())] or None}
+            "measured": [[*p, v] for p, v in sorted({**(measured or {}), **groups_measured}.items())] or None,
+            "group_trials": {"computed": checked["computed"], "reused": checked["reused"]} if groups_measured else None}
 
 
 @task(name="group-keys", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
@@ -313,10 +314,10 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
         "groups": [r["accepted"] for r in records if r["checkpoint"]], "individual": individual,
         "set_aside": set_aside, "storage": published["extra"]["storage"],
         "computed": {"features": len(features["computed"]), "pairs": distances["computed"],
-                     **({"trial merges": trials["computed"]} if trials else {}),
+                     **({"trial merges": _trials(trials, planned, "computed")} if trials else {}),
                      "merges": sum(not r["reused"] for r in records)},
         "reused": {"features": len(features["reused"]), "pairs": distances["reused"],
-                   **({"trial merges": trials["reused"]} if trials else {}),
+                   **({"trial merges": _trials(trials, planned, "reused")} if trials else {}),
                    "merges": sum(r["reused"] for r in records)},
         "skipped": {"pairs": distances["skipped"]},
         "items": _item_table(records, kept),
@@ -324,6 +325,11 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
     }
     artifacts.publish_run_artifacts(summary, planned, records)
     return summary
+
+
+def _trials(trials: dict, planned: dict, kind: str) -> int:
+    """Trial merges computed or reused: the shortlist's pairs and the planned groups' checks."""
+    return trials[kind] + ((planned.get("group_trials") or {}).get(kind) or 0)
 
 
 def _item_table(records: list[dict], kept: list[dict]) -> list[dict[str, Any]]:

@@ -143,11 +143,14 @@ def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefec
     summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
     store = open_store(str(fleet_copy))
     measured = [store.read_json(key) for key in store.list(PAIRS_PREFIX)]
-    assert 0 < summary["computed"]["trial merges"] == len(measured) <= 2 * 5
-    pairs = {frozenset(r["pair"]) for r in measured}
+    trios = [r for r in measured if len(r["pair"]) == 3]
+    assert 0 < summary["computed"]["trial merges"] == len(measured) <= 2 * 5 + len(trios)
+    pairs = {frozenset(r["pair"]) for r in measured if len(r["pair"]) == 2}
     plan = read_manifest(store, summary["run_id"])["extra"]["plan"]
     assert plan["planner"] == "measured" and plan["groups"]
     # every pair inside a planned group was trial-merged: unmeasured pairs never share a group
     assert all(frozenset((a, b)) in pairs for g in plan["groups"] for a in g for b in g if a < b)
+    # and every planned trio was checked by its own trial merge
+    assert {frozenset(g) for g in plan["groups"] if len(g) == 3} <= {frozenset(r["pair"]) for r in trios}
     again = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
     assert again["computed"]["trial merges"] == 0 and again["reused"]["trial merges"] == len(measured)

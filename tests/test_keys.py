@@ -18,7 +18,7 @@ from workers.extract import ExtractConfig, FeatureRef
 from workers.extract.keys import data_hash
 from workers.finetune import FinetuneConfig
 from workers.fleet_build import ItemInfo, _build_key
-from workers.group_jobs import _key
+from workers.group_jobs import job_key
 from workers.scorer_io import checkpoint_hash
 
 
@@ -45,7 +45,7 @@ def test_cache_keys_are_unchanged(tmp_path):
     table_key = ray_gw._write_table(open_store(str(tmp_path / "store")), [a, b], {(0, 1): record}, "entropic", None,
                                     None, 0.25)
     assert table_key == "gw/distances/7bd45adf7d850712b62b.parquet"
-    assert _key("group", [[("a", "h1", "h2")], "b"], {"x": 1.5}, [{"t": None}]) == "272e54ddc70071f6b1e31ecf"
+    assert job_key("group", [[("a", "h1", "h2")], "b"], {"x": 1.5}, [{"t": None}]) == "272e54ddc70071f6b1e31ecf"
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
