@@ -64,8 +64,8 @@ def render(result: dict) -> str:
             continue
         p = plans[name]
         label = f"default ({p['planner']})" if name == "default" else name
-        lines.append(f"| {label} | {p['macro_f1']:.3f} | {p.get('validation_macro_f1', float('nan')):.3f} | "
-                     f"{p.get('planned_backbones', p.get('backbones', float('nan'))):.1f} | "
+        planned = f"{p['planned_backbones']:.1f}" if "planned_backbones" in p else "–"
+        lines.append(f"| {label} | {p['macro_f1']:.3f} | {p.get('validation_macro_f1', float('nan')):.3f} | {planned} | "
                      f"{p.get('backbones', float('nan')):.1f} | {p.get('storage_ratio', float('nan')):.2f}x |")
     lines += ["", "Paired over item × fold (test macro F1, A − B, 95 % bootstrap interval; `random` is the mean of the "
               "random plans):", "", "| comparison | mean | 95 % interval | wins / losses / ties | verdict |",
@@ -91,6 +91,10 @@ def verdict(result: dict) -> list[str]:
     paired, default = result["paired"], result["default_planner"]
     corr = result.get("correlation") or {}
     out = ["## What this says", ""]
+    if len(result["folds_run"]) < result["folds"]:
+        out.append(f"- **Partial evidence**: fold{'s' if len(result['folds_run']) > 1 else ''} "
+                   f"{', '.join(map(str, result['folds_run']))} of {result['folds']} only, so the intervals are over that "
+                   "fold's items; the default planner is not changed on it.")
     if corr:
         gw = corr.get("gw_l-3_cls")
         best = max(corr.items(), key=lambda kv: kv[1]["spearman"])

@@ -202,11 +202,17 @@ def planner_row(d: dict, mergeability: dict | None, cmp, quality) -> str:
     paired = mergeability["paired"]
     chosen = mergeability["default_planner"]
     plans = mergeability["plans"]
-    others = [o for o in ("random", "module", "description", "measured", "gw", "linkage") if o != chosen]
+    others = [o for o in ("random", "module", "description", "measured", "gw", "linkage") if o != chosen and o in plans]
     evidence = "; ".join(f"− {o}: {cmp(paired.get(f'default vs {o}'))}" for o in others)
-    validation = ", ".join(f"{p} {plans[p]['validation_macro_f1']:.3f}" for p in ("measured", "gw", "linkage"))
-    agrees = "" if chosen == planner else f" (**the shipped default is {planner}: update flows/config.py**)"
-    return (f"| planner | {planner} | {chosen} − each other plan, gated, {mergeability['folds']} folds "
+    validation = ", ".join(f"{p} {plans[p]['validation_macro_f1']:.3f}" for p in ("measured", "gw", "linkage")
+                           if p in plans)
+    folds_run = mergeability.get("folds_run", list(range(mergeability["folds"])))
+    folds = (f"{mergeability['folds']} folds" if len(folds_run) == mergeability["folds"]
+             else f"fold{'s' if len(folds_run) > 1 else ''} {', '.join(map(str, folds_run))} of {mergeability['folds']} only")
+    agrees = "" if chosen == planner else (f" (the shipped default stays {planner} until all {mergeability['folds']} folds "
+                                           "are in)" if len(folds_run) < mergeability["folds"]
+                                           else f" (**the shipped default is {planner}: update flows/config.py**)")
+    return (f"| planner | {planner} | {chosen} − each other plan, gated, {folds} "
             f"(`docs/results/mergeability.md`) | {evidence} | the best validation macro F1 of the product's "
             f"planners ({validation}){agrees}; against random: {quality(paired.get('default vs random'))} |")
 

@@ -105,7 +105,8 @@ def task_vector_similarity(fold: Fold) -> np.ndarray:
     deltas = []
     for i in fold.ids:
         backbone = fold.consolidator.member(fold.manifest.scorer(i)).backbone
-        deltas.append({k: backbone[k].float() - base[k].float() for k in base})
+        deltas.append({k: backbone[k].float() - base[k].float() for k in base
+                       if k in backbone and base[k].is_floating_point()})
     return task_vector_cosine(deltas)
 
 
@@ -212,6 +213,13 @@ def correlations(similarity: dict[str, np.ndarray], measured: dict[tuple[str, st
 # ----------------------------------------------------------------------------------------------------
 
 
+def as_distance(similarity: np.ndarray) -> np.ndarray:
+    """A similarity as a distance for the planners: its largest value minus it (>= 0; GW's −D is D again)."""
+    D = np.nanmax(similarity) - similarity
+    np.fill_diagonal(D, 0.0)
+    return D
+
+
 def validation_macro_f1(run: dict) -> float:
     return fleet_summary({i: v["validation"] for i, v in run["items"].items()})["macro_f1"]
 
@@ -269,16 +277,17 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     sizes = sorted((len(g) for g in plans["measured"]), reverse=True)
     modules = {i: fold.manifest.scorer(i).module or "?" for i in fold.ids}
     plans["module"] = [list(g) for g in module_plan(modules, sizes).groups]
-    plans["description"] = [list(g) for g in sized_plan(-similarity["description"], fold.ids, sizes).groups]
+    plans["description"] = [list(g) for g in sized_plan(as_distance(similarity["description"]), fold.ids, sizes).groups]
     for seed in range(args.random_seeds):
         plans[f"random{seed}"] = [list(g) for g in random_plan(fold.ids, len(sizes), defaults.k, seed=seed,
                                                                sizes=sizes).groups]
     if args.predictor_plans:
         for name in PREDICTORS:
             if name not in ("description", "same_module"):
-                plans[f"sized/{name}"] = [list(g) for g in sized_plan(-similarity[name], fold.ids, sizes).groups]
-    if args.plans:  # a shorter run: only the named plans are gated
-        plans = {name: groups for name, groups in plans.items() if name in args.plans}
+                plans[f"sized/{name}"] = [list(g) for g in sized_plan(as_distance(similarity[name]), fold.ids,
+                                                                      sizes).groups]
+    if args.plans:  # a shorter run: only the named plans, in the order named
+        plans = {name: plans[name] for name in args.plans if name in plans}
     rows = {}
     for name, groups in plans.items():
         log(f"fold {fold_index}: gated plan {name} ({len(groups)} groups)")
@@ -343,7 +352,7 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
                                  "planned_backbones", "storage_ratio") if all(v.get(k) is not None for v in values)}
         plans[name]["macro_f1_by_fold"] = [v["macro_f1"] for v in values]
     plans["random"] = {k: round(float(np.mean([plans[r][k] for r in randoms])), 4)
-                       for k in ("macro_f1", "validation_macro_f1", "backbones", "storage_ratio")}
+                       for k in ("macro_f1", "validation_macro_f1", "backbones", "planned_backbones", "storage_ratio")}
     planners = [p for p in PLANNERS if p in plans]
     default = max(planners, key=lambda p: (plans[p]["validation_macro_f1"], p == ConsolidateConfig().planner))
     plans["default"] = {**plans[default], "planner": default}
@@ -381,7 +390,7 @@ def main() -> None:
     quiet_transformers()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args.all_pairs = {int(f) for f in args.all_pairs_folds.split(",") if f}
-    args.plans = {p for p in args.plans.split(",") if p}
+    args.plans = [p for p in args.plans.split(",") if p]
     data_dir = Path(args.data).resolve()
     work = Path(args.work) if args.work else ROOT / ".fleetmerge" / data_dir.name.split("_")[-1]
     wanted = [int(f) for f in args.only_folds.split(",") if f] or list(range(args.folds))
