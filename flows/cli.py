@@ -272,7 +272,7 @@ def _add_consolidation_options(parser) -> None:
                         help="largest allowed fall of any item's macro F1 (default: %(default)s)")
     parser.add_argument("--gate", choices=GATE_RULES, default=DEFAULTS.gate,
                         help="the gate's rule (gw.gate) applied with --delta (default: %(default)s)")
-    parser.add_argument("--run-id", default=DEFAULTS.run_id, help="(default: a UTC timestamp)")
+    parser.add_argument("--run-id", default=DEFAULTS.run_id, help="(default: a UTC timestamp and a random suffix, e.g. run-20260102T020000Z-3fa9c1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

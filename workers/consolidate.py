@@ -26,7 +26,8 @@ from infra.storage import Store
 from workers.batching import map_batches
 from workers.evaluate import item_metrics, split_rows, targets
 from workers.multihead import MultiHeadScorer
-from workers.scorer_io import default_device, load_scorer, split_model
+from workers.extract.run import load_spec_scorer
+from workers.scorer_io import default_device, has_tokenizer, load_backbone_state, load_tokenizer, split_model
 
 PRIMARY = "macro_f1"
 SPLITS = ("train", "validation", "test")
@@ -135,17 +136,24 @@ class GroupConsolidator:
         self.store, self.manifest = store, manifest
         self.device = device or default_device()
         self.heads = tuple(manifest.head_modules)
-        self.base_state = load_scorer_dir_backbone(store.sub(manifest.base_model), self.heads)
+        with store.sub(manifest.base_model).local_dir("") as base_dir:
+            self.base_state = load_backbone_state(base_dir, self.heads)
+            # Every merged checkpoint is saved with, and scored through, the base model's tokenizer
+            # (validation sets aside scorers whose own differs); a base without one: the first member's.
+            self._tokenizer = load_tokenizer(base_dir) if has_tokenizer(base_dir) else None
         self._members: dict[str, Member] = {}
         self._config = None
-        self._tokenizer = None
 
     # -- inputs ----------------------------------------------------------------------------------
 
     def member(self, spec: ScorerSpec) -> Member:
         if spec.id not in self._members:
-            with self.store.sub(spec.checkpoint).local_dir("") as path:
-                scorer = load_scorer(path, task=spec.task, device="cpu")
+            scorer = load_spec_scorer(self.store, spec, "cpu", base_model=self.manifest.base_model)
+            if self._tokenizer is None:
+                self._tokenizer = scorer.tokenizer
+            elif scorer.tokenizer.get_vocab() != self._tokenizer.get_vocab():
+                raise ValueError(f"scorer {spec.id}: its tokenizer differs from the base model's; it cannot share a "
+                                 "merged backbone (validate the fleet: such scorers are set aside)")
             backbone, head = split_model(scorer.model, self.heads)
             table = self.store.read_table(spec.responses)
             texts, labels = {}, {}
@@ -153,7 +161,7 @@ class GroupConsolidator:
                 rows = split_rows(table, split)
                 texts[split], labels[split] = rows.column("text").to_pylist(), targets(rows, spec.task)
             if self._config is None:
-                self._config, self._tokenizer = scorer.model.config, scorer.tokenizer
+                self._config = scorer.model.config
                 # Buffers the base checkpoint carries but the models do not (BERT's position_ids) are not merged.
                 self.base_state = {k: v for k, v in self.base_state.items() if k in backbone}
             self._members[spec.id] = Member(spec, backbone, head, texts, labels)
@@ -288,10 +296,3 @@ def decide(probs: np.ndarray, task: str) -> np.ndarray:
 
 def _schema(spec: ScorerSpec) -> dict:
     return {"task": spec.task, "labels": list(spec.labels)}
-
-
-def load_scorer_dir_backbone(store: Store, head_modules: Sequence[str]) -> dict[str, torch.Tensor]:
-    from workers.scorer_io import load_backbone_state
-
-    with store.local_dir("") as path:
-        return load_backbone_state(path, head_modules)

@@ -24,7 +24,8 @@ from infra.storage import Store
 from workers.consolidate import GroupConsolidator, MergeConfig
 from workers.multihead import MultiHeadScorer
 from workers.publish_fleet import save_checkpoint
-from workers.scorer_io import checkpoint_hash, load_scorer, split_model
+from workers.extract.run import load_spec_scorer
+from workers.scorer_io import checkpoint_hash, split_model
 
 RECORD = "record.json"
 SWEEP_VERSION = 1  # bump when what a sweep records changes
@@ -111,8 +112,7 @@ def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY)
     prefix = f"candidates/items/{key}"
     if store.exists(f"{prefix}/{RECORD}"):
         return {**store.read_json(f"{prefix}/{RECORD}"), "reused": True}
-    with store.sub(spec.checkpoint).local_dir("") as path:
-        scorer = load_scorer(path, task=spec.task)
+    scorer = load_spec_scorer(store, spec, "cpu", base_model=manifest.base_model)
     backbone, head = split_model(scorer.model, manifest.head_modules)
     model = MultiHeadScorer(scorer.model.config, backbone, {item: head}, {item: {"task": spec.task, "labels": spec.labels}})
     save_checkpoint(store, f"{prefix}/checkpoint", model, scorer.tokenizer, {"group": [item], "merge": None})

@@ -47,8 +47,10 @@ def checkpoint_weights(store: Store, prefix: str) -> tuple[int, int]:
 
 
 def publish_consolidated(store: Store, run_id: str, sources: Mapping[str, str], *, bytes_before: int,
-                         extra: Mapping | None = None) -> dict:
-    """Publish saved checkpoints: `sources` maps a name (groups/<g> or items/<i>) to its prefix in `store`."""
+                         extra: Mapping | None = None, token: str | None = None) -> dict:
+    """Publish saved checkpoints: `sources` maps a name (groups/<g> or items/<i>) to its prefix in `store`.
+
+    `token` names the publisher (`infra.publish.publish_run`): a retry passes the same one."""
     routing: dict[str, dict] = {}
     backbones = heads = 0
     for name, prefix in sources.items():
@@ -72,4 +74,4 @@ def publish_consolidated(store: Store, run_id: str, sources: Mapping[str, str], 
             for key in store.list(prefix):
                 store.write_bytes(f"{run}/{name}/{key[len(prefix) + 1:]}", store.read_bytes(key))
 
-    return publish_run(store, run_id, copy, routing=routing, extra={**(extra or {}), "storage": storage})
+    return publish_run(store, run_id, copy, routing=routing, extra={**(extra or {}), "storage": storage}, token=token)

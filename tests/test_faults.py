@@ -1,0 +1,222 @@
+"""Faults met as an adversary would (issue 13): each ends in a clear error naming what is wrong, or a finished run.
+
+Fast tests on the tiny fleet; the flow tests share the session's Prefect harness.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from infra.manifest import load_manifest
+from infra.storage import StorageError, open_store
+from infra.validation import validate_fleet
+
+pytestmark = pytest.mark.faults
+
+VICTIM = "circuits-2"
+
+
+@pytest.fixture
+def fleet(tmp_path, tiny_fleet_dir):
+    root = tmp_path / "fleet"
+    shutil.copytree(tiny_fleet_dir, root)
+    return root
+
+
+def _validate(root):
+    store = open_store(str(root))
+    return validate_fleet(store, load_manifest(store))
+
+
+def _edit_scorer(root, scorer_id, **changes):
+    doc = yaml.safe_load((root / "fleet.yaml").read_text())
+    next(s for s in doc["scorers"] if s["id"] == scorer_id).update(changes)
+    (root / "fleet.yaml").write_text(yaml.safe_dump(doc))
+
+
+# -- 1. a tokenizer that differs from the base model's -------------------------------------------------
+
+
+def _permute_vocabulary(scorer_dir):
+    """Swap the ids of the non-special tokens, and the embedding rows with them: the scorer alone
+    computes exactly what it did, but under another tokenizer than the base model's."""
+    doc = json.loads((scorer_dir / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    special = {t["content"] for t in doc["added_tokens"]}
+    movable = sorted((i for t, i in vocab.items() if t not in special))
+    moved = dict(zip(movable, movable[::-1]))  # old id -> new id
+    doc["model"]["vocab"] = {t: moved.get(i, i) for t, i in vocab.items()}
+    (scorer_dir / "tokenizer.json").write_text(json.dumps(doc))
+    state = load_file(str(scorer_dir / "model.safetensors"))
+    key = next(k for k in state if k.endswith("word_embeddings.weight"))
+    old = state[key].clone()
+    for before, after in moved.items():
+        state[key][after] = old[before]
+    save_file(state, str(scorer_dir / "model.safetensors"))
+
+
+def test_a_scorer_with_another_tokenizer_is_set_aside_by_name(fleet):
+    from workers.scorer_io import load_scorer
+
+    texts = ["the battery is in series", "roots take up water"]
+    before = load_scorer(fleet / "scorers" / VICTIM)
+    _permute_vocabulary(fleet / "scorers" / VICTIM)
+    after = load_scorer(fleet / "scorers" / VICTIM)
+    with torch.inference_mode():
+        logits = [s.model(**s.tokenizer(texts, return_tensors="pt", padding=True)).logits for s in (before, after)]
+    assert torch.allclose(*logits, atol=1e-5)  # the scorer alone is unchanged: only its tokenizer differs
+
+    report = _validate(fleet)
+    assert list(report.rejected) == [VICTIM], report.summary()
+    (reason,) = report.rejected[VICTIM]
+    assert f"scorers/{VICTIM}: tokenizer differs from the base model's" in reason and "other ids" in reason
+    assert "\n" not in reason
+
+
+def test_the_consolidator_merges_under_the_base_tokenizer_and_refuses_another(fleet):
+    from workers.consolidate import GroupConsolidator
+
+    store = open_store(str(fleet))
+    manifest = load_manifest(store)
+    consolidator = GroupConsolidator(store, manifest, device="cpu")
+    base_vocab = json.loads((fleet / "base" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert consolidator.tokenizer.get_vocab() == base_vocab  # the base's, before any member is loaded
+    consolidator.member(manifest.scorer("circuits-1"))
+    _permute_vocabulary(fleet / "scorers" / VICTIM)
+    with pytest.raises(ValueError, match=f"scorer {VICTIM}: its tokenizer differs from the base model's"):
+        consolidator.member(manifest.scorer(VICTIM))
+
+
+# -- 2. null texts in one item's responses -------------------------------------------------------------
+
+
+def _null_texts(root, scorer_id, rows=(0, 5)):
+    path = root / "responses" / f"{scorer_id}.parquet"
+    table = pq.read_table(path)
+    texts = table.column("text").to_pylist()
+    for row in rows:
+        texts[row] = None
+    pq.write_table(table.set_column(table.column_names.index("text"), "text", pa.array(texts, pa.string())), path)
+    return table.column("response_id").to_pylist()[rows[0]]
+
+
+def test_null_texts_are_named_by_validation(fleet):
+    first = _null_texts(fleet, VICTIM)
+    report = _validate(fleet)
+    assert list(report.rejected) == [VICTIM], report.summary()
+    (reason,) = report.rejected[VICTIM]
+    assert reason == f"responses responses/{VICTIM}.parquet: 2 rows have a null text (e.g. response {first!r})"
+
+
+# -- 3. paths outside the store --------------------------------------------------------------------------
+
+
+def _outside(tmp_path, fleet, what):
+    """Point `VICTIM` at a copy of its files outside the store, the way `what` says."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(fleet / "scorers" / VICTIM, elsewhere / "scorer")
+    shutil.copy(fleet / "responses" / f"{VICTIM}.parquet", elsewhere / "responses.parquet")
+    if what == "symlinked scorer dir":
+        shutil.rmtree(fleet / "scorers" / VICTIM)
+        os.symlink(elsewhere / "scorer", fleet / "scorers" / VICTIM)
+    elif what == "symlinked weights":
+        (fleet / "scorers" / VICTIM / "model.safetensors").unlink()
+        os.symlink(elsewhere / "scorer" / "model.safetensors", fleet / "scorers" / VICTIM / "model.safetensors")
+    elif what == "absolute checkpoint":
+        _edit_scorer(fleet, VICTIM, checkpoint=str(elsewhere / "scorer"))
+    elif what == "file uri checkpoint":
+        _edit_scorer(fleet, VICTIM, checkpoint=f"file://{elsewhere / 'scorer'}")
+    elif what == "absolute responses":
+        _edit_scorer(fleet, VICTIM, responses=str(elsewhere / "responses.parquet"))
+    elif what == "dotdot checkpoint":
+        _edit_scorer(fleet, VICTIM, checkpoint=f"../elsewhere/scorer")
+    return elsewhere
+
+
+OUTSIDE = {"symlinked scorer dir": "outside the store", "symlinked weights": "outside the store",
+           "absolute checkpoint": "outside the store", "file uri checkpoint": "outside the store",
+           "absolute responses": "it is absolute", "dotdot checkpoint": "not a key inside the store"}
+
+
+@pytest.mark.parametrize("what", sorted(OUTSIDE))
+def test_paths_outside_the_store_are_set_aside_by_name(tmp_path, fleet, what):
+    elsewhere = _outside(tmp_path, fleet, what)
+    report = _validate(fleet)
+    assert list(report.rejected) == [VICTIM], report.summary()
+    (reason,) = report.rejected[VICTIM]
+    assert OUTSIDE[what] in reason and "\n" not in reason, reason
+    assert "elsewhere" in reason or "scorers/" in reason  # the path is named
+
+
+def test_every_reader_of_the_store_refuses_a_symlink_out(tmp_path, fleet):
+    """The rule is the store's: extraction, merging and publish see what validation saw."""
+    from workers.extract.run import load_spec_scorer
+    from workers.publish_fleet import weights_bytes_before
+    from workers.scorer_io import checkpoint_hash
+
+    _outside(tmp_path, fleet, "symlinked weights")
+    store = open_store(str(fleet))
+    spec = load_manifest(store).scorer(VICTIM)
+    for read in (lambda: checkpoint_hash(store, spec.checkpoint),
+                 lambda: load_spec_scorer(store, spec, "cpu"),
+                 lambda: weights_bytes_before(store, load_manifest(store), [VICTIM]),
+                 lambda: store.read_bytes(f"{spec.checkpoint}/model.safetensors")):
+        with pytest.raises((StorageError, ValueError), match="outside the store"):
+            read()
+    # a symlink that stays inside the store is fine, and a symlink out is deleted, not followed
+    os.symlink(fleet / "responses", fleet / "responses-link")
+    assert store.read_table(f"responses-link/{VICTIM}.parquet").num_rows
+    store.delete(f"{spec.checkpoint}/model.safetensors")
+    assert (tmp_path / "elsewhere" / "scorer" / "model.safetensors").is_file()
+
+
+# -- 4. run ids started in the same second, and the publish race -----------------------------------------
+
+
+def test_runs_started_together_get_distinct_run_ids():
+    from flows.nightly import new_run_id
+
+    ids = [new_run_id() for _ in range(50)]  # well within one second
+    assert len(set(ids)) == len(ids)
+    assert all(i.startswith("run-") and i[4:12].isdigit() for i in ids)
+
+
+def test_the_loser_of_a_publish_race_gets_a_publish_error_and_the_winner_is_intact(any_store):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infra.publish import PublishError, latest_run, publish_run, verify_run
+
+    start = threading.Barrier(2)
+
+    def publish(n: int):
+        def write(prefix: str) -> None:
+            for part in range(6):  # slow enough that both are writing at once
+                any_store.write_bytes(f"{prefix}/part-{part}.bin", f"publisher {n} part {part}".encode() * 100)
+                time.sleep(0.02)
+
+        start.wait()
+        try:
+            return publish_run(any_store, "run-same-second", write)
+        except Exception as exc:  # noqa: BLE001 - the test looks at which kind
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(publish, range(2)))
+    winners = [o for o in outcomes if isinstance(o, dict)]
+    losers = [o for o in outcomes if not isinstance(o, dict)]
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    assert isinstance(losers[0], PublishError) and "run 'run-same-second'" in str(losers[0]), repr(losers[0])
+    assert "exists" in str(losers[0]) or "already published" in str(losers[0])
+    assert latest_run(any_store) == "run-same-second" and verify_run(any_store, "run-same-second") == []
+    texts = {any_store.read_bytes(f"published/run-same-second/{k}").decode()[:11] for k in winners[0]["files"]}
+    assert len(texts) == 1  # every file is the winner's: the loser never wrote into the run
