@@ -354,11 +354,35 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, KeyError, PublishError, StorageError) as exc:
-        # KeyError's str() is the repr of its key: print its message as written.
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"fleetmerge: error: {message}", file=sys.stderr)
+    except _user_errors() as exc:
+        print(f"fleetmerge: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can act on (bad input, a store or network that fails): one line, not a traceback.
+
+    OSError covers a refused or timed-out connection; botocore's own errors (an S3 endpoint that does
+    not answer) are not OSErrors.
+    """
+    from botocore.exceptions import BotoCoreError
+
+    return ValueError, KeyError, OSError, PublishError, StorageError, BotoCoreError
+
+
+def _message(exc: BaseException) -> str:
+    """The error's message on one line (a fleet validation report keeps its per-scorer lines)."""
+    from infra.validation import FleetValidationError
+
+    cause = getattr(exc, "cause", None)  # a Ray task's error wraps the remote one with its traceback
+    if isinstance(cause, BaseException) and not isinstance(exc, FleetValidationError):
+        exc = cause
+    # KeyError's str() is the repr of its key: print its message as written.
+    message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+    if isinstance(exc, FleetValidationError):
+        return message
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -220,3 +220,96 @@ def test_the_loser_of_a_publish_race_gets_a_publish_error_and_the_winner_is_inta
     assert latest_run(any_store) == "run-same-second" and verify_run(any_store, "run-same-second") == []
     texts = {any_store.read_bytes(f"published/run-same-second/{k}").decode()[:11] for k in winners[0]["files"]}
     assert len(texts) == 1  # every file is the winner's: the loser never wrote into the run
+
+
+# -- 5. a stalled S3 endpoint ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stalled_endpoint():
+    """An S3 endpoint that accepts connections and never answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.1)
+    held, stop = [], threading.Event()
+
+    def hold() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fleetmerge: error: "), err
+    return err
+
+
+def test_a_stalled_s3_endpoint_ends_the_cli_in_one_line_naming_it(stalled_endpoint, capsys, monkeypatch):
+    import time
+
+    from flows.cli import main
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    started = time.monotonic()
+    assert main(["report", "--store", "s3://bucket/fleet", "--s3-endpoint", stalled_endpoint]) == 2
+    err = _one_line_error(capsys)
+    assert f"S3 endpoint {stalled_endpoint}" in err and "HeadObject operation" in err, err
+    assert time.monotonic() - started < 90
+
+
+def test_a_stalled_endpoint_times_out_the_boto3_requests_too(stalled_endpoint, s3_settings, monkeypatch):
+    """Deletes and the conditional create go through boto3, whose default waits are 60 s a read, 5 times."""
+    import dataclasses
+    import time
+
+    import infra.storage.s3 as s3
+
+    monkeypatch.setattr(s3, "BOTO_READ_TIMEOUT_S", 0.5)
+    store = open_store("s3://bucket/fleet", dataclasses.replace(s3_settings, s3_endpoint=stalled_endpoint))
+    started = time.monotonic()
+    for operation in (lambda: store.delete("published/run-x"), lambda: store.put_if_absent("published/x", b"x")):
+        with pytest.raises(StorageError, match=f"S3 endpoint {stalled_endpoint}"):
+            operation()
+    assert time.monotonic() - started < 30
+
+
+def test_errors_from_ray_tasks_and_botocore_are_one_line(capsys, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    import flows.cli as cli
+
+    remote = StorageError("s3://b/k (S3 endpoint http://h:1): cannot open: timed out")
+
+    class RayTaskLikeError(StorageError):  # what ray.get raises: the remote error, its traceback, as a cause
+        def __init__(self):
+            super().__init__("ray::job() (pid=1)\nTraceback (most recent call last):\n  File ...\n" + str(remote))
+            self.cause = remote
+
+    for error, expected in ((RayTaskLikeError(), str(remote)),
+                            (EndpointConnectionError(endpoint_url="http://h:1/b"), "http://h:1/b"),
+                            (TimeoutError("read timed out\nmore"), "read timed out")):
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "cmd_report", fail)
+        assert cli.main(["report", "--store", "."]) == 2
+        assert expected in _one_line_error(capsys)

@@ -93,6 +93,7 @@ class Store:
         return f"{self._base}/{key}" if key else self._base
 
     def _describe(self, key: str) -> str:
+        """Where `key` is, for an error about reaching it (an S3 store adds its endpoint)."""
         return self.uri_for(key) if key else self.uri
 
     # -- bytes and JSON ------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class Store:
         except FileNotFoundError as exc:
             raise KeyNotFoundError(f"{self.uri_for(key)}: no such key") from exc
         except (OSError, pa.ArrowException) as exc:
-            raise StorageError(f"{self.uri_for(key)}: cannot read as Parquet: {exc}") from exc
+            raise StorageError(f"{self._describe(key)}: cannot read as Parquet: {exc}") from exc
 
     # -- safetensors ---------------------------------------------------------------------------
 
@@ -359,7 +360,7 @@ class Store:
         try:
             return self._fs.get_file_info(self._path(key))
         except OSError as exc:
-            raise StorageError(f"{self.uri_for(key)}: {exc}") from exc
+            raise StorageError(f"{self._describe(key)}: {exc}") from exc
 
     @contextmanager
     def _open_input(self, key: str) -> Iterator[pa.NativeFile]:
@@ -370,9 +371,9 @@ class Store:
         except IsADirectoryError as exc:
             raise KeyNotFoundError(f"{self.uri_for(key)}: is a prefix, not an object") from exc
         except OSError as exc:
-            raise StorageError(f"{self.uri_for(key)}: cannot open: {exc}") from exc
+            raise StorageError(f"{self._describe(key)}: cannot open: {exc}") from exc
         with stream:
             try:
                 yield stream
             except OSError as exc:
-                raise StorageError(f"{self.uri_for(key)}: read failed: {exc}") from exc
+                raise StorageError(f"{self._describe(key)}: read failed: {exc}") from exc
