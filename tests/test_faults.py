@@ -313,3 +313,60 @@ def test_errors_from_ray_tasks_and_botocore_are_one_line(capsys, monkeypatch):
         monkeypatch.setattr(cli, "cmd_report", fail)
         assert cli.main(["report", "--store", "."]) == 2
         assert expected in _one_line_error(capsys)
+
+
+# -- flows: one item's bad rows, and many merges with everything upstream cached ---------------------------
+
+FAST = {"grid": [], "max_responses": 24, "delta": 1.0}  # a lenient gate: merged groups are published
+
+
+def test_null_texts_in_one_item_never_fail_the_fleet(prefect_harness, ray_local, fleet):
+    from flows.nightly import consolidate
+    from infra.publish import read_manifest
+
+    _null_texts(fleet, VICTIM)
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet), config=FAST)
+    assert "null text" in summary["set_aside"][VICTIM][0]
+    routing = read_manifest(open_store(str(fleet)), summary["run_id"])["routing"]
+    assert set(routing) == {"circuits-1", "circuits-3", "plants-1", "plants-2"}
+
+
+def _many_scorers(root, copies: int) -> list[str]:
+    """The tiny fleet with every scorer copied `copies` times under new ids (same weights and responses)."""
+    store = open_store(str(root))
+    manifest = load_manifest(store)
+    scorers = []
+    for spec in manifest.scorers:
+        for n in range(copies):
+            new = f"{spec.id}-{n}"
+            shutil.copytree(root / spec.checkpoint, root / "scorers" / new)
+            shutil.copy(root / spec.responses, root / "responses" / f"{new}.parquet")
+            scorers.append(spec.model_copy(update={"id": new, "checkpoint": f"scorers/{new}",
+                                                   "responses": f"responses/{new}.parquet"}))
+    from infra.manifest import save_manifest
+
+    save_manifest(store, manifest.model_copy(update={"scorers": scorers}))
+    return [s.id for s in scorers]
+
+
+@pytest.mark.slow
+def test_many_merges_with_everything_upstream_cached_start_one_ray(prefect_harness, ray_local, fleet, monkeypatch):
+    """Twenty scorers, ten planned pairs, features and distances cached and no Ray connected (a rerun after a
+    change of delta, or a fleet the benchmark processed): the flow connects once and every merge succeeds."""
+    import ray
+
+    from flows.analysis import distances_and_plan
+    from flows.config import ConsolidateConfig
+    from flows.nightly import consolidate
+
+    ids = _many_scorers(fleet, 4)
+    config = {**FAST, "tau": 1e9, "k": 2}  # every pair is under tau: 10 pairs
+    distances_and_plan(open_store(str(fleet)), "fleet.yaml", ConsolidateConfig.from_dict(config), plan=False)
+    ray.shutdown()
+    inits = []
+    real_init = ray.init
+    monkeypatch.setattr(ray, "init", lambda *a, **k: inits.append(k) or real_init(*a, **k))
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet), config=config)
+    assert summary["computed"] == {"features": 0, "pairs": 0, "merges": 10}, summary["computed"]
+    assert len(summary["groups"]) == 10 and sorted(i for g in summary["groups"] for i in g) == sorted(ids)
+    assert len(inits) == 1
