@@ -22,7 +22,7 @@ GATE_RULES = ("bound", "delta")
 PLANNERS = ("measured", "gw", "linkage")  # the rules gw.gate knows by name: add a new one here too
 # gw.merge's registry (available_methods() plus the "ta" alias), named here without importing torch so the
 # CLI starts fast; tests/test_merge_subspace.py checks that the two agree.
-MERGE_METHODS = ("ties", "doge", "task_arithmetic", "ta", "dare", "tsv_m", "iso_c", "iso_cts")
+MERGE_METHODS = ("ties", "doge", "task_arithmetic", "ta", "dare", "tsv_m", "iso_c", "iso_cts", "regmean")
 
 
 @dataclass(frozen=True)

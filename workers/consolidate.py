@@ -19,12 +19,13 @@ import torch
 from gw import gate
 from gw.gate import DEFAULT_DELTA
 from gw.head_fit import refit_head
-from gw.merge import merge
+from gw.merge import merge, needs_grams
 from gw.tuning import default_grid, grid_search, worst_change
 from infra.manifest import FleetManifest, ScorerSpec
 from infra.storage import Store
 from workers.batching import map_batches
 from workers.evaluate import item_metrics, split_rows, targets
+from workers.grams import cached_grams, input_grams
 from workers.multihead import MultiHeadScorer
 from workers.extract.run import load_spec_scorer
 from workers.scorer_io import default_device, has_tokenizer, load_backbone_state, load_tokenizer, split_model
@@ -32,6 +33,7 @@ from workers.scorer_io import default_device, has_tokenizer, load_backbone_state
 PRIMARY = "macro_f1"
 SPLITS = ("train", "validation", "test")
 HEAD_SETTINGS = ("own_heads", "refit_heads")
+GRAM_MAX_LENGTH = 128  # the tokens the features (and so the heads) see
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class GroupConsolidator:
             # (validation sets aside scorers whose own differs); a base without one: the first member's.
             self._tokenizer = load_tokenizer(base_dir) if has_tokenizer(base_dir) else None
         self._members: dict[str, Member] = {}
+        self._grams: dict[str, dict[str, torch.Tensor]] = {}
         self._config = None
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -166,6 +169,15 @@ class GroupConsolidator:
                 self.base_state = {k: v for k, v in self.base_state.items() if k in backbone}
             self._members[spec.id] = Member(spec, backbone, head, texts, labels)
         return self._members[spec.id]
+
+    def grams(self, spec: ScorerSpec) -> dict[str, torch.Tensor]:
+        """The member's layer-input Grams on its training answers (RegMean's statistics; cached in the store)."""
+        if spec.id not in self._grams:
+            member = self.member(spec)
+            compute = lambda: input_grams(self.individual(spec).backbone, self._tokenizer,  # noqa: E731
+                                          member.texts["train"], max_length=GRAM_MAX_LENGTH, device=self.device)
+            self._grams[spec.id] = cached_grams(self.store, spec, compute, max_length=GRAM_MAX_LENGTH)
+        return self._grams[spec.id]
 
     @property
     def tokenizer(self):
@@ -221,7 +233,9 @@ class GroupConsolidator:
                      config: MergeConfig) -> tuple[MultiHeadScorer, dict]:
         """The group merged with `params` (members' own heads) and the merge's record."""
         members = [self.member(s) for s in specs]
-        result = merge(config.method, self.base_state, [m.backbone for m in members], seed=config.seed, **params)
+        grams = [self.grams(s) for s in specs] if needs_grams(config.method) else None
+        result = merge(config.method, self.base_state, [m.backbone for m in members], seed=config.seed,
+                       grams=grams, **params)
         heads = {m.spec.id: m.head for m in members}
         model = MultiHeadScorer(self._config, result.state_dict, heads, {m.spec.id: _schema(m.spec) for m in members})
         record = result.record()
