@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from flows.config import GATE_RULES, MERGE_METHODS, PLANNERS, ConsolidateConfig
+from flows.config import GATE_RULES, MERGE_METHODS, PLANNERS, SHORTLIST_SIGNALS, ConsolidateConfig
 from infra.manifest import MANIFEST_KEY
 from infra.publish import PublishError
 from infra.settings import offline_env
@@ -238,10 +238,13 @@ def _add_plan_options(parser) -> None:
                         help="GW solver (default: %(default)s)")
     parser.add_argument("--planner", choices=PLANNERS, default=DEFAULTS.planner,
                         help="measured: set packing on trial merges of each scorer's --shortlist nearest partners by "
-                             "GW; gw: set packing on GW distances; linkage: the GW-SMM paper's average linkage "
+                             "--shortlist-by; gw: set packing on GW distances; linkage: the GW-SMM paper's average linkage "
                              "(default: %(default)s)")
     parser.add_argument("--shortlist", type=int, default=DEFAULTS.shortlist,
                         help="measured planner: partners trial-merged per scorer (default: %(default)s)")
+    parser.add_argument("--shortlist-by", choices=SHORTLIST_SIGNALS, default=DEFAULTS.shortlist_by,
+                        help="measured planner: nearest by GW distance, or by task-vector cosine (checkpoints only, "
+                             "no features) (default: %(default)s)")
     parser.add_argument("--k", type=int, default=DEFAULTS.k, help="largest group size (default: %(default)s)")
     parser.add_argument("--tau", type=float, default=DEFAULTS.tau,
                         help="threshold: pairs at or above it never share a group; on GW distances, or on 1 - the "

@@ -138,7 +138,8 @@ def _skipping(cfg: ConsolidateConfig) -> dict:
 @task(name="trial-merges", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, distances: dict,
                       cfg: ConsolidateConfig) -> dict:
-    """The measured planner's evidence: each scorer's shortlist of GW-nearest partners, trial-merged."""
+    """The measured planner's evidence: each scorer's shortlist of nearest partners (by GW, or by
+    task-vector cosine), trial-merged."""
     from gw.mergeability import shortlist
     from workers.fleet_gw import distance_matrix
     from workers.pair_jobs import measure_pairs
@@ -146,11 +147,18 @@ def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, 
     _connect(cfg)
     store = _store(store_uri, settings)
     ids = distances["ids"]
-    pairs = shortlist(distance_matrix(store, distances["key"], ids), ids, cfg.shortlist)
+    if cfg.shortlist_by == "task_vector":
+        from workers.task_vectors import task_vector_distances
+
+        signal = task_vector_distances(store, ids, manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
+    else:
+        signal = distance_matrix(store, distances["key"], ids)
+    pairs = shortlist(signal, ids, cfg.shortlist)
     bar = artifacts.Progress("trial-merge-progress", "trial merges done")
     result = measure_pairs(store, pairs, cfg.merge_config(), manifest_key=manifest_key,
                            progress=lambda done, total: bar.update(done / max(total, 1)), timeout_s=RAY_WAIT_S)
-    get_run_logger().info(f"trial merges: {len(pairs)} pairs (shortlist {cfg.shortlist} per scorer), "
+    get_run_logger().info(f"trial merges: {len(pairs)} pairs (shortlist {cfg.shortlist} per scorer by "
+                          f"{cfg.shortlist_by}), "
                           f"{result['computed']} computed, {result['reused']} reused")
     return result
 

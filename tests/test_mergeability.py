@@ -117,6 +117,14 @@ def test_linkage_planner_and_unknown_planners():
         plan_fleet(D, ids, tau=None, tau_quantile=1.0, k=3, planner="nearest")
 
 
+def test_the_shortlist_signal_is_checked_with_the_other_settings():
+    from flows.config import ConsolidateConfig
+
+    assert ConsolidateConfig(shortlist_by="task_vector").shortlist_by == "task_vector"
+    with pytest.raises(ValueError, match=r"shortlist_by must be one of \['gw', 'task_vector'\], got 'cka'"):
+        ConsolidateConfig(shortlist_by="cka")
+
+
 # -- trial merges on a tiny fleet ------------------------------------------------------------------------
 
 
