@@ -11,8 +11,7 @@ import torch
 from gw.similarity import cosine_similarity_matrix, sketch_task_vector, task_vector_cosine
 from infra.manifest import load_manifest
 from infra.storage import open_store
-from workers.consolidate import load_scorer_dir_backbone
-from workers.task_vectors import SKETCHES_PREFIX, sketch_fleet, task_vector_distances
+from workers.task_vectors import SKETCHES_PREFIX, backbone_of, sketch_fleet, task_vector_distances
 
 
 def _deltas(seed=0):
@@ -50,10 +49,10 @@ def test_fleet_sketches_match_the_checkpoints_and_are_reused(tmp_path, tiny_flee
     first = sketch_fleet(store, ids, dim=1 << 12, use_ray=False)
     assert (first["computed"], first["reused"]) == (4, 0) and len(store.list(SKETCHES_PREFIX)) == 4
     # the sketched cosine is close to the exact one computed from the checkpoints
-    base = load_scorer_dir_backbone(store.sub(manifest.base_model), manifest.head_modules)
+    base = backbone_of(store.sub(manifest.base_model), manifest.head_modules)
     deltas = []
     for i in ids:
-        backbone = load_scorer_dir_backbone(store.sub(manifest.scorer(i).checkpoint), manifest.head_modules)
+        backbone = backbone_of(store.sub(manifest.scorer(i).checkpoint), manifest.head_modules)
         deltas.append({k: backbone[k].float() - base[k].float() for k in backbone if base[k].is_floating_point()})
     np.testing.assert_allclose(cosine_similarity_matrix(first["sketches"]), task_vector_cosine(deltas), atol=0.1)
     again = sketch_fleet(store, ids, dim=1 << 12, use_ray=False)

@@ -21,12 +21,17 @@ from gw.keys import json_key
 from gw.similarity import DEFAULT_SKETCH_DIM, cosine_similarity_matrix, sketch_task_vector
 from infra.manifest import MANIFEST_KEY, load_manifest
 from infra.storage import Store
-from workers.consolidate import load_scorer_dir_backbone
 from workers.ray_jobs import run_all, runner
-from workers.scorer_io import checkpoint_hash
+from workers.scorer_io import checkpoint_hash, load_backbone_state
 
 SKETCHES_PREFIX = "candidates/sketches"
 SKETCH_VERSION = 1
+
+
+def backbone_of(checkpoint: Store, heads: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint's backbone tensors (heads split off), from safetensors."""
+    with checkpoint.local_dir("") as path:
+        return load_backbone_state(path, heads)
 
 
 def sketch_key(store: Store, checkpoint: str, base_checkpoint: str, dim: int) -> str:
@@ -38,9 +43,9 @@ def sketch_chunk(store: Store, manifest_key: str, ids: Sequence[str], dim: int, 
     """Sketch each scorer's task vector and write it under its key (the driver names them)."""
     manifest = load_manifest(store, manifest_key)
     heads = manifest.head_modules
-    base = load_scorer_dir_backbone(store.sub(manifest.base_model), heads)
+    base = backbone_of(store.sub(manifest.base_model), heads)
     for scorer_id, key in zip(ids, keys, strict=True):
-        backbone = load_scorer_dir_backbone(store.sub(manifest.scorer(scorer_id).checkpoint), heads)
+        backbone = backbone_of(store.sub(manifest.scorer(scorer_id).checkpoint), heads)
         delta = {k: backbone[k].float() - base[k].float() for k in backbone if k in base and base[k].is_floating_point()}
         store.write_safetensors(key, {"sketch": torch.from_numpy(sketch_task_vector(delta, dim))},
                                 metadata={"scorer": scorer_id})
