@@ -48,6 +48,9 @@ class ConsolidateConfig:
     delta: float = DEFAULT_DELTA
     gate: str = "bound"  # the gate rule (gw.gate)
     seed: int = 0
+    # per-item correction (workers.consolidate.GroupConsolidator.correct): off by default
+    item_correction: bool = False
+    correction_ranks: tuple[int, ...] = (0, 4, 8, 16)  # its rank is chosen per item on validation from these
     # where it runs, and as which run
     ray_address: str | None = None
     run_id: str | None = None
@@ -60,6 +63,10 @@ class ConsolidateConfig:
             raise ValueError(f"planner must be one of {list(PLANNERS)}, got {self.planner!r}")
         if isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int) or self.shortlist < 1:
             raise ValueError(f"shortlist must be an integer >= 1, got {self.shortlist!r}")
+        ranks = tuple(self.correction_ranks)  # a JSON round trip (Prefect parameters) gives a list
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks):
+            raise ValueError(f"correction_ranks must be integers >= 0, got {list(ranks)}")
+        object.__setattr__(self, "correction_ranks", ranks)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ConsolidateConfig:
@@ -81,4 +88,5 @@ class ConsolidateConfig:
         from workers.consolidate import MergeConfig
 
         return MergeConfig(method=self.method, grid=self.grid, refit_heads=self.refit_heads, delta=self.delta,
-                           gate=self.gate, seed=self.seed)
+                           gate=self.gate, seed=self.seed, item_correction=self.item_correction,
+                           correction_ranks=self.correction_ranks)
