@@ -331,7 +331,7 @@ class GroupConsolidator:
         return MultiHeadScorer(self._config, m.backbone, {spec.id: m.head}, {spec.id: _schema(spec)}).to(self.device)
 
 
-def _factors(parts: Mapping, rank: int) -> dict:
+def _factors(parts: Mapping, rank: int) -> dict | None:
     """The rank-`rank` LoRA factors of each corrected weight, keyed by its module (None at rank 0)."""
     if rank == 0:
         return None
