@@ -52,6 +52,9 @@ class ConsolidateConfig:
     delta: float = DEFAULT_DELTA
     gate: str = "bound"  # the gate rule (gw.gate)
     seed: int = 0
+    # per-item correction (workers.consolidate.GroupConsolidator.correct): off by default
+    item_correction: bool = False
+    correction_ranks: tuple[int, ...] = (0, 4, 8, 16)  # its rank is chosen per item on validation from these
     # where it runs, and as which run
     ray_address: str | None = None
     run_id: str | None = None
@@ -66,6 +69,10 @@ class ConsolidateConfig:
             raise ValueError(f"shortlist must be an integer >= 1, got {self.shortlist!r}")
         if self.shortlist_by not in SHORTLIST_SIGNALS:
             raise ValueError(f"shortlist_by must be one of {list(SHORTLIST_SIGNALS)}, got {self.shortlist_by!r}")
+        ranks = tuple(self.correction_ranks)  # a JSON round trip (Prefect parameters) gives a list
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks):
+            raise ValueError(f"correction_ranks must be integers >= 0, got {list(ranks)}")
+        object.__setattr__(self, "correction_ranks", ranks)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ConsolidateConfig:
@@ -87,4 +94,5 @@ class ConsolidateConfig:
         from workers.consolidate import MergeConfig
 
         return MergeConfig(method=self.method, grid=self.grid, refit_heads=self.refit_heads, delta=self.delta,
-                           gate=self.gate, seed=self.seed)
+                           gate=self.gate, seed=self.seed, item_correction=self.item_correction,
+                           correction_ranks=self.correction_ranks)

@@ -357,9 +357,10 @@ def _item_table(records: list[dict], kept: list[dict]) -> list[dict[str, Any]]:
             before = record["baseline_test"][item]["macro_f1"]
             merged = item in accepted
             after = record.get("merged_test", {}).get(item, {}).get("macro_f1", before) if merged else before
+            rank = ((record.get("correction") or {}).get(item) or {}).get("rank", 0) if merged else 0
+            decision = ("merged (fallback pair)" if fallback else "merged") if merged else "kept on its own scorer (gate)"
             rows.append({"item": item, "backbone": " + ".join(record["accepted"]) if merged else "own scorer",
-                         "decision": ("merged (fallback pair)" if fallback else "merged") if merged
-                         else "kept on its own scorer (gate)",
+                         "decision": f"{decision}, correction rank {rank}" if rank else decision,
                          "val_macro_f1_before": _round(val_before := record["baseline_validation"][item]["macro_f1"]),
                          "val_macro_f1_after": _round(record["merged_validation"][item]["macro_f1"] if merged
                                                       else val_before),

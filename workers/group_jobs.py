@@ -70,8 +70,10 @@ def sweep_job(store: Store, member_ids: Sequence[str], config: MergeConfig, *,
     """The group merged at every candidate of the config's grid, every member scored (cached)."""
     consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key))
     members = list(member_ids)
+    # The correction joins the key only when on, so the sweeps cached before it existed stay valid.
+    correction = [config.correction()] if config.item_correction else []
     key = job_key("sweep", SWEEP_VERSION, job_inputs(store, consolidator.manifest, members), config.method,
-               dict(config.params or {}), config.candidates(), config.seed)
+                  dict(config.params or {}), config.candidates(), config.seed, *correction)
     return _cached_json(store, f"candidates/sweeps/{key}.json",
                         lambda: consolidator.sweep([consolidator.manifest.scorer(i) for i in members], config))
 
@@ -98,6 +100,7 @@ def consolidate_group_job(store: Store, member_ids: Sequence[str], config: Merge
         save_checkpoint(store, f"{prefix}/checkpoint", model, consolidator.tokenizer,
                         {"group": outcome.accepted, "merge": outcome.candidate["merge"],
                          "params": outcome.candidate["params"], "gate": outcome.decision.to_dict(),
+                         **({"correction": record["correction"]} if record["correction"] else {}),
                          "validation": record["merged_validation"], "test": record["merged_test"]})
         record["checkpoint"] = f"{prefix}/checkpoint"
     store.write_json(f"{prefix}/{RECORD}", record)
