@@ -156,6 +156,7 @@ def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefec
     assert again["computed"]["trial merges"] == 0 and again["reused"]["trial merges"] == len(measured)
 
 
+@pytest.mark.slow  # ~2.5 min; tests/test_correction.py covers consolidate -> publish -> serve -> peft without the flow
 def test_flow_with_item_correction_publishes_adapters_and_serves_them(prefect_harness, ray_local, fleet_copy, capsys):
     from flows.report import print_summary
 
