@@ -34,19 +34,23 @@ def render(result: dict) -> str:
     corr = result.get("correlation") or {}
     if corr:
         n = next(iter(corr.values()))["n_pairs"]
+        fold0 = next(f for f in folds if f.get("correlation"))
+        total = fold0.get("pairs_total", n)
+        over = f"all {n} pairs" if n == total else f"{n} of the {total} pairs (a uniform random sample: time ran out)"
         lines += ["## What predicts the measured outcome", "",
-                  f"Spearman correlation over all {n} pairs of fold {next(iter(corr.values()))['fold']} "
+                  f"Spearman correlation over {over} of fold {next(iter(corr.values()))['fold']} "
                   "(similarities, so positive = predicts mergeability), 95 % interval from resampling items:", "",
                   "| predictor | Spearman | 95 % interval | seconds (cold, this fleet) |", "|---|---|---|---|"]
         seconds = next((f["predictor_seconds"] for f in folds if f.get("correlation")), {})
         for name, c in sorted(corr.items(), key=lambda kv: -kv[1]["spearman"]):
             lines.append(f"| {PREDICTOR_NAMES.get(name, name)} | {c['spearman']:+.3f} | {_ci(c)} | "
                          f"{seconds.get(name, 0):.0f} |")
-        fold0 = next(f for f in folds if f.get("correlation"))
-        lines += ["", f"Trial-merging all {n} pairs took {fold0['all_pairs_merge_seconds']:.0f} s of merge time; "
+        found = fold0.get("shortlist_finds_best_partner")
+        lines += ["", f"Trial-merging {n} pairs took {fold0['all_pairs_merge_seconds']:.0f} s of merge time; "
                   f"the shortlist ({result['shortlist']} GW-nearest partners per scorer, {fold0['shortlist_pairs']} "
-                  f"pairs) {fold0['shortlist_merge_seconds']:.0f} s. The shortlist holds each scorer's best measured "
-                  f"partner for {100 * fold0['shortlist_finds_best_partner']:.0f} % of the scorers.", ""]
+                  f"pairs) {fold0['shortlist_merge_seconds']:.0f} s."
+                  + (f" The shortlist holds each scorer's best measured partner for {100 * found:.0f} % of the "
+                     "scorers." if found is not None else ""), ""]
     lines += ["## Plans", "",
               "Each plan consolidated with the shipped defaults (gated); test macro F1 and storage are means over "
               "folds; the default planner is chosen on **validation** macro F1 among the product's planners.", "",

@@ -277,6 +277,8 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
         for name in PREDICTORS:
             if name not in ("description", "same_module"):
                 plans[f"sized/{name}"] = [list(g) for g in sized_plan(-similarity[name], fold.ids, sizes).groups]
+    if args.plans:  # a shorter run: only the named plans are gated
+        plans = {name: groups for name, groups in plans.items() if name in args.plans}
     rows = {}
     for name, groups in plans.items():
         log(f"fold {fold_index}: gated plan {name} ({len(groups)} groups)")
@@ -299,14 +301,24 @@ def all_pairs_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     merge_config = ConsolidateConfig().merge_config()
     similarity, predictor_seconds = predictors(store, fold, here, responses, args.seed)
     short = set(shortlist(-similarity["gw_l-3_cls"], fold.ids, ConsolidateConfig().shortlist))
-    everything = measure_pairs(store, list(itertools.combinations(fold.ids, 2)), merge_config)
-    measured_all = outcomes(everything)
-    # how often a scorer's best measured partner is on its shortlist
-    best = {i: max((v, p) for p, v in measured_all.items() if i in p)[1] for i in fold.ids}
-    result = {"predictor_seconds": predictor_seconds, "all_pairs_merge_seconds": everything["merge_seconds"],
-              "correlation": correlations(similarity, measured_all, fold.ids),
-              "outcomes": [[a, b, v] for (a, b), v in sorted(measured_all.items())],
-              "shortlist_finds_best_partner": round(float(np.mean([best[i] in short for i in fold.ids])), 3)}
+    # Every pair in a seeded random order, one batch at a time until the budget is spent: a prefix of a
+    # random order is a uniform sample, so the correlations stay unbiased when the budget cuts it short.
+    every = list(itertools.combinations(fold.ids, 2))
+    order = [every[n] for n in np.random.default_rng(args.seed).permutation(len(every))]
+    started, records, merge_seconds = time.perf_counter(), [], 0.0
+    for start in range(0, len(order), 48):
+        if time.perf_counter() - started > args.pairs_seconds:
+            break
+        batch = measure_pairs(store, order[start:start + 48], merge_config)
+        records += batch["pairs"]
+        merge_seconds += batch["merge_seconds"]
+    measured_all = outcomes({"pairs": records})
+    result = {"predictor_seconds": predictor_seconds, "all_pairs_merge_seconds": round(merge_seconds, 1),
+              "pairs_total": len(every), "correlation": correlations(similarity, measured_all, fold.ids),
+              "outcomes": [[a, b, v] for (a, b), v in sorted(measured_all.items())]}
+    if len(measured_all) == len(every):  # how often a scorer's best measured partner is on its shortlist
+        best = {i: max((v, p) for p, v in measured_all.items() if i in p)[1] for i in fold.ids}
+        result["shortlist_finds_best_partner"] = round(float(np.mean([best[i] in short for i in fold.ids])), 3)
     log(f"fold {fold_index}: correlations {({k: v['spearman'] for k, v in result['correlation'].items()})}")
     return result
 
@@ -320,7 +332,7 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
     names = [n for n in folds[0]["rows"] if all(n in f["rows"] for f in folds)]
     units = {n: {f"{f['fold']}:{i}": m for f in folds for i, m in f["rows"][n]["per_item_macro_f1"].items()}
              for n in names}
-    randoms = [f"random{s}" for s in range(random_seeds)]
+    randoms = [f"random{s}" for s in range(random_seeds) if f"random{s}" in names]
     units["random"] = {u: float(np.mean([units[r][u] for r in randoms])) for u in units[randoms[0]]}
     weights = {f"{f['fold']}:{i}": n for f in folds for i, n in f["test_sizes"].items()}
     plans = {}
@@ -332,11 +344,12 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
         plans[name]["macro_f1_by_fold"] = [v["macro_f1"] for v in values]
     plans["random"] = {k: round(float(np.mean([plans[r][k] for r in randoms])), 4)
                        for k in ("macro_f1", "validation_macro_f1", "backbones", "storage_ratio")}
-    default = max(PLANNERS, key=lambda p: (plans[p]["validation_macro_f1"], p == ConsolidateConfig().planner))
+    planners = [p for p in PLANNERS if p in plans]
+    default = max(planners, key=lambda p: (plans[p]["validation_macro_f1"], p == ConsolidateConfig().planner))
     plans["default"] = {**plans[default], "planner": default}
     units["default"] = units[default]
-    compare = [("default", other) for other in ("random", "module", "description", *PLANNERS, "premerge")
-               if other != default]
+    compare = [("default", other) for other in ("random", "module", "description", *planners, "premerge")
+               if other != default and other in plans]
     compare += [(f"{name}", "random") for name in names if name.startswith("sized/")]
     paired = {f"{a} vs {b}": paired_comparison(units[a], units[b], weights) for a, b in compare}
     return {"plans": plans, "default_planner": default, "paired": paired, "n_units": len(weights)}
@@ -350,7 +363,10 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--only-folds", default="")
     parser.add_argument("--all-pairs-folds", default="0", help="folds where every pair is trial-merged")
+    parser.add_argument("--pairs-seconds", type=float, default=float("inf"),
+                        help="stop trial-merging all pairs after this long (a uniform random sample of them)")
     parser.add_argument("--random-seeds", type=int, default=2)
+    parser.add_argument("--plans", default="", help="gate only these plans (comma-separated names; default all)")
     parser.add_argument("--predictor-plans", action="store_true", help="also a plan from every other predictor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render-only", action="store_true")
@@ -365,6 +381,7 @@ def main() -> None:
     quiet_transformers()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args.all_pairs = {int(f) for f in args.all_pairs_folds.split(",") if f}
+    args.plans = {p for p in args.plans.split(",") if p}
     data_dir = Path(args.data).resolve()
     work = Path(args.work) if args.work else ROOT / ".fleetmerge" / data_dir.name.split("_")[-1]
     wanted = [int(f) for f in args.only_folds.split(",") if f] or list(range(args.folds))
