@@ -179,3 +179,18 @@ def test_measured_plan_after_the_group_check():
     assert checked.method == "milp+group-check" and split == {"a+b+c": ["a", "b"]}
     assert checked.objective == pytest.approx(0.2 - 0.05)
     assert check_planned_groups(plan, ids, measured, {("a", "b", "c"): 0.9}) == (plan, {})
+
+
+def test_keying_many_pairs_hashes_each_checkpoint_once(tiny_fleet_dir, monkeypatch):
+    import workers.group_jobs as group_jobs
+    from workers.pair_jobs import pair_key
+
+    store = open_store(str(tiny_fleet_dir))
+    seen = []
+    real = group_jobs.checkpoint_hash
+    monkeypatch.setattr(group_jobs, "checkpoint_hash", lambda s, ref: seen.append(ref) or real(s, ref))
+    pairs = [("circuits-1", "circuits-2"), ("circuits-2", "plants-1"), ("circuits-1", "plants-1")]
+    manifest, hashes = load_manifest(store), {}
+    batched = [pair_key(store, p, MergeConfig(), manifest=manifest, hashes=hashes) for p in pairs]
+    assert len(seen) == 4  # three scorers and the base, not three per pair
+    assert batched == [pair_key(store, p, MergeConfig()) for p in pairs]  # the same keys as one at a time

@@ -35,11 +35,20 @@ def job_key(*parts) -> str:
     return json_key(parts, length=24)
 
 
-def job_inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str]) -> list:
-    """What a result about these members depends on: their checkpoints and responses, and the base."""
-    return [sorted((i, checkpoint_hash(store, manifest.scorer(i).checkpoint),
-                    store.size_and_sha256(manifest.scorer(i).responses)[1]) for i in member_ids),
-            checkpoint_hash(store, manifest.base_model)]
+def job_inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str],
+               hashes: dict | None = None) -> list:
+    """What a result about these members depends on: their checkpoints and responses, and the base.
+
+    `hashes` (a dict the caller keeps while keying one batch of jobs) remembers each scorer's hashes
+    (and, under None, the base's), so keying many pairs streams each checkpoint once, not once a pair."""
+    hashes = {} if hashes is None else hashes
+    for i in member_ids:
+        if i not in hashes:
+            spec = manifest.scorer(i)
+            hashes[i] = (i, checkpoint_hash(store, spec.checkpoint), store.size_and_sha256(spec.responses)[1])
+    if None not in hashes:
+        hashes[None] = checkpoint_hash(store, manifest.base_model)
+    return [sorted(hashes[i] for i in member_ids), hashes[None]]
 
 
 def group_key(store: Store, member_ids: Sequence[str], config: MergeConfig,
