@@ -131,10 +131,12 @@ def publish_run_artifacts(summary: dict[str, Any], planned: dict, records: list[
                                 "reason": r["gate"]["reason"]} for r in records],
                               key="gate-decisions", description="the accuracy gate, group by group")
     storage = summary["storage"]
+    corrections = f" + {storage['n_adapters']} item corrections" if storage.get("n_adapters") else ""
     create_markdown_artifact(
         "| | |\n|---|---|\n"
         f"| before | {megabytes(storage['bytes_before'])} ({storage['n_items']} scorers) |\n"
-        f"| after | {megabytes(storage['bytes_after'])} ({storage['n_backbones']} backbones + {storage['n_items']} heads) |\n"
+        f"| after | {megabytes(storage['bytes_after'])} ({storage['n_backbones']} backbones + {storage['n_items']} heads"
+        f"{corrections}) |\n"
         f"| ratio | {storage['ratio']}x |\n| computed | {_counts(summary['computed'])} |\n"
         f"| reused | {_counts(summary['reused'])} |\n| set aside | {', '.join(summary['set_aside']) or 'none'} |\n",
         key="storage-summary", description="storage before and after, and what was computed or reused")

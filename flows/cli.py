@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from flows.config import GATE_RULES, MERGE_METHODS, PLANNERS, ConsolidateConfig
+from flows.config import GATE_RULES, MERGE_METHODS, PLANNERS, SHORTLIST_SIGNALS, ConsolidateConfig
 from infra.manifest import MANIFEST_KEY
 from infra.publish import PublishError
 from infra.settings import offline_env
@@ -238,10 +238,13 @@ def _add_plan_options(parser) -> None:
                         help="GW solver (default: %(default)s)")
     parser.add_argument("--planner", choices=PLANNERS, default=DEFAULTS.planner,
                         help="measured: set packing on trial merges of each scorer's --shortlist nearest partners by "
-                             "GW; gw: set packing on GW distances; linkage: the GW-SMM paper's average linkage "
+                             "--shortlist-by; gw: set packing on GW distances; linkage: the GW-SMM paper's average linkage "
                              "(default: %(default)s)")
     parser.add_argument("--shortlist", type=int, default=DEFAULTS.shortlist,
                         help="measured planner: partners trial-merged per scorer (default: %(default)s)")
+    parser.add_argument("--shortlist-by", choices=SHORTLIST_SIGNALS, default=DEFAULTS.shortlist_by,
+                        help="measured planner: nearest by GW distance, or by task-vector cosine (checkpoints only, "
+                             "no features) (default: %(default)s)")
     parser.add_argument("--k", type=int, default=DEFAULTS.k, help="largest group size (default: %(default)s)")
     parser.add_argument("--tau", type=float, default=DEFAULTS.tau,
                         help="threshold: pairs at or above it never share a group; on GW distances, or on 1 - the "
@@ -272,7 +275,13 @@ def _add_consolidation_options(parser) -> None:
                         help="largest allowed fall of any item's macro F1 (default: %(default)s)")
     parser.add_argument("--gate", choices=GATE_RULES, default=DEFAULTS.gate,
                         help="the gate's rule (gw.gate) applied with --delta (default: %(default)s)")
-    parser.add_argument("--run-id", default=DEFAULTS.run_id, help="(default: a UTC timestamp)")
+    parser.add_argument("--item-correction", action=argparse.BooleanOptionalAction, default=DEFAULTS.item_correction,
+                        help="each merged item also keeps a low-rank residual of its own encoder against the merged "
+                             "one (a PEFT LoRA adapter), applied per row when served (default: %(default)s)")
+    parser.add_argument("--correction-ranks", type=int, nargs="+", default=DEFAULTS.correction_ranks, metavar="R",
+                        help="ranks each item's correction is chosen from on validation; 0 = none "
+                             "(default: %(default)s)")
+    parser.add_argument("--run-id", default=DEFAULTS.run_id, help="(default: a UTC timestamp and a random suffix, e.g. run-20260102T020000Z-3fa9c1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,11 +363,35 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, KeyError, PublishError, StorageError) as exc:
-        # KeyError's str() is the repr of its key: print its message as written.
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"fleetmerge: error: {message}", file=sys.stderr)
+    except _user_errors() as exc:
+        print(f"fleetmerge: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can act on (bad input, a store or network that fails): one line, not a traceback.
+
+    OSError covers a refused or timed-out connection; botocore's own errors (an S3 endpoint that does
+    not answer) are not OSErrors.
+    """
+    from botocore.exceptions import BotoCoreError
+
+    return ValueError, KeyError, OSError, PublishError, StorageError, BotoCoreError
+
+
+def _message(exc: BaseException) -> str:
+    """The error's message on one line (a fleet validation report keeps its per-scorer lines)."""
+    from infra.validation import FleetValidationError
+
+    cause = getattr(exc, "cause", None)  # a Ray task's error wraps the remote one with its traceback
+    if isinstance(cause, BaseException) and not isinstance(exc, FleetValidationError):
+        exc = cause
+    # KeyError's str() is the repr of its key: print its message as written.
+    message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+    if isinstance(exc, FleetValidationError):
+        return message
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

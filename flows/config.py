@@ -20,9 +20,12 @@ GATE_RULES = ("bound", "delta")
 # How the plan is made (workers.fleet_gw.plan_fleet): set packing on trial merges' measured outcomes,
 # on GW distances, or the GW-SMM paper's average linkage on GW distances.
 PLANNERS = ("measured", "gw", "linkage")  # the rules gw.gate knows by name: add a new one here too
+# What picks the measured planner's shortlist: GW distances (the paper's signal) or task-vector cosine
+# (checkpoints only, sketched: workers.task_vectors).
+SHORTLIST_SIGNALS = ("gw", "task_vector")
 # gw.merge's registry (available_methods() plus the "ta" alias), named here without importing torch so the
 # CLI starts fast; tests/test_merge_subspace.py checks that the two agree.
-MERGE_METHODS = ("ties", "doge", "task_arithmetic", "ta", "dare", "tsv_m", "iso_c", "iso_cts")
+MERGE_METHODS = ("ties", "doge", "task_arithmetic", "ta", "dare", "tsv_m", "iso_c", "iso_cts", "regmean")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class ConsolidateConfig:
     # GW matrix and plan
     solver: str = "entropic"
     planner: str = "gw"
-    shortlist: int = DEFAULT_SHORTLIST  # measured planner: each scorer's nearest partners by GW that are trial-merged
+    shortlist: int = DEFAULT_SHORTLIST  # measured planner: each scorer's nearest partners that are trial-merged
+    shortlist_by: str = "gw"  # ... nearest by this signal (SHORTLIST_SIGNALS)
     tau: float | None = None  # None: the tau_quantile-quantile of the distances
     tau_quantile: float = DEFAULT_TAU_QUANTILE
     k: int = 3
@@ -48,6 +52,9 @@ class ConsolidateConfig:
     delta: float = DEFAULT_DELTA
     gate: str = "bound"  # the gate rule (gw.gate)
     seed: int = 0
+    # per-item correction (workers.consolidate.GroupConsolidator.correct): off by default
+    item_correction: bool = False
+    correction_ranks: tuple[int, ...] = (0, 4, 8, 16)  # its rank is chosen per item on validation from these
     # where it runs, and as which run
     ray_address: str | None = None
     run_id: str | None = None
@@ -60,6 +67,12 @@ class ConsolidateConfig:
             raise ValueError(f"planner must be one of {list(PLANNERS)}, got {self.planner!r}")
         if isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int) or self.shortlist < 1:
             raise ValueError(f"shortlist must be an integer >= 1, got {self.shortlist!r}")
+        if self.shortlist_by not in SHORTLIST_SIGNALS:
+            raise ValueError(f"shortlist_by must be one of {list(SHORTLIST_SIGNALS)}, got {self.shortlist_by!r}")
+        ranks = tuple(self.correction_ranks)  # a JSON round trip (Prefect parameters) gives a list
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks):
+            raise ValueError(f"correction_ranks must be integers >= 0, got {list(ranks)}")
+        object.__setattr__(self, "correction_ranks", ranks)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ConsolidateConfig:
@@ -81,4 +94,5 @@ class ConsolidateConfig:
         from workers.consolidate import MergeConfig
 
         return MergeConfig(method=self.method, grid=self.grid, refit_heads=self.refit_heads, delta=self.delta,
-                           gate=self.gate, seed=self.seed)
+                           gate=self.gate, seed=self.seed, item_correction=self.item_correction,
+                           correction_ranks=self.correction_ranks)

@@ -12,6 +12,7 @@ new. The flow fails loudly when a step fails (a failed task is raised, not swall
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -24,6 +25,11 @@ from infra.settings import Settings, offline_env
 
 MERGE_TAG = "fleetmerge-merge"
 RAY_WAIT_S = 3600.0  # Prefect's timeouts cannot interrupt a blocking ray.get: every Ray wait has its own
+
+
+def new_run_id() -> str:
+    """A UTC timestamp (runs sort by time) and a random tail: two runs started in one second differ."""
+    return time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -132,7 +138,8 @@ def _skipping(cfg: ConsolidateConfig) -> dict:
 @task(name="trial-merges", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, distances: dict,
                       cfg: ConsolidateConfig) -> dict:
-    """The measured planner's evidence: each scorer's shortlist of GW-nearest partners, trial-merged."""
+    """The measured planner's evidence: each scorer's shortlist of nearest partners (by GW, or by
+    task-vector cosine), trial-merged."""
     from gw.mergeability import shortlist
     from workers.fleet_gw import distance_matrix
     from workers.pair_jobs import measure_pairs
@@ -140,11 +147,18 @@ def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, 
     _connect(cfg)
     store = _store(store_uri, settings)
     ids = distances["ids"]
-    pairs = shortlist(distance_matrix(store, distances["key"], ids), ids, cfg.shortlist)
+    if cfg.shortlist_by == "task_vector":
+        from workers.task_vectors import task_vector_distances
+
+        signal = task_vector_distances(store, ids, manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
+    else:
+        signal = distance_matrix(store, distances["key"], ids)
+    pairs = shortlist(signal, ids, cfg.shortlist)
     bar = artifacts.Progress("trial-merge-progress", "trial merges done")
     result = measure_pairs(store, pairs, cfg.merge_config(), manifest_key=manifest_key,
                            progress=lambda done, total: bar.update(done / max(total, 1)), timeout_s=RAY_WAIT_S)
-    get_run_logger().info(f"trial merges: {len(pairs)} pairs (shortlist {cfg.shortlist} per scorer), "
+    get_run_logger().info(f"trial merges: {len(pairs)} pairs (shortlist {cfg.shortlist} per scorer by "
+                          f"{cfg.shortlist_by}), "
                           f"{result['computed']} computed, {result['reused']} reused")
     return result
 
@@ -230,7 +244,7 @@ def individual_task(store_uri: str, settings: dict | None, manifest_key: str, it
 
 @task(name="publish", retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
 def publish_task(store_uri: str, settings: dict | None, manifest_key: str, sources: dict[str, str],
-                 run_id: str, extra: dict) -> dict:
+                 run_id: str, extra: dict, token: str | None = None) -> dict:
     from infra.manifest import load_manifest
     from infra.publish import latest_run, read_manifest
     from workers.publish_fleet import publish_consolidated, weights_bytes_before
@@ -244,7 +258,7 @@ def publish_task(store_uri: str, settings: dict | None, manifest_key: str, sourc
     manifest = load_manifest(store, manifest_key)
     items = [i for source in sources for i in extra["members"][source]]
     published = publish_consolidated(store, run_id, sources, bytes_before=weights_bytes_before(store, manifest, items),
-                                     extra={**extra, "sources": sources})
+                                     extra={**extra, "sources": sources}, token=token)
     logger.info(f"published run {run_id}: {published['extra']['storage']}")
     return {**published, "republished": True}
 
@@ -256,7 +270,8 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
     offline_env()
     cfg = ConsolidateConfig.from_dict(config)  # a dict for deployments; typed from here on
     started = time.perf_counter()
-    run_id = cfg.run_id or time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
+    run_id = cfg.run_id or new_run_id()
+    token = uuid.uuid4().hex  # this run's claim on its run id; the publish task's retries pass it again
     timings: dict[str, float] = {}
 
     def timed(name: str, value):
@@ -306,7 +321,7 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
 
     extra = {"plan": plan, "gate": [r["gate"] for r in records], "members": members, "set_aside": set_aside,
              "config": {k: v for k, v in cfg.to_dict().items() if k != "run_id"}}
-    published = publish_task(store, settings, fleet, sources, run_id, extra)
+    published = publish_task(store, settings, fleet, sources, run_id, extra, token)
     timings["publish"] = round(time.perf_counter() - started - sum(timings.values()), 2)
 
     summary = {
@@ -342,9 +357,10 @@ def _item_table(records: list[dict], kept: list[dict]) -> list[dict[str, Any]]:
             before = record["baseline_test"][item]["macro_f1"]
             merged = item in accepted
             after = record.get("merged_test", {}).get(item, {}).get("macro_f1", before) if merged else before
+            rank = ((record.get("correction") or {}).get(item) or {}).get("rank", 0) if merged else 0
+            decision = ("merged (fallback pair)" if fallback else "merged") if merged else "kept on its own scorer (gate)"
             rows.append({"item": item, "backbone": " + ".join(record["accepted"]) if merged else "own scorer",
-                         "decision": ("merged (fallback pair)" if fallback else "merged") if merged
-                         else "kept on its own scorer (gate)",
+                         "decision": f"{decision}, correction rank {rank}" if rank else decision,
                          "val_macro_f1_before": _round(val_before := record["baseline_validation"][item]["macro_f1"]),
                          "val_macro_f1_after": _round(record["merged_validation"][item]["macro_f1"] if merged
                                                       else val_before),

@@ -25,7 +25,8 @@ def print_summary(summary: dict) -> None:
                    else f"{'–':>20}{'–':>8}{'':>9}")
         print(f"  {row['item']:<{width}}{figures}   {row['decision']}")
     print(f"\n  storage: {megabytes(storage['bytes_before'])} -> {megabytes(storage['bytes_after'])} "
-          f"({storage['ratio']}x smaller, {storage['n_backbones']} backbones for {storage['n_items']} items)")
+          f"({storage['ratio']}x smaller, {storage['n_backbones']} backbones for {storage['n_items']} items"
+          f"{_adapters(storage)})")
     print(f"  computed {summary['computed']}, reused {summary['reused']}")
     print(f"  seconds: {summary['seconds']}")
     print(f"  published under {summary['store']}/published/{summary['run_id']}")
@@ -51,4 +52,11 @@ def print_run(store: Store, run_id: str | None = None) -> None:
     for item, reasons in extra.get("set_aside", {}).items():
         print(f"  set aside {item}: {'; '.join(reasons)}")
     if storage:
-        print(f"  storage: {megabytes(storage['bytes_before'])} -> {megabytes(storage['bytes_after'])} ({storage['ratio']}x)")
+        print(f"  storage: {megabytes(storage['bytes_before'])} -> {megabytes(storage['bytes_after'])} ({storage['ratio']}x"
+              f"{_adapters(storage)})")
+
+
+def _adapters(storage: dict) -> str:
+    """The per-item corrections' share of the storage, when the run has any."""
+    n = storage.get("n_adapters", 0)
+    return f"; {n} item corrections: {megabytes(storage['adapter_bytes'])}" if n else ""

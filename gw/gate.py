@@ -269,13 +269,16 @@ def _check_members(members: Sequence[str]) -> list[str]:
 
 def gate_group(members: Sequence[str], own: Mapping[str, Evidence], evaluate: SubgroupEvaluator, *,
                rule: GateRule | None = None, strategy: str = "all") -> GateDecision:
-    """Gate one planned group; on failure (3+ members) fall back to its best passing pair.
+    """Gate one planned group; on failure fall back to a smaller part of it.
 
     own: each member's own-scorer evidence. evaluate(sub_group) returns the merged model's evidence
-    for each member of that sub-group; it is called for the whole group and, if that fails, for
-    candidate pairs. strategy "all" evaluates every pair and keeps the best passing one; "first" tries
-    pairs without the member that fell most first, then by the pair's summed fall in the whole group,
-    and keeps the first that passes (fewer merges when a merge is costly).
+    for each member of that sub-group. A failed group of 4 or more sheds the member that fell most and
+    is merged again without it, one member at a time, down to 3 (at most k − 3 more merges, never every
+    subset); the first sub-group that passes is kept and the shed members stay on their own scorers. A
+    failed trio (planned, or what the shedding left) then tries its pairs: strategy "all" evaluates
+    every pair and keeps the best passing one; "first" tries pairs without the member that fell most
+    first, then by the pair's summed fall in the trio, and keeps the first that passes (fewer merges
+    when a merge is costly).
     """
     rule = rule or make_rule()
     members = _check_members(members)
@@ -296,10 +299,21 @@ def gate_group(members: Sequence[str], own: Mapping[str, Evidence], evaluate: Su
     if len(members) == 2:
         return decide([], f"kept on own scorers: {whole.reason}", [whole])
 
-    pairs = list(itertools.combinations(members, 2))
+    attempts, trio, shed = [whole], whole, []
+    while len(trio.members) > 3:  # shed the failing member that fell most, one at a time
+        failing = [c for c in trio.checks if not c.passed] or trio.checks
+        shed.append(max(failing, key=lambda c: -c.change).member)
+        rest = tuple(m for m in trio.members if m != shed[-1])
+        trio = check_group(rest, own, evaluate(rest), rule)
+        attempts.append(trio)
+        if trio.passed:
+            return decide(list(rest), f"fallback group {' + '.join(rest)} ({', '.join(shed)} kept on their own "
+                                      f"scorers, shed as the failing members that fell most): the whole group failed "
+                                      f"({whole.reason}); without them it passed", attempts)
+    pairs = list(itertools.combinations(trio.members, 2))
     if strategy == "first":
-        pairs.sort(key=lambda pair: (whole.worst_member in pair, sum(whole.drops[m] for m in pair)))
-    attempts, passing = [whole], []
+        pairs.sort(key=lambda pair: (trio.worst_member in pair, sum(trio.drops[m] for m in pair)))
+    passing = []
     for pair in pairs:
         check = check_group(pair, own, evaluate(pair), rule)
         attempts.append(check)

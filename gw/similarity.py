@@ -4,6 +4,9 @@
   offline stand-in for the GW-SMM paper's GPT-o1 grouping; the embedding is computed elsewhere).
 * :func:`task_vector_cosine`: cosine between task vectors ``theta_i - theta_0``, streamed over the
   state-dict keys and over column chunks, so no model-sized concatenation is ever built.
+* :func:`sketch_task_vector`: a count sketch of one task vector (a few hundred kilobytes), whose
+  cosines estimate the task vectors' own; one per scorer, so a fleet of any size is compared without
+  holding more than one model.
 * :func:`linear_cka` and :func:`cka_matrix`: linear CKA (Kornblith et al., ICML 2019) between the
   features of a shared probe set through each model.
 * :func:`similarity_to_distance`: turns any of these into distances for the planners.
@@ -13,6 +16,7 @@ Pure math on numpy arrays and torch tensors; no I/O.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -20,6 +24,9 @@ import torch
 
 # Elements per column chunk when streaming task vectors (n models x chunk, float64 on the device).
 _STREAM_CHUNK_ELEMENTS = 1 << 24
+# Entries of one tensor hashed at once by sketch_task_vector (its bucket and sign draws).
+_SKETCH_CHUNK = 1 << 20
+DEFAULT_SKETCH_DIM = 1 << 16
 # Elements of centred Gram matrices held at once by cka_matrix (float64).
 _CKA_BLOCK_ELEMENTS = 1 << 25
 
@@ -108,6 +115,32 @@ def task_vector_cosine(
     gram_np = gram.cpu().numpy()
     norms = np.sqrt(np.clip(np.diag(gram_np), 0.0, None))
     return _gram_to_cosine(gram_np, norms)
+
+
+def sketch_task_vector(task_vector: Mapping[str, torch.Tensor], dim: int = DEFAULT_SKETCH_DIM, *,
+                       seed: int = 0) -> np.ndarray:
+    """A count sketch of a task vector: entry j of key k goes to bucket h(k, j) with sign s(k, j).
+
+    The hash is a random draw seeded by (seed, key, chunk), the same for every scorer, so the sketches
+    of a fleet are comparable: <sketch(a), sketch(b)> is an unbiased estimate of <a, b> with standard
+    deviation about ‖a‖‖b‖/sqrt(dim), i.e. cosines within ~1/sqrt(dim) (0.004 at the default 2^16).
+    Linear in the task vector; keys are read in sorted order, one chunk at a time.
+    """
+    if dim < 1:
+        raise ValueError(f"sketch dim must be >= 1, got {dim}")
+    out = torch.zeros(dim, dtype=torch.float64)
+    for key in sorted(task_vector):
+        flat = task_vector[key].detach().reshape(-1).to("cpu", torch.float64)
+        if not torch.isfinite(flat).all():
+            raise ValueError(f"key {key!r} of the task vector holds NaN or inf")
+        for start in range(0, flat.numel(), _SKETCH_CHUNK):
+            block = flat[start:start + _SKETCH_CHUNK]
+            digest = hashlib.blake2b(f"{seed}|{key}|{start}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+            buckets = torch.randint(dim, (block.numel(),), generator=g)
+            signs = torch.randint(2, (block.numel(),), generator=g, dtype=torch.float64).mul_(2).sub_(1)
+            out.index_add_(0, buckets, block * signs)
+    return out.numpy()
 
 
 def _centred(X: np.ndarray) -> np.ndarray:

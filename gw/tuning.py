@@ -31,6 +31,8 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "tsv_m": {"alpha": (1.0, 0.7, 1.3)},
     "iso_c": {"alpha": (1.0, 0.7, 1.3)},
     "iso_cts": {"alpha": (1.0, 0.7, 1.3)},
+    # RegMean's off-diagonal scale: 0.9 first, then nearer plain least squares and nearer the average.
+    "regmean": {"alpha": (0.9, 1.0, 0.5)},
 }
 
 

@@ -1,8 +1,9 @@
 """The fleet manifest (docs/architecture.md §3.1): its schema, loading and saving.
 
 A manifest lives in a store (local directory or S3 prefix) next to the files it names; every
-`checkpoint`, `responses` and `base_model` path in it is relative to that store's root unless it
-is a full URI. Validation of what the manifest points at is in `infra/validation.py`.
+`checkpoint`, `responses` and `base_model` path in it is a key relative to that store's root, never an
+absolute path or a URI (the store refuses what leads outside it: `Store.sub`). Validation of what the
+manifest points at is in `infra/validation.py`.
 """
 from __future__ import annotations
 

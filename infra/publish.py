@@ -6,8 +6,10 @@ Layout under ``root`` (default ``published``)::
     published/<run_id>/_MANIFEST.json  {run_id, created_at, files: {key: {size, sha256}}, routing, extra}
     published/LATEST                   the run id of the newest published run (plain text)
 
-The manifest is created with a conditional write (create-if-absent), so of two publishers of the same
-run exactly one succeeds. Readers trust only prefixes that have a manifest: a run whose writer failed
+A publisher first claims the run id (``root/.claims/<run_id>``, a conditional create holding its
+token): of two publishers of the same run exactly one writes its files, the other gets a PublishError
+before touching them; a retry with the same token (the same run's next attempt) goes on. The manifest
+is created with a conditional write (create-if-absent) too. Readers trust only prefixes that have a manifest: a run whose writer failed
 midway has files but no manifest and is invisible. ``LATEST`` is advanced only after the manifest
 exists; if it is missing or points at a run without a manifest, readers fall back to the newest run
 that has one. Manifest ``files`` keys are relative to the run prefix.
@@ -15,6 +17,7 @@ that has one. Manifest ``files`` keys are relative to the run prefix.
 from __future__ import annotations
 
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
@@ -39,6 +42,7 @@ __all__ = [
 PUBLISHED = "published"
 MANIFEST_NAME = "_MANIFEST.json"
 LATEST_NAME = "LATEST"
+CLAIMS = ".claims"  # never a run id (ids do not start with '.'), so readers skip it
 MANIFEST_VERSION = 1
 _HASH_THREADS = 8  # hashing is I/O-bound on S3 and releases the GIL locally
 
@@ -109,8 +113,12 @@ def publish_run(
     routing: Mapping | None = None,
     extra: Mapping | None = None,
     root: str = PUBLISHED,
+    token: str | None = None,
 ) -> dict:
     """Publish run ``run_id`` atomically and return its manifest.
+
+    ``token`` names this publisher: the run id is claimed with it first, and another publisher (another
+    token) of the same run id is refused; pass the same token when retrying a failed attempt.
 
     ``write(prefix)`` (optional) writes the run's files under ``prefix`` = ``root/run_id``; the
     prefix is emptied first, so a retry after a failed attempt starts clean. Without ``write`` the
@@ -127,6 +135,7 @@ def publish_run(
     extra_copy = _json_checked(extra, "extra")
     if store.exists(manifest_key):
         raise PublishError(f"run {run_id!r} is already published at {store.uri_for(manifest_key)}; runs are immutable")
+    _claim(store, run_id, root, token or uuid.uuid4().hex)
 
     if write is not None:
         # Leftovers of an earlier failed attempt would otherwise end up in this run's manifest.
@@ -154,6 +163,16 @@ def publish_run(
         )
     _write_latest(store, run_id, root)
     return manifest
+
+
+def _claim(store: Store, run_id: str, root: str, token: str) -> None:
+    """Make this publisher the only one of `run_id` (two runs started in the same second, or given one id)."""
+    key = store.join(root, CLAIMS, run_id)
+    if store.put_if_absent(key, token.encode("utf-8")):
+        return
+    if store.read_bytes(key).decode("utf-8", "replace") != token:
+        raise PublishError(f"run {run_id!r} exists: another publisher claimed it ({store.uri_for(key)}); "
+                           "runs are immutable, publish under another run id")
 
 
 def set_latest(store: Store, run_id: str, root: str = PUBLISHED) -> None:

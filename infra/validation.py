@@ -20,6 +20,9 @@ WEIGHTS_FILE = "model.safetensors"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
 # What must agree with the base model for a task vector to make sense.
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")
+# What decides the ids a text becomes (truncation and padding may differ per scorer). A merged backbone
+# reads every member's inputs through one tokenizer, so each scorer's must be the base model's.
+TOKENIZER_PARTS = ("model", "normalizer", "pre_tokenizer", "added_tokens")
 
 
 class FleetValidationError(ValueError):
@@ -47,7 +50,7 @@ class ValidationReport:
 
 
 def sub_store(store: Store, ref: str) -> Store:
-    """``store.sub(ref)`` (kept for callers of this name): a store rooted at `ref`."""
+    """``store.sub(ref)`` (kept for callers of this name): the store at key `ref`, which must be inside it."""
     return store.sub(ref)
 
 
@@ -55,6 +58,7 @@ def sub_store(store: Store, ref: str) -> Store:
 class _Base:
     config: dict
     shapes: dict[str, tuple[int, ...]]  # backbone tensors, names relative to the encoder
+    tokenizer: dict | None = None  # `_tokenizer_view` of the base; None when it ships no tokenizer
 
 
 def _load_base(store: Store, manifest: FleetManifest) -> _Base:
@@ -62,12 +66,50 @@ def _load_base(store: Store, manifest: FleetManifest) -> _Base:
     try:
         config = json.loads(where.read_bytes("config.json"))
         tensors, _, _ = parse_header(where.read_bytes(WEIGHTS_FILE))
-    except (StorageError, OSError, json.JSONDecodeError, SafetensorsFormatError) as exc:
+        tokenizer = _tokenizer_view(where)
+    except (StorageError, OSError, ValueError, SafetensorsFormatError) as exc:
         raise ManifestError(f"base model {manifest.base_model}: unreadable ({exc})") from None
     heads = tuple(manifest.head_modules)
     # Integer tensors are buffers (e.g. BERT's position_ids), which newer savers leave out.
     shapes = {n: t.shape for n, t in tensors.items() if not _is_head(n, heads) and t.dtype in FLOAT_DTYPES}
-    return _Base(config, shapes)
+    return _Base(config, shapes, tokenizer)
+
+
+def _tokenizer_view(where: Store) -> dict | None:
+    """The parts of a checkpoint's tokenizer files that decide token ids (None: it ships no tokenizer).
+
+    Read from `tokenizer.json` (what a fast tokenizer loads) or else `vocab.txt` / `vocab.json`;
+    `vocab` is always token -> id, so views from different files still compare on it.
+    """
+    if where.exists("tokenizer.json"):
+        doc = json.loads(where.read_bytes("tokenizer.json"))
+        view = {part: doc.get(part) for part in TOKENIZER_PARTS}
+        vocab = (doc.get("model") or {}).get("vocab")
+        # Unigram models list [piece, score] pairs: the id is the position.
+        view["vocab"] = {entry[0]: i for i, entry in enumerate(vocab)} if isinstance(vocab, list) else vocab
+        return view
+    if where.exists("vocab.txt"):
+        lines = where.read_bytes("vocab.txt").decode("utf-8").splitlines()
+        return {"vocab": {token: i for i, token in enumerate(lines)}}
+    if where.exists("vocab.json"):
+        return {"vocab": json.loads(where.read_bytes("vocab.json"))}
+    return None
+
+
+def _tokenizer_problem(own: dict, base: dict) -> str | None:
+    """How a scorer's tokenizer differs from the base model's, in a few words (None: it does not)."""
+    for part in ("vocab", *TOKENIZER_PARTS):
+        if part not in own or part not in base or own[part] == base[part]:
+            continue
+        if part != "vocab" or not isinstance(own[part], dict) or not isinstance(base[part], dict):
+            return f"its {part} differs"
+        a, b = own[part], base[part]
+        moved = sorted(t for t in a.keys() & b.keys() if a[t] != b[t])
+        if moved:
+            t = moved[0]
+            return f"{len(moved)} of {len(b)} tokens have other ids (e.g. {t!r} is {a[t]}, in the base {b[t]})"
+        return f"its vocabulary has {len(a.keys() - b.keys())} tokens the base lacks and lacks {len(b.keys() - a.keys())}"
+    return None
 
 
 def _is_head(name: str, head_modules: tuple[str, ...]) -> bool:
@@ -106,6 +148,15 @@ def _check_checkpoint(where: Store, spec: ScorerSpec, base: _Base, heads: tuple[
                             f"{base.config[key]!r}")
     if problems:
         return problems
+    if base.tokenizer is not None:  # a scorer that ships no tokenizer uses the base's
+        try:
+            own_tokenizer = _tokenizer_view(where)
+        except (StorageError, OSError, ValueError) as exc:
+            return [f"unreadable tokenizer files in {ckpt}: {exc}"]
+        different = own_tokenizer and _tokenizer_problem(own_tokenizer, base.tokenizer)
+        if different:
+            return [f"{ckpt}: tokenizer differs from the base model's ({different}); a merged backbone reads "
+                    "every member's inputs through one tokenizer"]
     try:
         data = where.read_bytes(WEIGHTS_FILE)
         tensors, _, _ = parse_header(data)
@@ -139,8 +190,7 @@ def _check_checkpoint(where: Store, spec: ScorerSpec, base: _Base, heads: tuple[
 def _check_responses(store: Store, spec: ScorerSpec) -> list[str]:
     path = spec.responses
     try:
-        table = store.read_table(path) if "://" not in path and not path.startswith("/") \
-            else store.sub(_parent(path)).read_table(_name(path))
+        table = store.read_table(path)
     except (StorageError, OSError, pa.ArrowInvalid) as exc:
         return [f"missing or unreadable responses {path}: {exc}"]
     label_column = "label" if spec.task == "multiclass" else "labels"
@@ -149,7 +199,7 @@ def _check_responses(store: Store, spec: ScorerSpec) -> list[str]:
         return [f"responses {path} lacks column(s) {', '.join(lacking)}"]
     if table.num_rows == 0:
         return [f"responses {path} is empty"]
-    problems = []
+    problems = _check_texts(table, path)
     splits = Counter(table.column("split").to_pylist())
     absent = [s for s in SPLITS if not splits.get(s)]
     if absent:
@@ -167,12 +217,20 @@ def _check_responses(store: Store, spec: ScorerSpec) -> list[str]:
     return problems
 
 
-def _parent(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path.strip("/") else ""
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
+def _check_texts(table: pa.Table, path: str) -> list[str]:
+    """Every response needs an id and a text: a null would be scored as "" by extraction and fail the merge."""
+    problems = []
+    text = table.column("text")
+    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type) or pa.types.is_null(text.type)):
+        return [f"responses {path}: column text holds {text.type}, not strings"]
+    ids = table.column("response_id").to_pylist()
+    for column in ("response_id", "text"):
+        values = table.column(column).to_pylist()
+        missing = [n for n, v in enumerate(values) if v is None]
+        if missing:
+            where = f"row {missing[0]}" if column == "response_id" else f"response {ids[missing[0]]!r}"
+            problems.append(f"responses {path}: {len(missing)} rows have a null {column} (e.g. {where})")
+    return problems
 
 
 def validate_fleet(store: Store, manifest: FleetManifest, *, min_usable: int = 2) -> ValidationReport:
@@ -193,7 +251,7 @@ def validate_fleet(store: Store, manifest: FleetManifest, *, min_usable: int = 2
             try:
                 problems += _check_checkpoint(store.sub(spec.checkpoint), spec, base, heads)
             except (StorageError, OSError) as exc:
-                problems.append(f"checkpoint {spec.checkpoint} unreadable: {exc}")
+                problems.append(f"checkpoint {spec.checkpoint}: {exc}")
             problems += _check_responses(store, spec)
         if problems:
             rejected.setdefault(spec.id or "<empty id>", []).extend(problems)

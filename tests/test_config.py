@@ -70,3 +70,15 @@ def test_no_tuning_after_a_tuned_run_is_another_group(tiny_fleet_dir):
     keys = [group_key(store, members, c.merge_config()) for c in configs]
     assert len(set(keys)) == len(keys)
     assert group_key(store, members, configs[0].merge_config()) == keys[0]  # and the same config, the same key
+
+
+def test_item_correction_options_reach_the_merge_config():
+    config = _config("consolidate", "--store", "X", "--item-correction", "--correction-ranks", "8", "4")
+    assert config.item_correction and config.correction_ranks == (8, 4)
+    merge = config.merge_config()
+    assert merge.item_correction and merge.correction_ranks == (4, 8)
+    assert not _config("consolidate", "--store", "X").merge_config().item_correction
+    # A JSON round trip (Prefect parameters) gives the same config.
+    assert ConsolidateConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="correction_ranks"):
+        ConsolidateConfig(correction_ranks=())

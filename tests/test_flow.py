@@ -154,3 +154,27 @@ def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefec
     assert {frozenset(g) for g in plan["groups"] if len(g) == 3} <= {frozenset(r["pair"]) for r in trios}
     again = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
     assert again["computed"]["trial merges"] == 0 and again["reused"]["trial merges"] == len(measured)
+
+
+@pytest.mark.slow  # ~2.5 min; tests/test_correction.py covers consolidate -> publish -> serve -> peft without the flow
+def test_flow_with_item_correction_publishes_adapters_and_serves_them(prefect_harness, ray_local, fleet_copy, capsys):
+    from flows.report import print_summary
+
+    # A fixed rank: every merged item carries an adapter, whatever validation would choose.
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy),
+                          config={**FAST, "item_correction": True, "correction_ranks": [4]})
+    store = open_store(str(fleet_copy))
+    merged = [i for g in summary["groups"] for i in g]
+    assert merged, summary
+    manifest = read_manifest(store, summary["run_id"])
+    assert {i for i, r in manifest["routing"].items() if "adapter" in r} == set(merged)
+    storage = summary["storage"]
+    assert storage["n_adapters"] == len(merged) and storage["adapter_bytes"] > 0
+    assert storage["bytes_after"] == storage["backbone_bytes"] + storage["head_bytes"] + storage["adapter_bytes"]
+    assert all(row["decision"].endswith("correction rank 4") for row in summary["items"] if row["item"] in merged)
+    print_summary(summary)
+    assert f"{len(merged)} item corrections" in capsys.readouterr().out
+    with ConsolidatedFleet(store, device="cpu") as served:
+        model, _ = served._checkpoint(manifest["routing"][merged[0]]["checkpoint"])
+        assert model.corrections.rank(merged[0]) == 4
+        assert served.predict(merged[0], ["the switch is open"])[0].label

@@ -109,3 +109,27 @@ def test_errors_are_clear():
         gate_group(["a", "b"], {"a": OWN}, Evaluator({}))
     with pytest.raises(ValueError, match="strategy"):
         gate_group(["a", "b"], {"a": OWN, "b": OWN}, Evaluator({}), strategy="greedy")
+
+
+def test_a_failed_group_of_five_sheds_its_failing_members_one_at_a_time_not_every_subset():
+    bad = confident(LABELS, np.arange(10) % 2 == 0, p=0.9)
+    worse = confident(LABELS, np.arange(10) % 3 == 0, p=0.9)
+    results = {tuple("abcde"): {"a": OWN, "b": OWN, "c": bad, "d": OWN, "e": worse},
+               tuple("abcd"): {"a": OWN, "b": OWN, "c": bad, "d": OWN},  # e shed first: it fell most
+               tuple("abd"): {m: OWN for m in "abd"}}
+    evaluate = Evaluator(results)
+    decision = gate_group(list("abcde"), {m: OWN for m in "abcde"}, evaluate)
+    assert decision.accepted == ["a", "b", "d"] and decision.individual == ["c", "e"]
+    assert evaluate.calls == [tuple("abcde"), tuple("abcd"), tuple("abd")]
+    assert "fallback group a + b + d (e, c kept on their own scorers" in decision.reason
+
+
+def test_a_group_of_four_that_sheds_down_to_a_failing_trio_tries_that_trios_pairs():
+    bad = confident(LABELS, np.arange(10) % 2 == 0, p=0.9)
+    evaluate = Evaluator({tuple("abcd"): {"a": OWN, "b": bad, "c": bad, "d": OWN},
+                          tuple("acd"): {"a": OWN, "c": bad, "d": OWN},  # b shed (first of the equal falls)
+                          ("a", "c"): {"a": OWN, "c": bad}, ("a", "d"): {"a": OWN, "d": OWN},
+                          ("c", "d"): {"c": bad, "d": OWN}})
+    decision = gate_group(list("abcd"), {m: OWN for m in "abcd"}, evaluate)
+    assert decision.accepted == ["a", "d"] and decision.individual == ["b", "c"]
+    assert len(evaluate.calls) == 2 + 3 and "fallback pair a + d" in decision.reason

@@ -15,6 +15,18 @@ from gw.merge.doge import doge_lambdas, doge_residuals, loss_gradient, optimise_
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 16, 24, 40, 2
 
 
+def method_inputs(method, base, n_models, *, steps):
+    """What a method needs besides the models: DOGE a short run, RegMean a Gram per matrix and model."""
+    from gw.merge import classify_key, needs_grams
+
+    if method == "doge":
+        return {"steps": steps}
+    if needs_grams(method):
+        eye = {k: torch.eye(v.shape[1]) for k, v in base.items() if classify_key(k, v) == "matrix"}
+        return {"grams": [eye] * n_models}
+    return {}
+
+
 def bert_like(seed: int, *, prefix: str = "", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A BertModel-shaped backbone state dict (no pooler: the pooler belongs to the head)."""
     generator = torch.Generator().manual_seed(seed)
@@ -281,7 +293,7 @@ def test_every_method_is_deterministic_keeps_inputs_and_output_layout(trio):
     base, models = trio
     snapshot = [{k: v.clone() for k, v in sd.items()} for sd in [base, *models]]
     for method in available_methods():
-        params = {"steps": 5} if method == "doge" else {}
+        params = method_inputs(method, base, len(models), steps=5)
         first = merge(method, base, models, seed=3, **params)
         second = merge(method, base, models, seed=3, **params)
         assert list(first.state_dict) == list(base)
@@ -298,8 +310,7 @@ def test_dtypes_are_preserved(dtype):
     base = bert_like(0, dtype=dtype)
     models = [finetune(base, i) for i in range(2)]
     for method in available_methods():
-        params = {"steps": 3} if method == "doge" else {}
-        merged = merge(method, base, models, **params).state_dict
+        merged = merge(method, base, models, **method_inputs(method, base, len(models), steps=3)).state_dict
         assert all(merged[k].dtype == dtype for k in base), method
 
 
@@ -376,7 +387,7 @@ def test_bad_method_and_parameters(trio):
     with pytest.raises(ValueError, match="non-empty sequence"):
         merge("ta", base, [])
     assert method_defaults("ties") == {"lam": 1.0, "top_k": 0.2}
-    assert set(available_methods()) == {"dare", "doge", "iso_c", "iso_cts", "task_arithmetic", "ties", "tsv_m"}
+    assert set(available_methods()) == {"dare", "doge", "iso_c", "iso_cts", "regmean", "task_arithmetic", "ties", "tsv_m"}
 
 
 # ---- choosing parameters (gw.tuning) --------------------------------------------------------------
@@ -412,7 +423,7 @@ def test_grid_search_ties_nan_and_errors():
     assert worst_change({"a": 0.8, "b": 0.7}, {"a": 0.79, "b": 0.72}) == pytest.approx(-0.01)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "doge", "tsv_m", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "doge", "tsv_m", "iso_c", "iso_cts", "regmean"])
 def test_default_grids_are_valid_merge_parameters(method, trio):
     from gw.tuning import default_grid
 
@@ -421,5 +432,4 @@ def test_default_grids_are_valid_merge_parameters(method, trio):
     assert len(grid) >= 3
     accepted = set(method_defaults(method))
     assert all(set(candidate) <= accepted for candidate in grid)
-    params = dict(grid[0], **({"steps": 2} if method == "doge" else {}))
-    merge(method, base, models, **params)
+    merge(method, base, models, **grid[0], **method_inputs(method, base, len(models), steps=2))

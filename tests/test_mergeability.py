@@ -117,6 +117,14 @@ def test_linkage_planner_and_unknown_planners():
         plan_fleet(D, ids, tau=None, tau_quantile=1.0, k=3, planner="nearest")
 
 
+def test_the_shortlist_signal_is_checked_with_the_other_settings():
+    from flows.config import ConsolidateConfig
+
+    assert ConsolidateConfig(shortlist_by="task_vector").shortlist_by == "task_vector"
+    with pytest.raises(ValueError, match=r"shortlist_by must be one of \['gw', 'task_vector'\], got 'cka'"):
+        ConsolidateConfig(shortlist_by="cka")
+
+
 # -- trial merges on a tiny fleet ------------------------------------------------------------------------
 
 
@@ -171,3 +179,18 @@ def test_measured_plan_after_the_group_check():
     assert checked.method == "milp+group-check" and split == {"a+b+c": ["a", "b"]}
     assert checked.objective == pytest.approx(0.2 - 0.05)
     assert check_planned_groups(plan, ids, measured, {("a", "b", "c"): 0.9}) == (plan, {})
+
+
+def test_keying_many_pairs_hashes_each_checkpoint_once(tiny_fleet_dir, monkeypatch):
+    import workers.group_jobs as group_jobs
+    from workers.pair_jobs import pair_key
+
+    store = open_store(str(tiny_fleet_dir))
+    seen = []
+    real = group_jobs.checkpoint_hash
+    monkeypatch.setattr(group_jobs, "checkpoint_hash", lambda s, ref: seen.append(ref) or real(s, ref))
+    pairs = [("circuits-1", "circuits-2"), ("circuits-2", "plants-1"), ("circuits-1", "plants-1")]
+    manifest, hashes = load_manifest(store), {}
+    batched = [pair_key(store, p, MergeConfig(), manifest=manifest, hashes=hashes) for p in pairs]
+    assert len(seen) == 4  # three scorers and the base, not three per pair
+    assert batched == [pair_key(store, p, MergeConfig()) for p in pairs]  # the same keys as one at a time

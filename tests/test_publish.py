@@ -84,7 +84,7 @@ def test_failed_writer_leaves_no_manifest_and_latest_unchanged(any_store: Store)
         raise RuntimeError("merge crashed")
 
     with pytest.raises(RuntimeError, match="merge crashed"):
-        publish_run(any_store, "run-2", failing_writer)
+        publish_run(any_store, "run-2", failing_writer, token="attempt-of-run-2")
     assert any_store.exists(f"{PUBLISHED}/run-2/heads/q1.safetensors")  # partial files remain ...
     assert not any_store.exists(f"{PUBLISHED}/run-2/{MANIFEST_NAME}")  # ... but are never published
     with pytest.raises(PublishError, match="not published"):
@@ -93,8 +93,12 @@ def test_failed_writer_leaves_no_manifest_and_latest_unchanged(any_store: Store)
     assert _latest_pointer(any_store) == "run-1"
     assert latest_run(any_store) == "run-1"
 
-    # A retry starts from an empty prefix: the failed attempt's leftovers are not in the manifest.
-    manifest = publish_run(any_store, "run-2", _writer(any_store, {"heads/q2.safetensors": b"q2"}))
+    # Another publisher of run-2 is refused: the failed attempt's claim holds the run id ...
+    with pytest.raises(PublishError, match="run 'run-2' exists: another publisher claimed it"):
+        publish_run(any_store, "run-2", _writer(any_store))
+    # ... while its own retry starts from an empty prefix: the leftovers are not in the manifest.
+    manifest = publish_run(any_store, "run-2", _writer(any_store, {"heads/q2.safetensors": b"q2"}),
+                           token="attempt-of-run-2")
     assert list(manifest["files"]) == ["heads/q2.safetensors"]
     assert latest_run(any_store) == "run-2"
 

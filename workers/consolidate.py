@@ -5,6 +5,10 @@ each member with its own head and with a head refit on the frozen merged backbon
 choose the merge parameters on the validation split only (`gw.tuning`), and gate the result
 (`gw.gate`, with its uncertainty: see there); a failed group tries its best pair; what fails stays
 individual. Test figures are computed for reporting, never for choosing.
+
+With `item_correction`, each member also keeps a low-rank residual of its own backbone against the merged
+one (`gw.merge.correction`, applied as per-row LoRA: `workers.correction`), its rank chosen per item on
+validation; every score of that member, and so the gate, is of the corrected item.
 """
 from __future__ import annotations
 
@@ -19,18 +23,25 @@ import torch
 from gw import gate
 from gw.gate import DEFAULT_DELTA
 from gw.head_fit import refit_head
-from gw.merge import merge
+from gw.merge import merge, needs_grams
+from gw.merge.correction import choose_rank, residuals, total_energy_kept
 from gw.tuning import default_grid, grid_search, worst_change
 from infra.manifest import FleetManifest, ScorerSpec
 from infra.storage import Store
 from workers.batching import map_batches
+from workers.correction import linear_modules
 from workers.evaluate import item_metrics, split_rows, targets
+from workers.grams import cached_grams, input_grams
 from workers.multihead import MultiHeadScorer
-from workers.scorer_io import default_device, load_scorer, split_model
+from workers.extract.run import load_spec_scorer
+from workers.scorer_io import default_device, has_tokenizer, load_backbone_state, load_tokenizer, split_model
 
 PRIMARY = "macro_f1"
 SPLITS = ("train", "validation", "test")
 HEAD_SETTINGS = ("own_heads", "refit_heads")
+GRAM_MAX_LENGTH = 128  # the tokens the features (and so the heads) see
+# Ranks tried per item for its correction; 0 (none) wins when the plain merge scores as well on validation.
+CORRECTION_RANKS = (0, 4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,18 @@ class MergeConfig:
     seed: int = 0
     batch_size: int = 64
     max_length: int = 128
+    item_correction: bool = False  # each member keeps a low-rank residual against the merged backbone
+    correction_ranks: Sequence[int] = CORRECTION_RANKS  # the grid its rank is chosen from, on validation
+
+    def __post_init__(self):
+        ranks = tuple(self.correction_ranks)
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks):
+            raise ValueError(f"correction_ranks must be integers >= 0, got {list(ranks)}")
+        object.__setattr__(self, "correction_ranks", tuple(sorted(set(ranks))))
+
+    def correction(self) -> dict | None:
+        """The correction setting as the cache keys see it (None when off, so older keys stay as they were)."""
+        return {"ranks": list(self.correction_ranks)} if self.item_correction else None
 
     def candidates(self) -> list[dict]:
         if self.grid is not None:
@@ -55,8 +78,9 @@ class MergeConfig:
         """Everything a group's result depends on (its cache key hashes this): None, [] and a list of
         candidates are different grids, so they must stay apart here."""
         grid = None if self.grid is None else [dict(c) for c in self.grid]
-        return {"method": self.method, "params": dict(self.params or {}), "grid": grid,
-                "refit_heads": self.refit_heads, "delta": self.delta, "gate": self.gate, "seed": self.seed}
+        out = {"method": self.method, "params": dict(self.params or {}), "grid": grid,
+               "refit_heads": self.refit_heads, "delta": self.delta, "gate": self.gate, "seed": self.seed}
+        return out | ({"item_correction": self.correction()} if self.item_correction else {})
 
 
 @dataclass
@@ -89,6 +113,7 @@ class GroupOutcome:
         return {"members": list(self.members), "gate": self.decision.to_dict(), "accepted": self.accepted,
                 "params": self.candidate["params"] if self.candidate else None,
                 "merge": self.candidate["merge"] if self.candidate else None, "head_setting": self.head_setting,
+                "correction": self.candidate.get("correction") if self.candidate else None,
                 "baseline_validation": {i: o["validation"] for i, o in self.own.items()},
                 "baseline_test": {i: o["test"] for i, o in self.own.items()},
                 "merged_validation": {i: s["validation"] for i, s in scores.items()},
@@ -135,17 +160,25 @@ class GroupConsolidator:
         self.store, self.manifest = store, manifest
         self.device = device or default_device()
         self.heads = tuple(manifest.head_modules)
-        self.base_state = load_scorer_dir_backbone(store.sub(manifest.base_model), self.heads)
+        with store.sub(manifest.base_model).local_dir("") as base_dir:
+            self.base_state = load_backbone_state(base_dir, self.heads)
+            # Every merged checkpoint is saved with, and scored through, the base model's tokenizer
+            # (validation sets aside scorers whose own differs); a base without one: the first member's.
+            self._tokenizer = load_tokenizer(base_dir) if has_tokenizer(base_dir) else None
         self._members: dict[str, Member] = {}
+        self._grams: dict[str, dict[str, torch.Tensor]] = {}
         self._config = None
-        self._tokenizer = None
 
     # -- inputs ----------------------------------------------------------------------------------
 
     def member(self, spec: ScorerSpec) -> Member:
         if spec.id not in self._members:
-            with self.store.sub(spec.checkpoint).local_dir("") as path:
-                scorer = load_scorer(path, task=spec.task, device="cpu")
+            scorer = load_spec_scorer(self.store, spec, "cpu", base_model=self.manifest.base_model)
+            if self._tokenizer is None:
+                self._tokenizer = scorer.tokenizer
+            elif scorer.tokenizer.get_vocab() != self._tokenizer.get_vocab():
+                raise ValueError(f"scorer {spec.id}: its tokenizer differs from the base model's; it cannot share a "
+                                 "merged backbone (validate the fleet: such scorers are set aside)")
             backbone, head = split_model(scorer.model, self.heads)
             table = self.store.read_table(spec.responses)
             texts, labels = {}, {}
@@ -153,11 +186,20 @@ class GroupConsolidator:
                 rows = split_rows(table, split)
                 texts[split], labels[split] = rows.column("text").to_pylist(), targets(rows, spec.task)
             if self._config is None:
-                self._config, self._tokenizer = scorer.model.config, scorer.tokenizer
+                self._config = scorer.model.config
                 # Buffers the base checkpoint carries but the models do not (BERT's position_ids) are not merged.
                 self.base_state = {k: v for k, v in self.base_state.items() if k in backbone}
             self._members[spec.id] = Member(spec, backbone, head, texts, labels)
         return self._members[spec.id]
+
+    def grams(self, spec: ScorerSpec) -> dict[str, torch.Tensor]:
+        """The member's layer-input Grams on its training answers (RegMean's statistics; cached in the store)."""
+        if spec.id not in self._grams:
+            member = self.member(spec)
+            compute = lambda: input_grams(self.individual(spec).backbone, self._tokenizer,  # noqa: E731
+                                          member.texts["train"], max_length=GRAM_MAX_LENGTH, device=self.device)
+            self._grams[spec.id] = cached_grams(self.store, spec, compute, max_length=GRAM_MAX_LENGTH)
+        return self._grams[spec.id]
 
     @property
     def tokenizer(self):
@@ -170,9 +212,11 @@ class GroupConsolidator:
 
     # -- scoring -----------------------------------------------------------------------------------
 
-    def features(self, model: MultiHeadScorer, texts: Sequence[str]) -> np.ndarray:
-        """First-token features of `texts` through `model`'s backbone (what every head reads)."""
-        return map_batches(model.encode, self._tokenizer, texts, batch_size=64, max_length=128, device=self.device)
+    def features(self, model: MultiHeadScorer, texts: Sequence[str], item: str | None = None) -> np.ndarray:
+        """First-token features of `texts` through `model`'s backbone (what every head reads), with
+        `item`'s correction when it has one."""
+        return map_batches(lambda batch: model.encode(batch, item), self._tokenizer, texts, batch_size=64,
+                           max_length=128, device=self.device)
 
     def probabilities(self, model: MultiHeadScorer, item: str, features: np.ndarray) -> np.ndarray:
         """`item`'s head on backbone features: class probabilities, or per-label ones for multi-label items."""
@@ -213,7 +257,9 @@ class GroupConsolidator:
                      config: MergeConfig) -> tuple[MultiHeadScorer, dict]:
         """The group merged with `params` (members' own heads) and the merge's record."""
         members = [self.member(s) for s in specs]
-        result = merge(config.method, self.base_state, [m.backbone for m in members], seed=config.seed, **params)
+        grams = [self.grams(s) for s in specs] if needs_grams(config.method) else None
+        result = merge(config.method, self.base_state, [m.backbone for m in members], seed=config.seed,
+                       grams=grams, **params)
         heads = {m.spec.id: m.head for m in members}
         model = MultiHeadScorer(self._config, result.state_dict, heads, {m.spec.id: _schema(m.spec) for m in members})
         record = result.record()
@@ -228,9 +274,12 @@ class GroupConsolidator:
         heads are those of `config.refit_heads`."""
         model, merged = self.merged_model(specs, params, config)
         scores: dict[str, dict] = {setting: {} for setting in HEAD_SETTINGS}
+        corrections: dict[str, dict] = {}
         for spec in specs:
             m = self._members[spec.id]
-            features = {s: self.features(model, m.texts[s]) for s in SPLITS}
+            if config.item_correction:
+                corrections[spec.id] = self.correct(model, spec, config.correction_ranks)
+            features = {s: self.features(model, m.texts[s], spec.id) for s in SPLITS}
             scores["own_heads"][spec.id] = self._scores(model, spec.id, features)
             fitted = refit_head(features["train"], m.labels["train"], m.head, val_features=features["validation"],
                                 val_labels=m.labels["validation"], task=spec.task, seed=config.seed,
@@ -239,7 +288,30 @@ class GroupConsolidator:
             scores["refit_heads"][spec.id] = self._scores(model, spec.id, features)
             if not config.refit_heads:
                 model.heads[spec.id].load_head_state(m.head)
-        return {"members": [s.id for s in specs], **merged, "scores": scores}, model
+        extra = {"correction": corrections} if config.item_correction else {}
+        return {"members": [s.id for s in specs], **merged, "scores": scores, **extra}, model
+
+    def correct(self, model: MultiHeadScorer, spec: ScorerSpec, ranks: Sequence[int]) -> dict:
+        """Give `spec` its correction on `model`: the residual of its own backbone against the merged one
+        on every linear layer, at the rank of `ranks` whose validation macro F1 (own head, corrected
+        backbone) is best, the smallest among equals. Returns the JSON-safe record of the choice."""
+        m = self._members[spec.id]
+        keys = [f"{name}.weight" for name in linear_modules(model.backbone)]
+        parts = residuals(m.backbone, model.backbone_state_dict(), keys, max(ranks))
+        head = model.heads[spec.id].head_state_dict()
+        model.heads[spec.id].load_head_state(m.head)  # the rank is judged with the item's own head
+        table = {}
+        for rank in ranks:
+            model.set_correction(spec.id, _factors(parts, rank))
+            probs = self.probabilities(model, spec.id, self.features(model, m.texts["validation"], spec.id))
+            table[rank] = item_metrics(spec.task, m.labels["validation"], decide(probs, spec.task),
+                                       spec.n_labels)[PRIMARY]
+        rank = choose_rank(table)
+        model.set_correction(spec.id, _factors(parts, rank))
+        model.heads[spec.id].load_head_state(head)
+        n_params = sum(a.numel() + b.numel() for a, b in model.correction(spec.id).values())
+        return {"rank": rank, "energy_kept": round(total_energy_kept(parts, rank), 6), "parameters": n_params,
+                "validation_macro_f1": {str(r): v for r, v in table.items()}}
 
     def sweep(self, specs: Sequence[ScorerSpec], config: MergeConfig) -> dict:
         """`evaluate` for every candidate of the merge grid (JSON-safe; the product caches it)."""
@@ -281,6 +353,13 @@ class GroupConsolidator:
         return MultiHeadScorer(self._config, m.backbone, {spec.id: m.head}, {spec.id: _schema(spec)}).to(self.device)
 
 
+def _factors(parts: Mapping, rank: int) -> dict | None:
+    """The rank-`rank` LoRA factors of each corrected weight, keyed by its module (None at rank 0)."""
+    if rank == 0:
+        return None
+    return {key.removesuffix(".weight"): part.factors(rank) for key, part in parts.items()}
+
+
 def decide(probs: np.ndarray, task: str) -> np.ndarray:
     """Class indices, or multi-hot labels (probability above 1/2) for multi-label items."""
     return (probs > 0.5).astype(np.int64) if task == "multilabel" else probs.argmax(-1)
@@ -288,10 +367,3 @@ def decide(probs: np.ndarray, task: str) -> np.ndarray:
 
 def _schema(spec: ScorerSpec) -> dict:
     return {"task": spec.task, "labels": list(spec.labels)}
-
-
-def load_scorer_dir_backbone(store: Store, head_modules: Sequence[str]) -> dict[str, torch.Tensor]:
-    from workers.scorer_io import load_backbone_state
-
-    with store.local_dir("") as path:
-        return load_backbone_state(path, head_modules)

@@ -24,7 +24,8 @@ from infra.storage import Store
 from workers.consolidate import GroupConsolidator, MergeConfig
 from workers.multihead import MultiHeadScorer
 from workers.publish_fleet import save_checkpoint
-from workers.scorer_io import checkpoint_hash, load_scorer, split_model
+from workers.extract.run import load_spec_scorer
+from workers.scorer_io import checkpoint_hash, split_model
 
 RECORD = "record.json"
 SWEEP_VERSION = 1  # bump when what a sweep records changes
@@ -34,11 +35,20 @@ def job_key(*parts) -> str:
     return json_key(parts, length=24)
 
 
-def job_inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str]) -> list:
-    """What a result about these members depends on: their checkpoints and responses, and the base."""
-    return [sorted((i, checkpoint_hash(store, manifest.scorer(i).checkpoint),
-                    store.size_and_sha256(manifest.scorer(i).responses)[1]) for i in member_ids),
-            checkpoint_hash(store, manifest.base_model)]
+def job_inputs(store: Store, manifest: FleetManifest, member_ids: Sequence[str],
+               hashes: dict | None = None) -> list:
+    """What a result about these members depends on: their checkpoints and responses, and the base.
+
+    `hashes` (a dict the caller keeps while keying one batch of jobs) remembers each scorer's hashes
+    (and, under None, the base's), so keying many pairs streams each checkpoint once, not once a pair."""
+    hashes = {} if hashes is None else hashes
+    for i in member_ids:
+        if i not in hashes:
+            spec = manifest.scorer(i)
+            hashes[i] = (i, checkpoint_hash(store, spec.checkpoint), store.size_and_sha256(spec.responses)[1])
+    if None not in hashes:
+        hashes[None] = checkpoint_hash(store, manifest.base_model)
+    return [sorted(hashes[i] for i in member_ids), hashes[None]]
 
 
 def group_key(store: Store, member_ids: Sequence[str], config: MergeConfig,
@@ -69,8 +79,10 @@ def sweep_job(store: Store, member_ids: Sequence[str], config: MergeConfig, *,
     """The group merged at every candidate of the config's grid, every member scored (cached)."""
     consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key))
     members = list(member_ids)
+    # The correction joins the key only when on, so the sweeps cached before it existed stay valid.
+    correction = [config.correction()] if config.item_correction else []
     key = job_key("sweep", SWEEP_VERSION, job_inputs(store, consolidator.manifest, members), config.method,
-               dict(config.params or {}), config.candidates(), config.seed)
+                  dict(config.params or {}), config.candidates(), config.seed, *correction)
     return _cached_json(store, f"candidates/sweeps/{key}.json",
                         lambda: consolidator.sweep([consolidator.manifest.scorer(i) for i in members], config))
 
@@ -97,6 +109,7 @@ def consolidate_group_job(store: Store, member_ids: Sequence[str], config: Merge
         save_checkpoint(store, f"{prefix}/checkpoint", model, consolidator.tokenizer,
                         {"group": outcome.accepted, "merge": outcome.candidate["merge"],
                          "params": outcome.candidate["params"], "gate": outcome.decision.to_dict(),
+                         **({"correction": record["correction"]} if record["correction"] else {}),
                          "validation": record["merged_validation"], "test": record["merged_test"]})
         record["checkpoint"] = f"{prefix}/checkpoint"
     store.write_json(f"{prefix}/{RECORD}", record)
@@ -111,8 +124,7 @@ def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY)
     prefix = f"candidates/items/{key}"
     if store.exists(f"{prefix}/{RECORD}"):
         return {**store.read_json(f"{prefix}/{RECORD}"), "reused": True}
-    with store.sub(spec.checkpoint).local_dir("") as path:
-        scorer = load_scorer(path, task=spec.task)
+    scorer = load_spec_scorer(store, spec, "cpu", base_model=manifest.base_model)
     backbone, head = split_model(scorer.model, manifest.head_modules)
     model = MultiHeadScorer(scorer.model.config, backbone, {item: head}, {item: {"task": spec.task, "labels": spec.labels}})
     save_checkpoint(store, f"{prefix}/checkpoint", model, scorer.tokenizer, {"group": [item], "merge": None})

@@ -13,7 +13,7 @@ path = "."  # this directory
 tokenizer = AutoTokenizer.from_pretrained(f"{{path}}/backbone")
 # The pooler is part of each item's head, so the shared encoder has none.
 encoder = AutoModel.from_pretrained(f"{{path}}/backbone", add_pooling_layer=False).eval()
-head = load_file(f"{{path}}/heads/{item}.safetensors")
+{adapter}head = load_file(f"{{path}}/heads/{item}.safetensors")
 
 batch = tokenizer(["an answer to score"], padding=True, truncation=True, return_tensors="pt")
 with torch.no_grad():
@@ -22,6 +22,9 @@ with torch.no_grad():
     logits = pooled @ head["classifier.weight"].T + head["classifier.bias"]
 {activation}
 ```'''
+# The item's correction is a PEFT LoRA adapter (scaling 1) on the shared encoder's linear layers.
+_ADAPTER = ('from peft import PeftModel  # pip install peft\n'
+            'encoder = PeftModel.from_pretrained(encoder, f"{{path}}/{adapter}").eval()\n')
 _ACTIVATION = {"multiclass": "probs = logits.softmax(-1)  # columns: the item's labels, in the order above",
                "multilabel": "probs = logits.sigmoid()  # one probability per label, in the order above"}
 
@@ -31,8 +34,9 @@ def _figure(value: Any) -> str:
 
 
 def model_card(items: Mapping[str, Mapping], meta: Mapping[str, Any], head_keys: Mapping[str, set[str]]) -> str:
-    """Markdown for a checkpoint with these items (schemas), the caller's record (group, merge, params,
-    gate, validation and test figures) and each head's tensor names (which loading snippet applies)."""
+    """Markdown for a checkpoint with these items (schemas, with their `adapter` directory if corrected), the
+    caller's record (group, merge, params, gate, validation and test figures, correction) and each head's
+    tensor names (which loading snippet applies)."""
     merge = meta.get("merge")
     names = ", ".join(f"`{i}`" for i in items)
     lines = ["---", "library_name: transformers", "tags: [fleetmerge, model-merging, text-classification]", "---", "",
@@ -60,14 +64,31 @@ def model_card(items: Mapping[str, Mapping], meta: Mapping[str, Any], head_keys:
                       "|---|---|---|---|---|"]
             lines += [f"| {c['member']} | {c['n']} | {_figure(c['macro_f1_own'])} → {_figure(c['macro_f1_merged'])} "
                       f"| {'yes' if c['passed'] else 'no'} | {c['reason']} |" for c in checks]
-    first = next(iter(items))
+    # The snippets show a corrected item when there is one: its loading has the extra step.
+    first = next((i for i, schema in items.items() if schema.get("adapter")), next(iter(items)))
     lines += ["", "## Load it", "", "With fleetmerge (every item, mixed batches):", "", "```python",
               "from workers.multihead import load_consolidated",
               "model, tokenizer, doc = load_consolidated(\".\")", f"logits = model(tokenizer([\"an answer\"], "
               f"return_tensors=\"pt\"), [\"{first}\"])", "```", ""]
     if {"pooler.dense.weight", "classifier.weight"} <= head_keys.get(first, set()):
-        lines += [f"With plain transformers, for `{first}`:", "",
-                  _BERT_SNIPPET.format(item=first, activation=_ACTIVATION[items[first]["task"]]), ""]
+        adapter = items[first].get("adapter")
+        how = " and peft (the item's correction)" if adapter else ""
+        lines += [f"With plain transformers{how}, for `{first}`:", "",
+                  _BERT_SNIPPET.format(item=first, activation=_ACTIVATION[items[first]["task"]],
+                                       adapter=_ADAPTER.format(adapter=adapter) if adapter else ""), ""]
     lines += ["Files: `backbone/` (a plain Hugging Face encoder: config, safetensors weights, tokenizer), "
-              "`heads/<item>.safetensors`, `consolidated.json` (the items, their label schemas and this record).", ""]
+              "`heads/<item>.safetensors`, `consolidated.json` (the items, their label schemas and this record)."]
+    corrected = {i: s["adapter"] for i, s in items.items() if s.get("adapter")}
+    if corrected:
+        chosen = meta.get("correction") or {}
+        lines += ["", "## Per-item corrections", "",
+                  "Items listed here keep a low-rank residual of their own encoder against the shared one: a PEFT "
+                  "LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`, lora_alpha = r so the scaling "
+                  "is 1) on the encoder's linear layers. Load it on the backbone with "
+                  "`PeftModel.from_pretrained(encoder, \"<adapter dir>\")` before that item's head; fleetmerge "
+                  "applies every row's adapter inside one encoder pass.", "",
+                  "| item | adapter | rank | residual energy kept |", "|---|---|---|---|"]
+        lines += [f"| {i} | `{d}/` | {(chosen.get(i) or {}).get('rank', '–')} "
+                  f"| {_figure((chosen.get(i) or {}).get('energy_kept'))} |" for i, d in corrected.items()]
+    lines.append("")
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 On disk (a directory; `workers.publish_fleet.save_checkpoint` writes it to a store):
     backbone/               a plain Hugging Face encoder directory (config, model.safetensors, tokenizer)
     heads/<item>.safetensors
+    adapters/<item>/        optional: the item's correction, a PEFT LoRA adapter (`workers.correction`);
+                            a checkpoint with any is format /2, so a reader that would ignore it refuses it
     consolidated.json       items and their label schemas, plus whatever the caller records
                             (group, merge method and parameters, source hashes, metrics)
 """
@@ -18,7 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from workers.correction import Factors, RowCorrections, load_adapter, save_adapter
+
 FORMAT = "fleetmerge.consolidated/1"
+FORMAT_CORRECTED = "fleetmerge.consolidated/2"  # /1 plus per-item adapters
+FORMATS = (FORMAT, FORMAT_CORRECTED)
 
 
 class ItemHead(nn.Module):
@@ -107,15 +113,35 @@ class MultiHeadScorer(nn.Module):
             n = len(self.items[item]["labels"])
             if head.n_outputs != n:
                 raise ValueError(f"item {item}: head has {head.n_outputs} outputs but {n} labels")
+        self.corrections: RowCorrections | None = None  # per-item LoRA factors, made on the first `set_correction`
         self.eval()
 
-    def encode(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """First-token hidden state of the last layer: what every head reads."""
-        return self.backbone(**batch).last_hidden_state[:, 0]
+    def set_correction(self, item: str, factors: Factors | None) -> None:
+        """Give `item` a low-rank correction of the shared encoder (None: none); see workers.correction."""
+        if item not in self.heads:
+            raise ValueError(f"no item {item!r} in this checkpoint (items: {', '.join(self.heads)})")
+        if self.corrections is None:
+            if not factors:
+                return
+            self.corrections = RowCorrections(self.backbone)
+        self.corrections.set(item, factors)
+
+    def correction(self, item: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self.corrections.factors(item) if self.corrections is not None else {}
+
+    def encode(self, batch: Mapping[str, torch.Tensor], items: str | Sequence[str] | None = None) -> torch.Tensor:
+        """First-token hidden state of the last layer: what every head reads. `items` (one per row, or one
+        for every row) applies each row's item's correction inside the same pass."""
+        if self.corrections is None or items is None:
+            return self.backbone(**batch).last_hidden_state[:, 0]
+        rows = [items] * len(batch["input_ids"]) if isinstance(items, str) else list(items)
+        with self.corrections.rows(rows):
+            return self.backbone(**batch).last_hidden_state[:, 0]
 
     def forward(self, batch: Mapping[str, torch.Tensor], items: Sequence[str]) -> list[torch.Tensor]:
-        """Logits per row for a mixed batch: one backbone pass, then each row through its item's head."""
-        first = self.encode(batch)
+        """Logits per row for a mixed batch: one backbone pass (each row with its item's correction, if
+        any), then each row through its item's head."""
+        first = self.encode(batch, items)
         out: list[torch.Tensor | None] = [None] * len(items)
         for item in dict.fromkeys(items):
             rows = [i for i, it in enumerate(items) if it == item]
@@ -151,9 +177,15 @@ def save_consolidated(out_dir: str | Path, scorer: MultiHeadScorer, tokenizer: P
         head_keys[item] = set(state)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "heads" / f"{item}.safetensors"),
                   metadata={"item": item, "task": scorer.items[item]["task"]})
-    doc = {"format": FORMAT, **(dict(meta) if meta else {}),
-           "items": {item: {**schema, "head": f"heads/{item}.safetensors"} for item, schema in scorer.items.items()}}
-    (out / "README.md").write_text(model_card(scorer.items, dict(meta or {}), head_keys))
+    items = {item: {**schema, "head": f"heads/{item}.safetensors"} for item, schema in scorer.items.items()}
+    for item in scorer.items:
+        factors = scorer.correction(item)
+        if factors:
+            save_adapter(out / "adapters" / item, factors, item)
+            items[item]["adapter"] = f"adapters/{item}"
+    corrected = any("adapter" in schema for schema in items.values())
+    doc = {"format": FORMAT_CORRECTED if corrected else FORMAT, **(dict(meta) if meta else {}), "items": items}
+    (out / "README.md").write_text(model_card(items, dict(meta or {}), head_keys))
     (out / "consolidated.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
     return out
 
@@ -175,13 +207,18 @@ def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> t
     if not meta_file.is_file():
         raise ValueError(f"{path}: not a consolidated checkpoint (no consolidated.json)")
     doc = json.loads(meta_file.read_text())
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown consolidated format {doc.get('format')!r}")
+    if doc.get("format") not in FORMATS:
+        raise ValueError(f"{path}: unknown consolidated format {doc.get('format')!r} (known: {', '.join(FORMATS)})")
     backbone_dir = path / "backbone"
     config = AutoConfig.from_pretrained(str(backbone_dir), local_files_only=True, trust_remote_code=False)
     backbone_state = load_file(str(backbone_dir / "model.safetensors"))
-    items = {item: {k: v for k, v in schema.items() if k != "head"} for item, schema in doc["items"].items()}
+    items = {item: {k: v for k, v in schema.items() if k not in ("head", "adapter")}
+             for item, schema in doc["items"].items()}
     heads = {item: load_file(str(path / schema["head"])) for item, schema in doc["items"].items()}
-    scorer = MultiHeadScorer(config, backbone_state, heads, items).to(device)
+    scorer = MultiHeadScorer(config, backbone_state, heads, items)
+    for item, schema in doc["items"].items():
+        if "adapter" in schema:
+            scorer.set_correction(item, load_adapter(path / schema["adapter"]))
+    scorer = scorer.to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir), local_files_only=True, trust_remote_code=False)
     return scorer, tokenizer, doc

@@ -35,11 +35,14 @@ def trial_config(config: MergeConfig) -> MergeConfig:
                        batch_size=config.batch_size, max_length=config.max_length)
 
 
-def pair_key(store: Store, pair: Sequence[str], config: MergeConfig, manifest_key: str = MANIFEST_KEY) -> str:
-    manifest = load_manifest(store, manifest_key)
+def pair_key(store: Store, pair: Sequence[str], config: MergeConfig, manifest_key: str = MANIFEST_KEY, *,
+             manifest=None, hashes: dict | None = None) -> str:
+    """The trial merge's cache key; `manifest` and `hashes` (see job_inputs) let a caller key many pairs
+    reading each checkpoint once."""
+    manifest = manifest or load_manifest(store, manifest_key)
     trial = trial_config(config)
-    key = job_key("pair", PAIR_VERSION, job_inputs(store, manifest, sorted(pair)), trial.method, dict(trial.params or {}),
-               trial.seed, AGREEMENT_SPLITS)
+    key = job_key("pair", PAIR_VERSION, job_inputs(store, manifest, sorted(pair), hashes), trial.method,
+                  dict(trial.params or {}), trial.seed, AGREEMENT_SPLITS)
     return f"{PAIRS_PREFIX}/{key}.json"
 
 
@@ -100,7 +103,8 @@ def measure_pairs(store: Store, pairs: Sequence[Sequence[str]], config: MergeCon
     bad = [p for p in wanted if len(p) < 2 or len(set(p)) != len(p)]
     if bad:
         raise ValueError(f"trial merges need two or more different scorers each, got {bad}")
-    keys = {p: pair_key(store, p, config, manifest_key) for p in wanted}
+    manifest, hashes = load_manifest(store, manifest_key), {}
+    keys = {p: pair_key(store, p, config, manifest_key, manifest=manifest, hashes=hashes) for p in wanted}
     records, todo = {}, []
     for p in wanted:
         if store.exists(keys[p]):

@@ -47,10 +47,14 @@ def _require_safetensors(path: Path) -> None:
         raise ScorerLoadError(f"{path}: no {WEIGHTS_FILE}; only safetensors weights are loaded (never pickles)")
 
 
+def has_tokenizer(path: Path) -> bool:
+    """Whether a checkpoint directory ships tokenizer files of its own."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: Path, fallback: Path | None = None) -> PreTrainedTokenizerBase:
     """The scorer's own tokenizer, or the base model's when the scorer directory ships none."""
-    has_own = any((path / f).is_file() for f in TOKENIZER_FILES)
-    source = path if has_own or fallback is None else fallback
+    source = path if has_tokenizer(path) or fallback is None else fallback
     return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
 
 

@@ -22,11 +22,12 @@ from gw.merge._state import classify_key, validate_state_dicts
 from gw.merge.dare import DareParams, merge_dare
 from gw.merge.doge import DogeParams, merge_doge
 from gw.merge.iso import IsoCParams, IsoCtsParams, merge_iso_c, merge_iso_cts
+from gw.merge.regmean import Grams, RegMeanParams, merge_regmean
 from gw.merge.task_arithmetic import TaskArithmeticParams, merge_task_arithmetic
 from gw.merge.ties import TiesParams, merge_ties
 from gw.merge.tsv import TsvMParams, merge_tsv_m
 
-__all__ = ["MergeResult", "available_methods", "classify_key", "method_defaults", "merge"]
+__all__ = ["MergeResult", "available_methods", "classify_key", "method_defaults", "merge", "needs_grams"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class MergeResult:
 class _Method:
     params_type: type
     run: Callable[..., tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]]
+    uses_grams: bool = False  # needs each member's layer-input Gram matrices (RegMean)
 
 
 _METHODS: dict[str, _Method] = {
@@ -58,6 +60,7 @@ _METHODS: dict[str, _Method] = {
     "tsv_m": _Method(TsvMParams, merge_tsv_m),
     "iso_c": _Method(IsoCParams, merge_iso_c),
     "iso_cts": _Method(IsoCtsParams, merge_iso_cts),
+    "regmean": _Method(RegMeanParams, merge_regmean, uses_grams=True),
 }
 _ALIASES = {"ta": "task_arithmetic"}
 
@@ -74,6 +77,11 @@ def _canonical(method: str) -> str:
     return name
 
 
+def needs_grams(method: str) -> bool:
+    """Whether `method` needs each member's layer-input Gram matrices (`merge(..., grams=...)`)."""
+    return _METHODS[_canonical(method)].uses_grams
+
+
 def method_defaults(method: str) -> dict[str, Any]:
     """The keyword parameters a method accepts, with their defaults (None = resolved per merge)."""
     params_type = _METHODS[_canonical(method)].params_type
@@ -86,11 +94,13 @@ def merge(
     finetuned: Sequence[Mapping[str, Tensor]],
     *,
     seed: int = 0,
+    grams: Sequence[Grams] | None = None,
     **params: Any,
 ) -> MergeResult:
     """Merge fine-tuned backbones into one, with task vectors against the pretrained `base`.
 
     method: one of available_methods() (or "ta"); params: that method's keywords (method_defaults()).
+    grams: per model, {weight key: input Gram matrix}, for the methods that need them (`needs_grams`).
     Deterministic given `seed` (only DARE draws random numbers). Raises ValueError on an unknown method
     or parameter, and, naming the key, on key, shape or dtype mismatches between `base` and a model.
     """
@@ -101,5 +111,6 @@ def merge(
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for merge method {name!r}; accepted: {sorted(accepted)}")
     keys = validate_state_dicts(base, finetuned)
-    state_dict, resolved, info = spec.run(base, finetuned, keys, spec.params_type(**params), seed=int(seed))
+    extra = {"grams": grams} if spec.uses_grams else {}
+    state_dict, resolved, info = spec.run(base, finetuned, keys, spec.params_type(**params), seed=int(seed), **extra)
     return MergeResult(state_dict=state_dict, method=name, params=resolved, seed=int(seed), info=info)

@@ -51,17 +51,28 @@ class Store:
         return (open_store, (self.uri, self.settings))
 
     def sub(self, ref: str) -> "Store":
-        """A store rooted at ``ref``: a full URI, an absolute path, or a key (prefix) relative to this one.
+        """A store rooted at the prefix ``ref`` of this one (an empty ref is this store itself).
 
-        An empty ref (or only '/') is this store itself; the new store has the same settings.
+        The one rule for every path a fleet names (docs/architecture.md §3.1): it is inside the store.
+        An absolute path, a URI or a '..' is refused here, so validation, extraction, merging and
+        publish all read the same files; a local store also refuses files that a symlink leads out of
+        its root (see LocalStore).
         """
+        if not isinstance(ref, str):
+            raise StorageError(f"{ref!r} is not a key of the store {self.uri}")
+        if "://" in ref or ref.startswith("/"):
+            raise StorageError(f"{ref} is outside the store {self.uri}: paths in a fleet are keys relative to "
+                               "the store's root (no absolute paths or URIs)")
+        try:
+            prefix = validate_prefix(ref)
+        except StorageError as exc:
+            raise StorageError(f"{ref} is not a key inside the store {self.uri}: {exc}") from None
+        return self._sub_store(prefix) if prefix else self
+
+    def _sub_store(self, prefix: str) -> "Store":
         from .opening import open_store
 
-        if not ref.strip("/"):
-            return self
-        if "://" in ref or ref.startswith("/"):
-            return open_store(ref, self.settings)
-        return open_store(self.uri_for(ref.strip("/")), self.settings)
+        return open_store(self.uri_for(prefix), self.settings)
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -82,6 +93,7 @@ class Store:
         return f"{self._base}/{key}" if key else self._base
 
     def _describe(self, key: str) -> str:
+        """Where `key` is, for an error about reaching it (an S3 store adds its endpoint)."""
         return self.uri_for(key) if key else self.uri
 
     # -- bytes and JSON ------------------------------------------------------------------------
@@ -129,7 +141,7 @@ class Store:
         except FileNotFoundError as exc:
             raise KeyNotFoundError(f"{self.uri_for(key)}: no such key") from exc
         except (OSError, pa.ArrowException) as exc:
-            raise StorageError(f"{self.uri_for(key)}: cannot read as Parquet: {exc}") from exc
+            raise StorageError(f"{self._describe(key)}: cannot read as Parquet: {exc}") from exc
 
     # -- safetensors ---------------------------------------------------------------------------
 
@@ -348,7 +360,7 @@ class Store:
         try:
             return self._fs.get_file_info(self._path(key))
         except OSError as exc:
-            raise StorageError(f"{self.uri_for(key)}: {exc}") from exc
+            raise StorageError(f"{self._describe(key)}: {exc}") from exc
 
     @contextmanager
     def _open_input(self, key: str) -> Iterator[pa.NativeFile]:
@@ -359,9 +371,9 @@ class Store:
         except IsADirectoryError as exc:
             raise KeyNotFoundError(f"{self.uri_for(key)}: is a prefix, not an object") from exc
         except OSError as exc:
-            raise StorageError(f"{self.uri_for(key)}: cannot open: {exc}") from exc
+            raise StorageError(f"{self._describe(key)}: cannot open: {exc}") from exc
         with stream:
             try:
                 yield stream
             except OSError as exc:
-                raise StorageError(f"{self.uri_for(key)}: read failed: {exc}") from exc
+                raise StorageError(f"{self._describe(key)}: read failed: {exc}") from exc

@@ -24,18 +24,38 @@ _TEMP_MARKER = ".fmtmp-"  # local temp files carry this; listings hide them
 class LocalStore(Store):
     """A store rooted at a local directory (created on first write)."""
 
-    def __init__(self, root: Path, settings: Settings) -> None:
+    def __init__(self, root: Path, settings: Settings, jail: str | None = None) -> None:
         self.root = root
+        # Nothing outside this directory is read or written, also through a symlink: the root of the
+        # store that was opened (a sub-store keeps its parent's), resolved.
+        self._jail = jail or os.path.realpath(root)
         super().__init__(str(root), pafs.LocalFileSystem(), root.as_posix(), settings)
 
+    def __reduce__(self):
+        return (LocalStore, (self.root, self.settings, self._jail))
+
+    def _sub_store(self, prefix: str) -> "LocalStore":
+        return LocalStore(self.root.joinpath(*prefix.split("/")), self.settings, self._jail)
+
     def uri_for(self, key: str) -> str:
-        return str(self._file(key))
+        return str(self.root.joinpath(*validate_key(key).split("/")))
 
     def local_path(self, key: str) -> Path | None:
         return self._file(key)
 
     def _file(self, key: str) -> Path:
-        return self.root.joinpath(*validate_key(key).split("/"))
+        return Path(self._inside(str(self.root.joinpath(*validate_key(key).split("/")))))
+
+    def _path(self, key: str) -> str:
+        return self._inside(super()._path(key))
+
+    def _inside(self, path: str) -> str:
+        """`path` itself, once it is known not to resolve (through symlinks) outside the store."""
+        real = os.path.realpath(path)
+        if real != self._jail and not real.startswith(self._jail + os.sep):
+            raise StorageError(f"{path} resolves to {real}, outside the store {self._jail} (a symlink out of "
+                               "the store; everything a fleet names must be inside it)")
+        return path
 
     def _is_visible(self, name: str) -> bool:
         return not (name.startswith(".") and _TEMP_MARKER in name)
@@ -91,7 +111,7 @@ class LocalStore(Store):
         key = validate_prefix(key_or_prefix)
         if not key:
             raise StorageError(f"delete: refusing to delete the whole store {self.uri} (empty prefix)")
-        path = self._file(key)
+        path = self.root.joinpath(*key.split("/"))  # a symlink is removed itself, never followed
         try:
             if path.is_symlink() or path.is_file():
                 path.unlink(missing_ok=True)
@@ -105,9 +125,13 @@ class LocalStore(Store):
     @contextmanager
     def local_dir(self, prefix: str) -> Iterator[Path]:
         prefix = validate_prefix(prefix)
-        path = self.root.joinpath(*prefix.split("/")) if prefix else self.root
+        path = Path(self._path(prefix))
         if not path.is_dir():
             raise KeyNotFoundError(f"local_dir: {path} is not a directory")
+        # Libraries read this directory directly: no file in it may lead out of the store either.
+        for dirpath, _, filenames in os.walk(path):
+            for name in filenames:
+                self._inside(os.path.join(dirpath, name))
         yield path
 
     def _upload_file(self, path: Path, key: str) -> None:

@@ -23,6 +23,8 @@ __all__ = ["S3Store"]
 
 _S3_IO_THREADS = 8  # S3 is latency-bound: overlap requests when moving many objects
 _DELETE_BATCH = 1000  # S3 DeleteObjects limit
+BOTO_CONNECT_TIMEOUT_S = 5.0
+BOTO_READ_TIMEOUT_S = 20.0
 
 T = TypeVar("T")
 
@@ -62,7 +64,10 @@ def _s3_client(
     import boto3
     from botocore.config import Config
 
-    config_kwargs: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 5}}
+    # botocore waits 60 s per read by default, 5 times: a stalled endpoint would hold a run for minutes.
+    # Its requests here are small (a manifest, a listing, a delete batch).
+    config_kwargs: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 3},
+                                     "connect_timeout": BOTO_CONNECT_TIMEOUT_S, "read_timeout": BOTO_READ_TIMEOUT_S}
     if endpoint:
         # S3-compatible stores: path-style addressing, and checksums only where S3 requires them
         # (botocore >= 1.36 adds CRC checksums many non-AWS stores reject).
@@ -111,6 +116,10 @@ class S3Store(Store):
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._object_key(validate_key(key))}"
 
+    def _describe(self, key: str) -> str:
+        # A stalled or unreachable store is named by its endpoint, which the URI does not show.
+        return f"{super()._describe(key)} (S3 endpoint {self.settings.s3_endpoint or 'AWS default'})"
+
     def _write(self, key: str, fill: Callable[[IO[bytes]], Any]) -> None:
         # Serialise fully before opening the upload: a failure in `fill` then leaves no object,
         # and the upload itself (PUT, or multipart completed on close) is atomic.
@@ -120,13 +129,13 @@ class S3Store(Store):
             with self._fs.open_output_stream(self._path(key)) as out:
                 out.write(buffer.getbuffer())
         except OSError as exc:
-            raise StorageError(f"{self.uri_for(key)}: write failed: {exc}") from exc
+            raise StorageError(f"{self._describe(key)}: write failed: {exc}") from exc
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
         _check_bytes("put_if_absent", key, data)
-        uri = self.uri_for(key)
+        uri = self._describe(key)
         for attempt in range(self._CONFLICT_RETRIES):
             try:
                 self._client.put_object(
@@ -176,9 +185,9 @@ class S3Store(Store):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
                 return
-            raise StorageError(f"delete({self.uri_for(key)}): {exc}") from exc
+            raise StorageError(f"delete({self._describe(key)}): {exc}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"delete({self.uri_for(key)}): {exc}") from exc
+            raise StorageError(f"delete({self._describe(key)}): {exc}") from exc
 
     def _delete_batch(self, batch: list[dict[str, str]]) -> None:
         response = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
@@ -204,7 +213,7 @@ class S3Store(Store):
                 destination_filesystem=self._fs,
             )
         except OSError as exc:
-            raise StorageError(f"upload {path} -> {self.uri_for(key)} failed: {exc}") from exc
+            raise StorageError(f"upload {path} -> {self._describe(key)} failed: {exc}") from exc
 
     def _download_file(self, key: str, dest: Path) -> None:
         try:
@@ -217,7 +226,7 @@ class S3Store(Store):
         except FileNotFoundError as exc:
             raise KeyNotFoundError(f"{self.uri_for(key)}: no such key") from exc
         except OSError as exc:
-            raise StorageError(f"download {self.uri_for(key)} -> {dest} failed: {exc}") from exc
+            raise StorageError(f"download {self._describe(key)} -> {dest} failed: {exc}") from exc
 
     def _for_each(self, fn: Callable[[T], Any], items: Iterable[T]) -> None:
         items = list(items)

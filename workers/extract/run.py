@@ -7,7 +7,7 @@ from pathlib import Path
 
 from infra.manifest import ScorerSpec
 from infra.storage import Store
-from workers.scorer_io import Scorer, ScorerLoadError, default_device, load_scorer
+from workers.scorer_io import Scorer, ScorerLoadError, default_device, has_tokenizer, load_scorer
 
 from .config import ExtractConfig, FeatureRef
 from .encoder import check_spread, extract_features, model_device, precision_name
@@ -25,7 +25,7 @@ def load_spec_scorer(store: Store, spec: ScorerSpec, device: str, *, base_model:
         with ExitStack() as stack:
             path = stack.enter_context(store.sub(spec.checkpoint).local_dir(""))
             fallback: Path | None = None
-            if base_model is not None:
+            if base_model is not None and not has_tokenizer(path):  # on S3 the base is fetched only if needed
                 fallback = stack.enter_context(store.sub(base_model).local_dir(""))
             return load_scorer(path, task=spec.task, device=device, tokenizer_fallback=fallback)
     except Exception as exc:  # e.g. safetensors' own error on a corrupt file, which is not a ValueError

@@ -73,18 +73,11 @@ def select_responses(table: pa.Table, task: str, config: ExtractConfig, *, sourc
     return table.take(pa.array(rows, pa.int64()))
 
 
-def _read_responses(store: Store, ref: str) -> pa.Table:
-    if "://" in ref or ref.startswith("/"):
-        parent, _, name = ref.rstrip("/").rpartition("/")
-        return store.sub(parent or "/").read_table(name)
-    return store.read_table(ref)
-
-
 def plan_extraction(store: Store, spec: ScorerSpec, config: ExtractConfig = ExtractConfig(), *,
                     prefix: str = FEATURES_PREFIX) -> ExtractionPlan:
     """Choose the responses, hash the checkpoint and the data, and name the feature file (no model run)."""
     try:
-        table = _read_responses(store, spec.responses)
+        table = store.read_table(spec.responses)
     except StorageError as exc:
         raise ValueError(f"scorer {spec.id}: cannot read responses {spec.responses}: {exc}") from None
     chosen = select_responses(table, spec.task, config, source=f"scorer {spec.id}: {spec.responses}")
