@@ -120,7 +120,6 @@ def _interrupt(*_) -> None:
 
 
 def cmd_serve(args) -> int:
-    import signal
     import time
 
     import ray
@@ -136,8 +135,6 @@ def cmd_serve(args) -> int:
     elif latest_run(store) is None:
         raise ValueError(f"{args.published}: nothing published yet (run `fleetmerge consolidate` first)")
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
-    # A service manager stops it with SIGTERM: shut Serve and Ray down then too, as on Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
     info = ensure_ray(args.ray_address)
     try:
         url = start(args.published, host=args.host, port=args.port, run_id=args.run,
@@ -359,6 +356,17 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_transformers()
     args = build_parser().parse_args(argv)
+    # As a command of its own (not called from Python with arguments, as the tests do), the process is
+    # the command's: it may take over SIGTERM and leave a reaper behind.
+    if argv is None and args.func in _STARTS_PROCESSES:
+        import signal
+
+        from infra.reaper import start_reaper
+
+        # SIGTERM (a service manager, `kill`) stops Ray and Prefect on the way out as Ctrl-C does; the
+        # reaper stops them when nothing can (SIGKILL, the OOM killer).
+        signal.signal(signal.SIGTERM, _interrupt)
+        start_reaper()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -366,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"fleetmerge: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+# The commands that may start a local Ray or an ephemeral Prefect server, which they must stop.
+_STARTS_PROCESSES = {cmd_demo, cmd_serve, cmd_consolidate, cmd_schedule, cmd_distances, cmd_plan}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

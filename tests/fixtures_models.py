@@ -35,3 +35,13 @@ def tiny_fleet_dir(tmp_path_factory, tiny_base, tiny_district):
                 config=tiny_finetune_config(), device="cpu",
                 progress=False, log=lambda _: None)
     return out
+
+
+@pytest.fixture
+def fleet(tmp_path, tiny_fleet_dir):
+    """A private copy of the tiny fleet that a test may break (modules with their own `fleet` override it)."""
+    import shutil
+
+    root = tmp_path / "fleet"
+    shutil.copytree(tiny_fleet_dir, root)
+    return root

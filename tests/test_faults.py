@@ -24,13 +24,6 @@ pytestmark = pytest.mark.faults
 VICTIM = "circuits-2"
 
 
-@pytest.fixture
-def fleet(tmp_path, tiny_fleet_dir):
-    root = tmp_path / "fleet"
-    shutil.copytree(tiny_fleet_dir, root)
-    return root
-
-
 def _validate(root):
     store = open_store(str(root))
     return validate_fleet(store, load_manifest(store))

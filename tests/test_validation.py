@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,14 +15,6 @@ from infra.storage import open_store
 from infra.validation import FleetValidationError, validate_fleet
 
 VICTIM = "circuits-2"
-
-
-@pytest.fixture
-def fleet(tmp_path, tiny_fleet_dir):
-    """A private copy of the tiny fleet that a test may break."""
-    root = tmp_path / "fleet"
-    shutil.copytree(tiny_fleet_dir, root)
-    return root
 
 
 def _edit_manifest(root, edit):
