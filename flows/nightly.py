@@ -200,12 +200,12 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
 def group_keys_task(store_uri: str, settings: dict | None, manifest_key: str, groups: list[list[str]],
                     cfg: ConsolidateConfig) -> list[dict]:
     """Each planned group's cache key, and whether its record is already stored."""
-    from workers.group_jobs import RECORD, group_key
+    from workers.group_jobs import RECORD, group_key, group_prefix
 
     store = _store(store_uri, settings)
     config = cfg.merge_config()
     keys = [group_key(store, members, config, manifest_key) for members in groups]
-    return [{"key": key, "cached": store.exists(f"candidates/groups/{key}/{RECORD}")} for key in keys]
+    return [{"key": key, "cached": store.exists(f"{group_prefix(key)}/{RECORD}")} for key in keys]
 
 
 @task(name="merge-group", task_run_name=_merge_run_name, tags=[MERGE_TAG], retries=1, retry_delay_seconds=10,
@@ -215,13 +215,12 @@ def merge_group_task(store_uri: str, settings: dict | None, manifest_key: str, m
     import ray
 
     from infra.ray_conn import ensure_ray
-    from workers.group_jobs import RECORD, consolidate_group_job
+    from workers.group_jobs import cached_record, consolidate_group_job, group_prefix
 
     store = _store(store_uri, settings)
     config = cfg.merge_config()
-    if store.exists(f"candidates/groups/{key}/{RECORD}"):  # cached: no Ray task, no model load
-        record = consolidate_group_job(store, members, config, manifest_key=manifest_key, key=key)
-    else:
+    record = cached_record(store, group_prefix(key))  # cached and whole: no Ray task, no model load
+    if record is None:
         ensure_ray(cfg.ray_address)  # the flow has connected: this finds that connection
         remote = ray.remote(num_cpus=0.5, max_retries=2)(consolidate_group_job)
         record = ray.get(remote.remote(store, members, config, manifest_key=manifest_key, key=key),

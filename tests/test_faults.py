@@ -308,6 +308,57 @@ def test_errors_from_ray_tasks_and_botocore_are_one_line(capsys, monkeypatch):
         assert expected in _one_line_error(capsys)
 
 
+# -- 6. a truncated or changed cache entry -----------------------------------------------------------------
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else data[:-1] + bytes([data[-1] ^ 1]))
+
+
+@pytest.mark.parametrize("how", ["truncated", "one byte changed"])
+def test_a_damaged_candidate_checkpoint_is_detected_by_its_hash_and_recomputed(fleet, how):
+    from workers.group_jobs import individual_job
+
+    store = open_store(str(fleet))
+    first = individual_job(store, VICTIM)
+    weights = fleet / first["checkpoint"] / "backbone" / "model.safetensors"
+    whole = weights.read_bytes()
+    assert individual_job(store, VICTIM)["reused"] is True
+    _damage(weights, how)
+    with pytest.warns(UserWarning, match="no longer matches its recorded sha256"):
+        again = individual_job(store, VICTIM)
+    assert again["reused"] is False and again["checkpoint"] == first["checkpoint"]
+    assert weights.read_bytes() == whole  # the same checkpoint, written whole again
+    assert individual_job(store, VICTIM)["reused"] is True
+
+
+def test_a_truncated_json_cache_entry_is_recomputed(fleet):
+    from workers.group_jobs import own_job
+
+    store = open_store(str(fleet))
+    first = own_job(store, VICTIM)
+    (entry,) = (fleet / "candidates" / "own").iterdir()
+    _damage(entry, "truncated")
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        assert own_job(store, VICTIM) == first
+    assert json.loads(entry.read_text()) == first
+
+
+def test_a_truncated_features_file_is_recomputed(fleet):
+    from workers.extract import ExtractConfig, read_features
+    from workers.extract.run import extract_for_spec
+
+    store = open_store(str(fleet))
+    spec = load_manifest(store).scorer(VICTIM)
+    config = ExtractConfig(max_responses=20)
+    ref = extract_for_spec(store, spec, config, "cpu")
+    _, vectors = read_features(store, ref)
+    _damage(fleet / ref.key, "truncated")
+    assert extract_for_spec(store, spec, config, "cpu") == ref
+    assert (read_features(store, ref)[1] == vectors).all()
+
+
 # -- flows: one item's bad rows, and many merges with everything upstream cached ---------------------------
 
 FAST = {"grid": [], "max_responses": 24, "delta": 1.0}  # a lenient gate: merged groups are published

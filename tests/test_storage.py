@@ -65,6 +65,23 @@ def test_json_round_trip(any_store: Store) -> None:
         any_store.read_json("meta/broken.json")
 
 
+def test_a_corrupt_cache_entry_reads_as_absent_and_says_so(any_store: Store) -> None:
+    import torch
+
+    any_store.write_json("cache/good.json", {"a": 1})
+    any_store.write_bytes("cache/cut.json", b'{"a": 1, "b"')
+    any_store.write_safetensors("cache/t.safetensors", {"x": torch.arange(1000, dtype=torch.float32)})
+    whole = any_store.read_bytes("cache/t.safetensors")
+    any_store.write_bytes("cache/cut.safetensors", whole[: len(whole) // 2])
+    assert any_store.read_cached("cache/good.json") == {"a": 1}
+    assert any_store.read_cached("cache/none.json") is None
+    with pytest.warns(UserWarning, match=r"cut\.json: not valid JSON.*recomputing it"):
+        assert any_store.read_cached("cache/cut.json") is None
+    with pytest.warns(UserWarning, match=r"cut\.safetensors: not a valid safetensors file"):
+        assert any_store.read_cached("cache/cut.safetensors", any_store.read_safetensors) is None
+    assert any_store.read_cached("cache/t.safetensors", any_store.read_safetensors)["x"][-1] == 999
+
+
 def test_table_round_trip_with_vectors_and_column_selection(any_store: Store) -> None:
     vectors = pa.FixedSizeListArray.from_arrays(pa.array([0.5 * i for i in range(12)], pa.float32()), 4)
     table = pa.table({"response_id": ["r1", "r2", "r3"], "label": [0, 2, 1], "vector": vectors})

@@ -63,8 +63,8 @@ def grams_key(store: Store, spec: ScorerSpec, max_length: int) -> str:
 def cached_grams(store: Store, spec: ScorerSpec, compute, *, max_length: int) -> dict[str, torch.Tensor]:
     """The member's Grams from the store, or `compute()`d and written there."""
     key = grams_key(store, spec, max_length)
-    if store.exists(key):
-        return store.read_safetensors(key)
+    if (grams := store.read_cached(key, store.read_safetensors)) is not None:
+        return grams
     grams = compute()
     store.write_safetensors(key, grams, metadata={"scorer": spec.id, "version": str(GRAMS_VERSION)})
     return grams

@@ -16,6 +16,7 @@ tasks (the flow's merge step).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from gw.keys import json_key
@@ -23,11 +24,12 @@ from infra.manifest import MANIFEST_KEY, FleetManifest, load_manifest
 from infra.storage import Store
 from workers.consolidate import GroupConsolidator, MergeConfig
 from workers.multihead import MultiHeadScorer
-from workers.publish_fleet import save_checkpoint
+from workers.publish_fleet import checkpoint_digests, save_checkpoint
 from workers.extract.run import load_spec_scorer
 from workers.scorer_io import checkpoint_hash, split_model
 
 RECORD = "record.json"
+DIGESTS = "files"  # the record's sha256 of each checkpoint file, checked before the record is reused
 SWEEP_VERSION = 1  # bump when what a sweep records changes
 
 
@@ -58,11 +60,36 @@ def group_key(store: Store, member_ids: Sequence[str], config: MergeConfig,
 
 
 def _cached_json(store: Store, key: str, compute) -> dict:
-    if store.exists(key):
-        return store.read_json(key)
+    if (result := store.read_cached(key)) is not None:
+        return result
     result = compute()
     store.write_json(key, result)
     return result
+
+
+def group_prefix(key: str) -> str:
+    return f"candidates/groups/{key}"
+
+
+def cached_record(store: Store, prefix: str) -> dict | None:
+    """A saving job's cached record, as it returns it, when the record and its checkpoint are whole; None
+    (redo the job) when either is missing, truncated or changed since it was written."""
+    record = store.read_cached(f"{prefix}/{RECORD}")
+    if record is None:
+        return None
+    digests = record.pop(DIGESTS, None)
+    if record.get("checkpoint") and digests is not None and checkpoint_digests(store, record["checkpoint"]) != digests:
+        warnings.warn(f"{store.uri_for(record['checkpoint'])}: a file no longer matches its recorded sha256; "
+                      "redoing the job", stacklevel=2)
+        return None
+    return {**record, "reused": True}
+
+
+def _save_record(store: Store, prefix: str, record: dict) -> dict:
+    """Write a saving job's record last, with its checkpoint's digests; the record as the job returns it."""
+    digests = checkpoint_digests(store, record["checkpoint"]) if record.get("checkpoint") else None
+    store.write_json(f"{prefix}/{RECORD}", {**record, DIGESTS: digests})
+    return {**record, "reused": False}
 
 
 def own_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY,
@@ -92,9 +119,9 @@ def consolidate_group_job(store: Store, member_ids: Sequence[str], config: Merge
                           key: str | None = None, consolidator: GroupConsolidator | None = None) -> dict:
     """Tune and gate one planned group; save the accepted checkpoint; return the (cached) record."""
     key = key or group_key(store, member_ids, config, manifest_key)
-    prefix = f"candidates/groups/{key}"
-    if store.exists(f"{prefix}/{RECORD}"):
-        return {**store.read_json(f"{prefix}/{RECORD}"), "reused": True}
+    prefix = group_prefix(key)
+    if (record := cached_record(store, prefix)) is not None:
+        return record
     consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key), device=device)
     specs = [consolidator.manifest.scorer(i) for i in member_ids]
     own = {i: own_job(store, i, consolidator=consolidator) for i in member_ids}
@@ -112,8 +139,7 @@ def consolidate_group_job(store: Store, member_ids: Sequence[str], config: Merge
                          **({"correction": record["correction"]} if record["correction"] else {}),
                          "validation": record["merged_validation"], "test": record["merged_test"]})
         record["checkpoint"] = f"{prefix}/checkpoint"
-    store.write_json(f"{prefix}/{RECORD}", record)
-    return {**record, "reused": False}
+    return _save_record(store, prefix, record)
 
 
 def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY) -> dict:
@@ -122,12 +148,10 @@ def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY)
     spec = manifest.scorer(item)
     key = job_key("item", item, checkpoint_hash(store, spec.checkpoint), spec.labels, spec.task)
     prefix = f"candidates/items/{key}"
-    if store.exists(f"{prefix}/{RECORD}"):
-        return {**store.read_json(f"{prefix}/{RECORD}"), "reused": True}
+    if (record := cached_record(store, prefix)) is not None:
+        return record
     scorer = load_spec_scorer(store, spec, "cpu", base_model=manifest.base_model)
     backbone, head = split_model(scorer.model, manifest.head_modules)
     model = MultiHeadScorer(scorer.model.config, backbone, {item: head}, {item: {"task": spec.task, "labels": spec.labels}})
     save_checkpoint(store, f"{prefix}/checkpoint", model, scorer.tokenizer, {"group": [item], "merge": None})
-    record = {"item": item, "key": key, "checkpoint": f"{prefix}/checkpoint"}
-    store.write_json(f"{prefix}/{RECORD}", record)
-    return {**record, "reused": False}
+    return _save_record(store, prefix, {"item": item, "key": key, "checkpoint": f"{prefix}/checkpoint"})

@@ -107,8 +107,8 @@ def measure_pairs(store: Store, pairs: Sequence[Sequence[str]], config: MergeCon
     keys = {p: pair_key(store, p, config, manifest_key, manifest=manifest, hashes=hashes) for p in wanted}
     records, todo = {}, []
     for p in wanted:
-        if store.exists(keys[p]):
-            records[p] = store.read_json(keys[p])
+        if (record := store.read_cached(keys[p])) is not None:
+            records[p] = record
         else:
             todo.append(p)
     reused = len(records)

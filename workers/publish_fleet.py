@@ -34,6 +34,11 @@ def save_checkpoint(store: Store, prefix: str, model: MultiHeadScorer, tokenizer
     return prefix
 
 
+def checkpoint_digests(store: Store, prefix: str) -> dict[str, str]:
+    """The sha256 of each file of a saved checkpoint, by its key below `prefix` (what a reuse checks)."""
+    return {key[len(prefix) + 1:]: store.size_and_sha256(key)[1] for key in store.list(prefix)}
+
+
 def weights_bytes_before(store: Store, manifest: FleetManifest, items: Sequence[str]) -> int:
     """Bytes of the scorer checkpoints the fleet serves today (one full encoder per item)."""
     return sum(store.size(f"{manifest.scorer(i).checkpoint.rstrip('/')}/model.safetensors") for i in items)

@@ -134,8 +134,8 @@ def load_profiles(store: Store, refs: Sequence[FeatureRef], needed: Sequence[int
     profiles, missing = {}, []
     for i in needed:
         key = profile_cache_key(refs[i])
-        if store.exists(key):
-            profiles[i] = _as_profile(store.read_json(key))
+        if (profile := store.read_cached(key)) is not None:
+            profiles[i] = _as_profile(profile)
         else:
             missing.append(i)
     if missing:
@@ -191,8 +191,8 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
     todo, keys = [], {}
     for i, j in itertools.combinations(range(len(ids)), 2):
         keys[(i, j)] = cached = pair_cache_key(solver, options, refs[i], refs[j])
-        if store.exists(cached):
-            records[(i, j)] = store.read_json(cached)
+        if (record := store.read_cached(cached)) is not None:
+            records[(i, j)] = record
         else:
             todo.append((i, j))
     reused, total = len(records), len(records) + len(todo)

@@ -60,7 +60,7 @@ def sketch_fleet(store: Store, ids: Sequence[str], *, dim: int = DEFAULT_SKETCH_
 
     manifest = load_manifest(store, manifest_key)
     keys = {i: sketch_key(store, manifest.scorer(i).checkpoint, manifest.base_model, dim) for i in ids}
-    todo = [i for i in ids if not store.exists(keys[i])]
+    todo = [i for i in ids if store.read_cached(keys[i], store.read_safetensors) is None]
     if todo:
         jobs_runner, window = runner(sketch_chunk, (store, manifest_key), use_ray, None,
                                      time.monotonic() + timeout_s, timeout_s, label="task-vector sketches")

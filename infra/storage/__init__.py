@@ -16,12 +16,13 @@ API), :mod:`.local` (:class:`LocalStore`), :mod:`.s3` (:class:`S3Store`), :mod:`
 from __future__ import annotations
 
 from .base import Store
-from .keys import KeyNotFoundError, StorageError, validate_key, validate_prefix
+from .keys import CorruptObjectError, KeyNotFoundError, StorageError, validate_key, validate_prefix
 from .local import LocalStore
 from .opening import open_store
 from .s3 import S3Store
 
 __all__ = [
+    "CorruptObjectError",
     "KeyNotFoundError",
     "LocalStore",
     "S3Store",

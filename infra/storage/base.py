@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 
 from infra.settings import Settings
 
-from .keys import KeyNotFoundError, StorageError, _check_bytes, _key_problem, _relative, validate_key, validate_prefix
+from .keys import CorruptObjectError, KeyNotFoundError, StorageError, _check_bytes, _key_problem, _relative, validate_key, validate_prefix
 
 __all__ = ["PARQUET_COMPRESSION", "Store"]
 
@@ -122,7 +123,18 @@ class Store:
         try:
             return json.loads(data)
         except ValueError as exc:
-            raise StorageError(f"{self.uri_for(key)}: not valid JSON: {exc}") from exc
+            raise CorruptObjectError(f"{self.uri_for(key)}: not valid JSON: {exc}") from exc
+
+    def read_cached(self, key: str, read: Callable[[str], T] | None = None) -> T | None:
+        """A cache entry read with `read` (default :meth:`read_json`), or None when it is absent or
+        corrupt: a truncated or damaged entry is recomputed, not trusted (an unreachable store raises)."""
+        try:
+            return (read or self.read_json)(key)
+        except KeyNotFoundError:
+            return None
+        except CorruptObjectError as exc:
+            warnings.warn(f"{exc}; recomputing it", stacklevel=2)
+            return None
 
     # -- tables --------------------------------------------------------------------------------
 
@@ -181,7 +193,7 @@ class Store:
         except StorageError:
             raise
         except Exception as exc:
-            raise StorageError(f"{self.uri_for(key)}: not a valid safetensors file: {exc}") from exc
+            raise CorruptObjectError(f"{self.uri_for(key)}: not a valid safetensors file: {exc}") from exc
 
     def read_safetensors_metadata(self, key: str) -> dict[str, str]:
         """The ``__metadata__`` string map of a safetensors file (empty if it has none).
@@ -197,7 +209,7 @@ class Store:
                 if not isinstance(header, dict):
                     raise ValueError("header is not a JSON object")
             except ValueError as exc:
-                raise StorageError(f"{self.uri_for(key)}: not a valid safetensors header: {exc}") from exc
+                raise CorruptObjectError(f"{self.uri_for(key)}: not a valid safetensors header: {exc}") from exc
         return dict(header.get("__metadata__") or {})
 
     # -- inspection ----------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["KeyNotFoundError", "StorageError", "validate_key", "validate_prefix"]
+__all__ = ["CorruptObjectError", "KeyNotFoundError", "StorageError", "validate_key", "validate_prefix"]
 
 
 class StorageError(Exception):
@@ -12,6 +12,10 @@ class StorageError(Exception):
 
 class KeyNotFoundError(StorageError, FileNotFoundError):
     """The key does not exist (also a ``FileNotFoundError``)."""
+
+
+class CorruptObjectError(StorageError):
+    """The object exists but is not what it claims to be (truncated, not JSON, not safetensors)."""
 
 
 # ---------------------------------------------------------------------------------------------
