@@ -308,7 +308,148 @@ def test_errors_from_ray_tasks_and_botocore_are_one_line(capsys, monkeypatch):
         assert expected in _one_line_error(capsys)
 
 
-# -- 6. a truncated or changed cache entry -----------------------------------------------------------------
+# -- 6. S3 answering 500s, then recovering ------------------------------------------------------------------
+
+
+class FlakyS3:
+    """An HTTP proxy in front of moto that answers 500 InternalError to the requests `fails(n)` picks (n
+    counts requests from 1), and forwards the others unchanged."""
+
+    ERROR = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+             b"<Message>We encountered an internal error. Please try again.</Message></Error>")
+
+    def __init__(self, upstream: str):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        proxy = self
+        self.requests, self.failed, self.fails = 0, 0, lambda n: False
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    raw = b""
+                    while True:
+                        line = self.rfile.readline()
+                        raw += line
+                        size = int(line.split(b";")[0].strip(), 16)
+                        raw += self.rfile.read(size + 2)
+                        if size == 0:
+                            return raw
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                with proxy._lock:
+                    proxy.requests += 1
+                    fail = proxy.fails(proxy.requests)
+                    proxy.failed += fail
+                if fail:
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.ERROR)))
+                    self.end_headers()
+                    self.wfile.write(proxy.ERROR if self.command != "HEAD" else b"")
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for name, value in self.headers.items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                if body:
+                    conn.send(body)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                head = self.command == "HEAD"  # its Content-Length is the object's size: pass it on
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "server", "date",
+                                            *(() if head else ("content-length",))):
+                        self.send_header(name, value)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky_s3(s3_settings, monkeypatch):
+    import infra.storage.s3 as s3
+
+    monkeypatch.setattr(s3, "_RETRY_WAITS_S", (0.01, 0.01, 0.01))  # the retries, without their waits
+    proxy = FlakyS3(s3_settings.s3_endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def test_s3_answering_500s_then_recovering_loses_nothing(flaky_s3, s3_settings, tmp_path):
+    """Every fourth request fails with a 500 (both SDKs retry it): writes, reads, listings, the conditional
+    create and a whole publish complete, and the published run verifies."""
+    from dataclasses import replace
+
+    from fixtures_s3 import make_s3_bucket
+    from infra.publish import read_manifest, verify_run
+    from infra.storage.s3 import _s3_client, _s3_filesystem
+
+    bucket = make_s3_bucket(s3_settings)
+    settings = replace(s3_settings, s3_endpoint=flaky_s3.endpoint)
+    _s3_client.cache_clear(), _s3_filesystem.cache_clear()
+    store = open_store(f"s3://{bucket}/fleet", settings)
+    flaky_s3.fails = lambda n: n % 4 == 0
+    store.write_json("a/b.json", {"x": 1})
+    store.write_bytes("a/c.bin", os.urandom(1 << 16))
+    assert store.read_json("a/b.json") == {"x": 1} and store.size("a/c.bin") == 1 << 16
+    assert store.list("a") == ["a/b.json", "a/c.bin"]
+    assert store.put_if_absent("a/once", b"1") is True and store.put_if_absent("a/once", b"2") is False
+    from infra.publish import publish_run
+
+    publish_run(store, "run-1", lambda prefix: store.write_bytes(f"{prefix}/w.bin", b"weights"))
+    assert read_manifest(store, "run-1")["files"]["w.bin"]["size"] == 7
+    assert verify_run(store, "run-1") == []
+    assert flaky_s3.failed >= 5, flaky_s3.failed  # the failures did happen
+
+
+def test_s3_that_keeps_failing_ends_in_one_line_naming_the_endpoint(flaky_s3, s3_settings):
+    from dataclasses import replace
+
+    from fixtures_s3 import make_s3_bucket
+    from infra.storage.s3 import _s3_client, _s3_filesystem
+
+    bucket = make_s3_bucket(s3_settings)
+    _s3_client.cache_clear(), _s3_filesystem.cache_clear()
+    store = open_store(f"s3://{bucket}/fleet", replace(s3_settings, s3_endpoint=flaky_s3.endpoint))
+    flaky_s3.fails = lambda n: True
+    with pytest.raises(StorageError) as error:
+        store.write_json("a/b.json", {"x": 1})
+    assert f"S3 endpoint {flaky_s3.endpoint}" in str(error.value) and "a/b.json" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+# -- 7. a truncated or changed cache entry -----------------------------------------------------------------
 
 
 def _damage(path, how):

@@ -28,6 +28,30 @@ BOTO_READ_TIMEOUT_S = 20.0
 
 T = TypeVar("T")
 
+# Server-side errors worth another try. The SDKs retry each request themselves, but a 500 answered to a
+# streamed GetObject ends the read ("Failed to flush response stream"): the whole operation is retried.
+_TRANSIENT_CODES = ("INTERNAL_FAILURE", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "THROTTLING")
+_RETRY_WAITS_S = (0.25, 1.0, 2.0)
+
+
+def _transient(exc: StorageError) -> bool:
+    text = str(exc.__cause__ or exc)
+    return any(f"AWS Error {code}" in text for code in _TRANSIENT_CODES)
+
+
+def _retried(method: Callable[..., T]) -> Callable[..., T]:
+    """`method` (a whole, idempotent read or write) again after a transient server error, 3 times at most."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        for wait in (*_RETRY_WAITS_S, None):
+            try:
+                return method(self, *args, **kwargs)
+            except StorageError as exc:
+                if wait is None or isinstance(exc, KeyNotFoundError) or not _transient(exc):
+                    raise
+                time.sleep(wait)
+    return call
+
 
 @functools.lru_cache(maxsize=16)
 def _s3_filesystem(
@@ -105,6 +129,11 @@ class S3Store(Store):
         base = f"{bucket}/{prefix}" if prefix else bucket
         super().__init__(uri, _s3_filesystem(*self._connection), base, settings)
 
+    read_bytes = _retried(Store.read_bytes)
+    read_table = _retried(Store.read_table)
+    read_safetensors_metadata = _retried(Store.read_safetensors_metadata)
+    size_and_sha256 = _retried(Store.size_and_sha256)
+
     @property
     def _client(self) -> Any:
         with _boto_lock:  # boto3 session/client creation is not thread-safe
@@ -120,6 +149,7 @@ class S3Store(Store):
         # A stalled or unreachable store is named by its endpoint, which the URI does not show.
         return f"{super()._describe(key)} (S3 endpoint {self.settings.s3_endpoint or 'AWS default'})"
 
+    @_retried
     def _write(self, key: str, fill: Callable[[IO[bytes]], Any]) -> None:
         # Serialise fully before opening the upload: a failure in `fill` then leaves no object,
         # and the upload itself (PUT, or multipart completed on close) is atomic.
@@ -204,6 +234,7 @@ class S3Store(Store):
         with tempfile.TemporaryDirectory(prefix="fleetmerge-") as temp:
             yield self.download_dir(prefix, Path(temp))
 
+    @_retried
     def _upload_file(self, path: Path, key: str) -> None:
         try:
             pafs.copy_files(
@@ -215,6 +246,7 @@ class S3Store(Store):
         except OSError as exc:
             raise StorageError(f"upload {path} -> {self._describe(key)} failed: {exc}") from exc
 
+    @_retried
     def _download_file(self, key: str, dest: Path) -> None:
         try:
             pafs.copy_files(
