@@ -7,10 +7,13 @@ next test that needs one starts it again, so this file runs in any order.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 
+import pytest
+
 from flows.nightly import consolidate
-from infra.publish import latest_run
+from infra.publish import latest_run, read_manifest
 from infra.storage import open_store
 
 
@@ -45,3 +48,39 @@ def test_flow_on_a_three_node_cluster(prefect_harness, ray_cluster, tmp_path, ti
     ran = _nodes_that_ran_tasks(ray_cluster.address)
     used = set().union(*ran.values())
     assert len(used) >= 2 and used <= {node["NodeID"] for node in ray.nodes()}, ran
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_a_node_removed_mid_run_the_run_completes(prefect_harness, ray_cluster, tmp_path, tiny_fleet_dir):
+    """A worker node is removed once the merges have begun (the first merge task is running on the
+    cluster): its tasks are retried elsewhere, the run publishes every item, on the two nodes left."""
+    import ray
+
+    root = tmp_path / "fleet"
+    shutil.copytree(tiny_fleet_dir, root)
+    config = {"grid": [], "max_responses": 48, "delta": 1.0, "ray_address": ray_cluster.address}
+    outcome: dict = {}
+    run = threading.Thread(target=lambda: outcome.update(summary=consolidate(fleet="fleet.yaml", store=str(root),
+                                                                              config=config)))
+    run.start()
+    victim = ray_cluster.list_all_nodes()[-1]  # not the head
+    deadline = time.monotonic() + 240
+    while run.is_alive() and time.monotonic() < deadline and not _merge_task_running(ray_cluster.address):
+        time.sleep(0.2)
+    assert run.is_alive(), "the run finished before its merges could be interrupted"
+    ray_cluster.remove_node(victim)
+    run.join(timeout=300)
+    assert "summary" in outcome, "the run did not complete after a node was removed"
+    summary = outcome["summary"]
+    assert sum(node["Alive"] for node in ray.nodes()) == 2
+    routing = read_manifest(open_store(str(root)), summary["run_id"])["routing"]
+    assert latest_run(open_store(str(root))) == summary["run_id"] and len(routing) == 5
+
+
+def _merge_task_running(address: str) -> bool:
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(address=address, filters=[("state", "=", "RUNNING")], limit=1_000,
+                       raise_on_missing_output=False)
+    return any(task.func_or_class_name == "consolidate_group_job" for task in tasks)
