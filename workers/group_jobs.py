@@ -10,8 +10,9 @@ everything a result depends on (member checkpoints and responses, the base model
     candidates/groups/<key>/record.json a planned group tuned and gated (checkpoint/ beside it)
     candidates/items/<key>/record.json  an item kept on its own scorer, in the consolidated format
 
-A sweep does not depend on the gate or the head setting, so changing δ or the gate rule re-gates from
-cached sweeps. Jobs take and return small JSON-safe values: they run the same in-process or as Ray
+A record is written last and keeps the sha256 of each file of its checkpoint: a reuse checks them, and a
+damaged checkpoint (or an unreadable JSON entry) is computed again. A sweep does not depend on the gate or
+the head setting, so changing δ or the gate rule re-gates from cached sweeps. Jobs take and return small JSON-safe values: they run the same in-process or as Ray
 tasks (the flow's merge step).
 """
 from __future__ import annotations
