@@ -38,7 +38,7 @@ class ConsolidateConfig:
     max_responses: int = 256
     # GW matrix and plan
     solver: str = "entropic"
-    planner: str = "gw"
+    planner: str = "measured"  # best validation macro F1 over 3 Beetle folds (docs/results/mergeability.md)
     shortlist: int = DEFAULT_SHORTLIST  # measured planner: each scorer's nearest partners that are trial-merged
     shortlist_by: str = "gw"  # ... nearest by this signal (SHORTLIST_SIGNALS)
     tau: float | None = None  # None: the tau_quantile-quantile of the distances

@@ -15,6 +15,7 @@ from fixtures_s3 import make_s3_bucket
 from workers.serving import ConsolidatedFleet
 
 FAST = {"grid": [], "max_responses": 48, "delta": 1.0}  # a lenient gate: merged groups are published
+GW_PLAN = {**FAST, "planner": "gw"}  # what the GW matrix alone decides (its caching and bound skipping)
 OTHER_ITEMS = ("circuits-1", "circuits-2", "plants-1")
 
 
@@ -56,13 +57,17 @@ def test_flow_publishes_then_reruns_without_computing(prefect_harness, ray_local
     manifest = read_manifest(store, summary["run_id"])
     assert set(manifest["routing"]) == {"circuits-1", "circuits-2", "circuits-3", "plants-1", "plants-2"}
     assert summary["storage"]["ratio"] > 1.0
+    # The default planner: the 10 GW pairs pick each scorer's shortlist, whose pairs (and planned trios) are
+    # trial-merged; with 5 scorers and a shortlist of 5 that is every pair.
+    trials = summary["computed"].pop("trial merges")
     assert summary["computed"] == {"features": 5, "pairs": 10, "merges": len(summary["groups"])}
+    assert trials >= 10 and manifest["extra"]["plan"]["planner"] == "measured"
     keys = asyncio.run(_artifact_keys(state.state_details.flow_run_id))
     assert {"gw-heatmap", "merge-plan", "item-metrics", "storage-summary", "gw-progress"} <= keys
 
     again = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
-    assert again["computed"] == {"features": 0, "pairs": 0, "merges": 0}
-    assert again["reused"]["pairs"] == 10 and not again["republished"]
+    assert again["computed"] == {"features": 0, "pairs": 0, "trial merges": 0, "merges": 0}
+    assert again["reused"]["pairs"] == 10 and again["reused"]["trial merges"] == trials and not again["republished"]
     assert list_runs(store) == [summary["run_id"]]
     with ConsolidatedFleet(store, device="cpu") as served:
         assert served.predict("plants-1", ["the roots take up water"])[0].label
@@ -78,11 +83,11 @@ def test_broken_scorer_is_set_aside_and_the_rest_published(prefect_harness, ray_
 
 
 def test_changed_scorer_recomputes_only_its_own_work(prefect_harness, ray_local, fleet_copy):
-    first = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
+    first = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=GW_PLAN)
     # Replace one scorer's weights by another's: a changed checkpoint with a valid head.
     shutil.copy(fleet_copy / "scorers" / "circuits-1" / "model.safetensors",
                 fleet_copy / "scorers" / "circuits-2" / "model.safetensors")
-    second = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
+    second = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=GW_PLAN)
     assert second["computed"]["features"] == 1 and second["reused"]["features"] == 4
     # Its 4 new pairs are solved or skipped by their lower bound; the other 6 come from the cache.
     assert second["computed"]["pairs"] + second["skipped"]["pairs"] == 4 and second["reused"]["pairs"] == 6
@@ -124,7 +129,7 @@ def test_flow_reads_the_named_manifest_in_every_step_on_s3(prefect_harness, ray_
     summary = consolidate(fleet="other.yaml", store=uri, config=config, settings=settings)
     assert set(read_manifest(store, summary["run_id"])["routing"]) == set(OTHER_ITEMS)
     assert len(summary["groups"]) == 1 and len(summary["individual"]) == 1
-    assert summary["computed"] == {"features": 3, "pairs": 3, "merges": 1}
+    assert summary["computed"] == {"features": 3, "pairs": 3, "trial merges": 3, "merges": 1}
 
     import infra.ray_conn
 
@@ -133,7 +138,8 @@ def test_flow_reads_the_named_manifest_in_every_step_on_s3(prefect_harness, ray_
 
     monkeypatch.setattr(infra.ray_conn, "ensure_ray", no_ray)
     again = consolidate(fleet="other.yaml", store=uri, config=config, settings=settings)
-    assert again["computed"] == {"features": 0, "pairs": 0, "merges": 0} and not again["republished"]
+    assert again["computed"] == {"features": 0, "pairs": 0, "trial merges": 0, "merges": 0}
+    assert not again["republished"]
 
 
 def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefect_harness, ray_local, fleet_copy):
