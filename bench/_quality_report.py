@@ -196,7 +196,8 @@ def storage_analysis(result: dict) -> list[str]:
 
 def planner_row(d: dict, mergeability: dict | None, cmp, quality) -> str:
     """The planner default against the other planners and the plans it must beat (bench/mergeability.py)."""
-    planner = d.get("planner", "gw")
+    # The shipped default as of the mergeability run (newer than the quality run's recorded defaults).
+    planner = ((mergeability or {}).get("defaults") or {}).get("planner") or d.get("planner", "gw")
     if mergeability is None:
         return f"| planner | {planner} | – | not measured (run `bench/mergeability.py`) | – |"
     paired = mergeability["paired"]
