@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from gw.candidates import CandidateGraph, candidate_graph, completed_tau, shortlist_gw, sparse_distances
+from gw.candidates import (CandidateGraph, candidate_graph, completed_tau, shortlist_gw, shortlist_tau,
+                           sparse_distances)
 from gw.matrix import gw_matrix
 from gw.plan import solve_plan
 from gw.synthetic import planted_fleet
@@ -50,6 +51,10 @@ def test_a_hand_checked_line():
     assert completed_tau(graph, D, 1.0) == 10.0
     assert completed_tau(graph, D, 0.5) == pytest.approx(6.0)
     assert completed_tau(graph, D, 0.0) == 1.5
+    # from the candidates, the others farther than all of them: 1.5, 2.5, 9.5, inf, inf, inf
+    assert shortlist_tau(graph, D, 0.2) == 2.5  # rank 1
+    assert shortlist_tau(graph, D, 0.3) == pytest.approx(6.0)  # halfway between ranks 1 and 2
+    assert shortlist_tau(graph, D, 0.5) == completed_tau(graph, D, 0.5)  # rank 3 is past the candidates
 
 
 def test_ties_go_to_the_earlier_id():
@@ -59,19 +64,30 @@ def test_ties_go_to_the_earlier_id():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_the_completed_tau_is_never_above_the_full_matrix_tau(seed):
+def test_the_thresholds_bracket_the_full_matrix_tau_and_hit_it_when_the_close_pairs_are_candidates(seed):
     n = 15
     rng = np.random.default_rng(seed)
     B = _random_bounds(n, seed)
     extra = rng.random((n, n))
-    full = B + (extra + extra.T)  # true values sit above their bounds
+    full = B + (extra + extra.T) / 4  # true values sit above their bounds
     np.fill_diagonal(full, 0.0)
-    graph = candidate_graph(B, [f"s{i}" for i in range(n)], 2)
+    graph = candidate_graph(B, [f"s{i}" for i in range(n)], 3)
     sparse = np.where(graph.mask, full, np.nan)
     np.fill_diagonal(sparse, 0.0)
     upper = full[np.triu_indices(n, k=1)]
-    for q in np.linspace(0.0, 1.0, 11):
-        assert completed_tau(graph, sparse, q) <= np.quantile(upper, q) + 1e-12
+    in_graph = graph.mask[np.triu_indices(n, k=1)]
+    order = np.argsort(upper)
+    checked = 0
+    for q in np.linspace(0.0, 1.0, 41):
+        tau = np.quantile(upper, q)
+        assert completed_tau(graph, sparse, q) <= tau + 1e-12
+        hi = int(np.ceil(q * (upper.size - 1)))
+        if hi < in_graph.sum():
+            assert shortlist_tau(graph, sparse, q) >= tau - 1e-12
+        if in_graph[order[:hi + 1]].all():  # every pair up to the rank is a candidate: exact
+            assert shortlist_tau(graph, sparse, q) == pytest.approx(tau, rel=0, abs=1e-12)
+            checked += 1
+    assert checked >= 1
 
 
 def test_bad_inputs_are_refused():
@@ -89,6 +105,10 @@ def test_bad_inputs_are_refused():
         sparse_distances(graph, {})
     with pytest.raises(ValueError, match="quantile"):
         completed_tau(graph, np.zeros((4, 4)), 1.5)
+    with pytest.raises(ValueError, match="quantile"):
+        shortlist_tau(graph, np.zeros((4, 4)), -0.1)
+    with pytest.raises(ValueError, match="finite"):
+        shortlist_tau(graph, np.full((4, 4), np.nan), 0.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,9 +150,11 @@ def test_candidates_hold_the_families_and_their_values_are_the_full_matrix_value
 
 def test_the_shortlist_plan_never_groups_a_non_candidate_and_finds_the_families(fleet, full):
     short = shortlist_gw(fleet.features, 2)
-    for q in (0.2, 1.0):
-        tau = completed_tau(short.graph, short.values, q)
-        assert tau <= np.quantile(full.values[np.triu_indices(len(full.ids), k=1)], q)
+    upper = full.values[np.triu_indices(len(full.ids), k=1)]
+    # the 12 family pairs are the 12 closest of 66 and all candidates: a 0.1-quantile tau is exact
+    assert shortlist_tau(short.graph, short.values, 0.1) == pytest.approx(np.quantile(upper, 0.1), abs=1e-12)
+    for q in (0.1, 1.0):
+        tau = shortlist_tau(short.graph, short.values, q)
         plan = solve_plan(short.values, short.ids, tau=tau, k=3)
         mask = short.graph.mask
         for group in plan.groups:
@@ -150,6 +172,6 @@ def test_a_graph_of_one_partner_keeps_plans_inside_it():
     graph = candidate_graph(B, ids, 1)
     assert graph.pairs == ((0, 1), (2, 3), (3, 4))
     D = sparse_distances(graph, {p: B[p] * 1.5 for p in graph.pairs})
-    plan = solve_plan(D, ids, tau=completed_tau(graph, D, 1.0), k=3)
+    plan = solve_plan(D, ids, tau=shortlist_tau(graph, D, 1.0), k=3)
     assert plan.groups == (("a", "b"), ("c", "d"))
     assert isinstance(graph, CandidateGraph) and graph.m == 1
