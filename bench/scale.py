@@ -14,7 +14,7 @@ a family cannot be one group of k = 3 and the planner has real choices), d = 384
   (one JSON line each), so an interrupted run resumes; a resumed run adds the cached pairs' own
   recorded solve seconds, and says how many pairs it resumed (0: a true cold run).
 * ``shortlist_objective_gap`` (``--check-scorers``, default 150, at ``--check-points`` points, default
-  256 = the flow's ``max_responses``, so all 11,175 pairs fit in minutes; cached the same way): the
+  128, so all 11,175 pairs take minutes here; cached the same way): the
   full matrix's plan against the shortlist's, both scored by ``gw.plan.plan_objective`` on the full
   matrix at the full matrix's tau: ``(full - shortlist) / full`` (negative: the shortlist plan scores
   higher, e.g. where the full problem is too large for the exact MILP and the heuristic plans it).
@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--scorers", type=int, default=500)
     parser.add_argument("--points", type=int, default=1000)
     parser.add_argument("--check-scorers", type=int, default=150)
-    parser.add_argument("--check-points", type=int, default=256)
+    parser.add_argument("--check-points", type=int, default=128)
     parser.add_argument("--family-size", type=int, default=5)
     parser.add_argument("--m", type=int, default=DEFAULT_CANDIDATES, help="candidate partners per scorer")
     parser.add_argument("--tau-quantile", type=float, default=DEFAULT_TAU_QUANTILE)
