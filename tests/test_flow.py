@@ -181,7 +181,7 @@ def test_flow_with_item_correction_publishes_adapters_and_serves_them(prefect_ha
 
 
 def test_flow_on_a_shortlist_solves_only_its_pairs_and_groups_only_them(prefect_harness, ray_local, fleet_copy):
-    config = {**FAST, "gw_candidates": 1}
+    config = {**FAST, "planner": "gw", "gw_candidates": 1}  # main's default planner became "measured"
     summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
     store = open_store(str(fleet_copy))
     # each of 5 scorers names its nearest partner by the bound: at most 5 of the 10 pairs are solved
