@@ -260,6 +260,9 @@ def _add_consolidation_options(parser) -> None:
     _add_plan_options(parser)
     parser.add_argument("--skip-by-bounds", action=argparse.BooleanOptionalAction, default=DEFAULTS.skip_by_bounds,
                         help="skip GW pairs whose lower bound is already at or above tau (default: %(default)s)")
+    parser.add_argument("--gw-candidates", type=int, default=DEFAULTS.gw_candidates, metavar="M",
+                        help="solve GW only for each scorer's M nearest partners by the lower bound, for fleets too "
+                             "large for all pairs; the others never share a group (default: %(default)s = all pairs)")
     parser.add_argument("--method", default=DEFAULTS.method, choices=MERGE_METHODS,
                         help="merge method (default: %(default)s)")
     parser.add_argument("--tuning", action=argparse.BooleanOptionalAction, default=DEFAULTS.grid != [],

@@ -116,7 +116,9 @@ def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: C
     result = compute_distances(store, refs, solver=cfg.solver, progress=progress, timeout_s=RAY_WAIT_S,
                                **_skipping(cfg))
     logger.info(f"GW matrix: {result['computed']} pairs computed, {result['reused']} reused, "
-                f"{result['skipped']} skipped by the lower bound")
+                f"{result['skipped']} skipped by the lower bound"
+                + (f", {result['not_shortlisted']} not shortlisted (gw_candidates={cfg.gw_candidates})"
+                   if cfg.gw_candidates else ""))
     return result
 
 
@@ -130,6 +132,8 @@ def _skipping(cfg: ConsolidateConfig) -> dict:
     partners, whatever tau is). (Bootstrap stability would be fine: it recomputes full matrices on the
     resamples and reads only grouped pairs of this one.)
     """
+    if cfg.gw_candidates:  # a shortlist: each scorer's nearest partners by the bound, tau from their values
+        return {"candidates": cfg.gw_candidates, "candidates_tau_quantile": cfg.tau_quantile}
     if not cfg.skip_by_bounds or cfg.planner != "gw":
         return {}
     return {"skip_tau": cfg.tau} if cfg.tau is not None else {"skip_tau_quantile": cfg.tau_quantile}
@@ -173,7 +177,10 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
     ids = distances["ids"]
     matrix = distance_matrix(store, distances["key"], ids)
     measured = outcomes(trials) if trials else None
-    plan = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
+    tau = cfg.tau
+    if tau is None and cfg.gw_candidates and cfg.planner == "gw":
+        tau = distances["tau"]  # the quantile over all pairs, not over the shortlisted ones (gw.candidates)
+    plan = plan_fleet(matrix, ids, tau=tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
                       measured=measured)
     logger = get_run_logger()
     split, groups_measured = {}, {}
@@ -333,7 +340,8 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
         "reused": {"features": len(features["reused"]), "pairs": distances["reused"],
                    **({"trial merges": _trials(trials, planned, "reused")} if trials else {}),
                    "merges": sum(r["reused"] for r in records)},
-        "skipped": {"pairs": distances["skipped"]},
+        "skipped": {"pairs": distances["skipped"],
+                    **({"not shortlisted": distances["not_shortlisted"]} if cfg.gw_candidates else {})},
         "items": _item_table(records, kept),
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
     }

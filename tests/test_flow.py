@@ -184,3 +184,17 @@ def test_flow_with_item_correction_publishes_adapters_and_serves_them(prefect_ha
         model, _ = served._checkpoint(manifest["routing"][merged[0]]["checkpoint"])
         assert model.corrections.rank(merged[0]) == 4
         assert served.predict(merged[0], ["the switch is open"])[0].label
+
+
+def test_flow_on_a_shortlist_solves_only_its_pairs_and_groups_only_them(prefect_harness, ray_local, fleet_copy):
+    config = {**FAST, "planner": "gw", "gw_candidates": 1}  # main's default planner became "measured"
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
+    store = open_store(str(fleet_copy))
+    # each of 5 scorers names its nearest partner by the bound: at most 5 of the 10 pairs are solved
+    assert 0 < summary["computed"]["pairs"] <= 5
+    assert summary["skipped"]["not shortlisted"] == 10 - summary["computed"]["pairs"]
+    plan = read_manifest(store, summary["run_id"])["extra"]["plan"]
+    solved = {frozenset((r["a"], r["b"])) for r in store.read_table(
+        next(k for k in store.list("gw/distances"))).to_pylist() if r["solver"] != "not-shortlisted"}
+    assert all(frozenset((a, b)) in solved for g in plan["groups"] for a in g for b in g if a < b)
+    assert latest_run(store) == summary["run_id"] and verify_run(store, summary["run_id"]) == []

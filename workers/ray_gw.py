@@ -17,6 +17,11 @@ dropped. With `third_bound` a chunk also carries the pairs worth Mémoli's third
 the task computes from the clouds it has loaded, before solving, skipping those it lifts to the
 chunk's cutoff. A dropped pair is recorded at its bound (`skipped` True, solver "bound") and never
 written to the pair cache, so a later run with another tau can still solve it.
+
+Shortlist (`candidates = m`, issue 13): for fleets too large for all pairs, only each scorer's m
+nearest partners by the same cost profiles' bound are solved (`gw.candidates`); every other pair is
+recorded with value NaN (`skipped` True, solver "not-shortlisted": never grouped by the planner) and
+the result's `tau` is `gw.candidates.shortlist_tau` at `candidates_tau_quantile`.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import torch
 
 from gw.bounds import (DEFAULT_BINS, DEFAULT_LEVELS, CostProfile, bound_matrix, cost_profile, row_profiles,
                        third_lower_bound)
+from gw.candidates import candidate_graph, shortlist_tau, sparse_distances
 from gw.clouds import PreparedCloud, prepare
 from gw.keys import content_key
 from gw.matrix import pair_cache_key as gw_pair_key
@@ -153,6 +159,12 @@ def pair_bounds(profiles: Mapping[int, CostProfile], pairs: Sequence[tuple[int, 
     return {(i, j): float(matrix[at[i], at[j]]) for i, j in pairs}
 
 
+def _unlisted_record(refs: Sequence[FeatureRef], i: int, j: int) -> dict:
+    return {"a": refs[i].scorer_id, "b": refs[j].scorer_id, "key_a": refs[i].key, "key_b": refs[j].key,
+            "value": float("nan"), "solver": "not-shortlisted", "n_a": refs[i].n, "n_b": refs[j].n, "seconds": 0.0,
+            "skipped": True}
+
+
 def _skipped_record(refs: Sequence[FeatureRef], i: int, j: int, bound: float) -> dict:
     return {"a": refs[i].scorer_id, "b": refs[j].scorer_id, "key_a": refs[i].key, "key_b": refs[j].key,
             "value": float(bound), "solver": "bound", "n_a": refs[i].n, "n_b": refs[j].n, "seconds": 0.0,
@@ -168,14 +180,17 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
                       options: EntropicOptions | None = None, chunk_size: int = 8, max_in_flight: int | None = None,
                       progress: Callable[[int, int], None] | None = None, timeout_s: float = 3600.0,
                       use_ray: bool = True, skip_tau: float | None = None,
-                      skip_tau_quantile: float | None = None, third_bound: bool = True) -> dict:
-    """All pairwise GW distances, or all that a threshold needs (`skip_tau` / `skip_tau_quantile`).
+                      skip_tau_quantile: float | None = None, third_bound: bool = True, candidates: int = 0,
+                      candidates_tau_quantile: float | None = None) -> dict:
+    """All pairwise GW distances, or all that a threshold needs (`skip_tau` / `skip_tau_quantile`), or
+    only each scorer's `candidates` nearest partners by the bound (0: all pairs).
 
     `third_bound`: also try Mémoli's third lower bound on the pairs about to be solved that the
     schedule names (`gw.schedule`), as `gw.matrix.gw_matrix` does.
 
-    Returns {key (distances table), ids, computed, reused, skipped, tau, profiles {computed, reused},
-    seconds}; `tau` is the explicit tau or the exact quantile tau of the full matrix (None without skipping).
+    Returns {key (distances table), ids, computed, reused, skipped, not_shortlisted, tau, profiles
+    {computed, reused}, seconds}; `tau` is the explicit tau or the exact quantile tau of the full matrix
+    (None without skipping), or with `candidates` the shortlist's tau at `candidates_tau_quantile`.
     """
     started = time.perf_counter()
     deadline = time.monotonic() + timeout_s
@@ -183,13 +198,27 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
         raise ValueError(f"solver must be 'entropic' or 'exact', got {solver!r}")
     check_skipping(skip_tau, skip_tau_quantile)
     skipping = skip_tau is not None or skip_tau_quantile is not None
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 0:
+        raise ValueError(f"candidates must be an integer >= 0, got {candidates!r}")
+    if candidates and skipping:
+        raise ValueError("a shortlist (candidates) and skipping by a threshold do not combine: give one")
     ids = sorted(features)
     if len(ids) < 2:
         raise ValueError(f"need at least two feature sets for a distance matrix, got {ids}")
     refs = [features[i] for i in ids]
+
+    def make_runner(fn: Callable, shared: tuple):
+        return _make_runner(fn, shared, use_ray, max_in_flight, deadline, timeout_s, label="GW matrix")
+
+    graph, profiles_computed = None, 0
+    wanted = list(itertools.combinations(range(len(ids)), 2))
+    if candidates:  # the bound of every pair, from one cached profile per feature set
+        profiles, profiles_computed = load_profiles(store, refs, range(len(ids)), make_runner)
+        graph = candidate_graph(bound_matrix([profiles[i] for i in range(len(ids))]), ids, candidates)
+        wanted = list(graph.pairs)
     records: dict[tuple[int, int], dict] = {}
     todo, keys = [], {}
-    for i, j in itertools.combinations(range(len(ids)), 2):
+    for i, j in wanted:
         keys[(i, j)] = cached = pair_cache_key(solver, options, refs[i], refs[j])
         if (record := store.read_cached(cached)) is not None:
             records[(i, j)] = record
@@ -199,10 +228,7 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
     if progress:
         progress(reused, total)
 
-    def make_runner(fn: Callable, shared: tuple):
-        return _make_runner(fn, shared, use_ray, max_in_flight, deadline, timeout_s, label="GW matrix")
-
-    bounds, profiles_computed, needed = None, 0, sorted({k for pair in todo for k in pair})
+    bounds, needed = None, sorted({k for pair in todo for k in pair})
     if skipping and todo:
         profiles, profiles_computed = load_profiles(store, refs, needed, make_runner)
         bounds = pair_bounds(profiles, todo)
@@ -223,11 +249,19 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
         records[(i, j)] = _skipped_record(refs, i, j, bound)
     if schedule.skipped and progress:
         progress(total, total)
+    tau = _tau(records, skip_tau, skip_tau_quantile)
+    if graph is not None:
+        if candidates_tau_quantile is not None:
+            tau = shortlist_tau(graph, sparse_distances(graph, {p: float(records[p]["value"]) for p in graph.pairs}),
+                                float(candidates_tau_quantile))
+        for pair in itertools.combinations(range(len(ids)), 2):
+            records.setdefault(pair, _unlisted_record(refs, *pair))
 
-    key = _write_table(store, refs, records, solver, options, skip_tau, skip_tau_quantile)
+    key = _write_table(store, refs, records, solver, options, skip_tau, skip_tau_quantile, candidates)
+    n_profiled = len(ids) if candidates else len(needed) if skipping else 0
     return {"key": key, "ids": ids, "computed": len(todo) - len(schedule.skipped), "reused": reused,
-            "skipped": len(schedule.skipped), "tau": _tau(records, skip_tau, skip_tau_quantile),
-            "profiles": {"computed": profiles_computed, "reused": len(needed) - profiles_computed if skipping else 0},
+            "skipped": len(schedule.skipped), "not_shortlisted": len(records) - total, "tau": tau,
+            "profiles": {"computed": profiles_computed, "reused": n_profiled - profiles_computed},
             "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -261,12 +295,15 @@ def _tau(records: Mapping, skip_tau: float | None, skip_tau_quantile: float | No
 
 
 def _write_table(store: Store, refs: Sequence[FeatureRef], records: Mapping, solver: str,
-                 options: EntropicOptions | None, skip_tau: float | None, skip_tau_quantile: float | None) -> str:
-    """Write the distances table; its key names the feature keys, the solver and any skipping threshold."""
+                 options: EntropicOptions | None, skip_tau: float | None, skip_tau_quantile: float | None,
+                 candidates: int = 0) -> str:
+    """Write the distances table; its key names the feature keys, the solver, any skipping threshold or shortlist."""
     table = pa.Table.from_pylist([_row(records[pair]) for pair in sorted(records)])
     parts: list = [[r.key for r in refs], solver_config(solver, options, "mean", torch.float32)]
     if skip_tau is not None or skip_tau_quantile is not None:  # unchanged key without skipping
         parts.append({"skip_tau": skip_tau, "skip_tau_quantile": skip_tau_quantile})
+    if candidates:
+        parts.append({"candidates": candidates})
     key = f"{DISTANCES_PREFIX}/{_short(json.dumps(parts, default=str))}.parquet"
     store.write_table(key, table)
     return key
