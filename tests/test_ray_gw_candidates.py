@@ -12,8 +12,7 @@ from gw.bounds import bound_matrix, cost_profile
 from gw.candidates import candidate_graph, shortlist_tau
 from gw.clouds import prepare
 from gw.synthetic import planted_fleet
-from infra.storage import open_store
-from workers.extract import FeatureRef, features_table
+from feature_stores import store_with
 from workers.fleet_gw import distance_matrix, plan_fleet
 from workers.ray_gw import compute_distances
 
@@ -23,26 +22,16 @@ def fleet():
     return planted_fleet(n_families=4, models_per_family=3, n_points=48, dim=32, seed=11)
 
 
-def _store_with(fleet, root):
-    store = open_store(str(root))
-    refs = {}
-    for scorer_id, x in fleet.features.items():
-        key = f"features/{scorer_id}.parquet"
-        store.write_table(key, features_table([f"r{n}" for n in range(len(x))], x, {}))
-        refs[scorer_id] = FeatureRef(scorer_id, key, x.shape[0], x.shape[1], "ckpt", "data", "config")
-    return store, refs
-
-
 @pytest.fixture(scope="module")
 def full(fleet, tmp_path_factory):
-    store, refs = _store_with(fleet, tmp_path_factory.mktemp("full"))
+    store, refs = store_with(fleet, tmp_path_factory.mktemp("full"))
     result = compute_distances(store, refs, use_ray=False)
     return result, distance_matrix(store, result["key"], result["ids"])
 
 
 def test_only_the_shortlisted_pairs_are_solved_and_the_others_never_grouped(fleet, full, tmp_path):
     # in process; the Ray path runs in tests/test_flow.py (test_flow_on_a_shortlist_...)
-    store, refs = _store_with(fleet, tmp_path)
+    store, refs = store_with(fleet, tmp_path)
     result = compute_distances(store, refs, use_ray=False, candidates=2, candidates_tau_quantile=0.1, chunk_size=4)
     ids = result["ids"]
     n = len(ids)
@@ -76,7 +65,7 @@ def test_only_the_shortlisted_pairs_are_solved_and_the_others_never_grouped(flee
 
 
 def test_bad_shortlist_arguments(fleet, tmp_path):
-    store, refs = _store_with(fleet, tmp_path)
+    store, refs = store_with(fleet, tmp_path)
     with pytest.raises(ValueError, match="candidates must be"):
         compute_distances(store, refs, use_ray=False, candidates=-1)
     with pytest.raises(ValueError, match="do not combine"):

@@ -9,8 +9,7 @@ from gw.clouds import prepare
 from gw.matrix import gw_matrix
 from gw.plan import solve_plan
 from gw.synthetic import planted_fleet
-from infra.storage import open_store
-from workers.extract import FeatureRef, features_table
+from feature_stores import store_with
 from workers.fleet_gw import distance_matrix
 from workers.ray_gw import PROFILES_PREFIX, compute_distances, pair_cache_key
 
@@ -20,17 +19,6 @@ Q = 0.25
 @pytest.fixture(scope="module")
 def fleet():
     return planted_fleet(n_families=4, models_per_family=3, n_points=48, dim=32, seed=11)
-
-
-def _store_with(fleet, root):
-    """A local store holding the fleet's features, and their references."""
-    store = open_store(str(root))
-    refs = {}
-    for scorer_id, x in fleet.features.items():
-        key = f"features/{scorer_id}.parquet"
-        store.write_table(key, features_table([f"r{n}" for n in range(len(x))], x, {}))
-        refs[scorer_id] = FeatureRef(scorer_id, key, x.shape[0], x.shape[1], "ckpt", "data", "config")
-    return store, refs
 
 
 def _matrix(store, result):
@@ -45,7 +33,7 @@ def _skipped_pairs(store, result) -> set[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def full(fleet, tmp_path_factory):
-    store, refs = _store_with(fleet, tmp_path_factory.mktemp("full"))
+    store, refs = store_with(fleet, tmp_path_factory.mktemp("full"))
     result = compute_distances(store, refs, use_ray=False)
     return result, _matrix(store, result)
 
@@ -61,7 +49,7 @@ def bounds(fleet):
 def test_quantile_skipping_keeps_tau_and_plan(request, fleet, full, tmp_path, use_ray):
     if use_ray:
         request.getfixturevalue("ray_local")
-    store, refs = _store_with(fleet, tmp_path)
+    store, refs = store_with(fleet, tmp_path)
     result = compute_distances(store, refs, use_ray=use_ray, skip_tau_quantile=Q, chunk_size=4, max_in_flight=2)
     full_result, D = full
     S = _matrix(store, result)
@@ -82,7 +70,7 @@ def test_explicit_tau_skips_exactly_the_pairs_whose_bound_reaches_it(fleet, full
     _, D = full
     ids = sorted(fleet.features)
     tau = float(np.quantile(D[np.triu_indices(len(ids), 1)], 0.3))
-    store, refs = _store_with(fleet, tmp_path)
+    store, refs = store_with(fleet, tmp_path)
     result = compute_distances(store, refs, use_ray=False, skip_tau=tau, third_bound=False)
     expected = {(ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)) if bounds[i, j] >= tau}
     assert expected and _skipped_pairs(store, result) == expected
@@ -95,7 +83,7 @@ def test_third_bound_skips_more_pairs_all_above_tau(fleet, full, bounds, tmp_pat
     _, D = full
     ids = sorted(fleet.features)
     tau = float(np.quantile(D[np.triu_indices(len(ids), 1)], 0.3))
-    store, refs = _store_with(fleet, tmp_path)
+    store, refs = store_with(fleet, tmp_path)
     result = compute_distances(store, refs, use_ray=False, skip_tau=tau)
     by_second = {(ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)) if bounds[i, j] >= tau}
     skipped = _skipped_pairs(store, result)
@@ -116,7 +104,7 @@ def test_ray_path_skips_the_same_pairs_as_gw_matrix(request, fleet, full, tmp_pa
     if "skip_tau" in skipping:
         _, D = full
         skipping = {"skip_tau": float(np.quantile(D[np.triu_indices(len(D), 1)], 0.3))}
-    store, refs = _store_with(fleet, tmp_path)
+    store, refs = store_with(fleet, tmp_path)
     matrix = gw_matrix(fleet.features, keys={i: ref.key for i, ref in refs.items()}, batch_size=4, **skipping)
     # One chunk in flight at a time, so the cutoff moves after each chunk as in gw_matrix.
     result = compute_distances(store, refs, use_ray=use_ray, chunk_size=4, max_in_flight=1, **skipping)
@@ -126,7 +114,7 @@ def test_ray_path_skips_the_same_pairs_as_gw_matrix(request, fleet, full, tmp_pa
 
 def test_skipped_pairs_stay_out_of_the_cache_and_profiles_are_reused(fleet, full, tmp_path):
     _, D = full
-    store, refs = _store_with(fleet, tmp_path)
+    store, refs = store_with(fleet, tmp_path)
     first = compute_distances(store, refs, use_ray=False, skip_tau_quantile=Q)
     assert first["profiles"] == {"computed": len(refs), "reused": 0}
     assert len(store.list(PROFILES_PREFIX)) == len(refs)
@@ -146,7 +134,7 @@ def test_skipped_pairs_stay_out_of_the_cache_and_profiles_are_reused(fleet, full
 
 
 def test_bad_skipping_arguments(fleet, tmp_path):
-    store, refs = _store_with(fleet, tmp_path)
+    store, refs = store_with(fleet, tmp_path)
     with pytest.raises(ValueError, match="not both"):
         compute_distances(store, refs, use_ray=False, skip_tau=0.1, skip_tau_quantile=Q)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

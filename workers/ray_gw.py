@@ -159,15 +159,10 @@ def pair_bounds(profiles: Mapping[int, CostProfile], pairs: Sequence[tuple[int, 
     return {(i, j): float(matrix[at[i], at[j]]) for i, j in pairs}
 
 
-def _unlisted_record(refs: Sequence[FeatureRef], i: int, j: int) -> dict:
+def _unsolved_record(refs: Sequence[FeatureRef], i: int, j: int, value: float, solver: str) -> dict:
+    """A pair recorded without a solve: at its lower bound (solver "bound") or not shortlisted (NaN)."""
     return {"a": refs[i].scorer_id, "b": refs[j].scorer_id, "key_a": refs[i].key, "key_b": refs[j].key,
-            "value": float("nan"), "solver": "not-shortlisted", "n_a": refs[i].n, "n_b": refs[j].n, "seconds": 0.0,
-            "skipped": True}
-
-
-def _skipped_record(refs: Sequence[FeatureRef], i: int, j: int, bound: float) -> dict:
-    return {"a": refs[i].scorer_id, "b": refs[j].scorer_id, "key_a": refs[i].key, "key_b": refs[j].key,
-            "value": float(bound), "solver": "bound", "n_a": refs[i].n, "n_b": refs[j].n, "seconds": 0.0,
+            "value": float(value), "solver": solver, "n_a": refs[i].n, "n_b": refs[j].n, "seconds": 0.0,
             "skipped": True}
 
 
@@ -246,7 +241,7 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
     _solve_in_bound_order(schedule, chunk_size, lambda: make_runner(compute_chunk, (store, list(refs))),
                           lambda batch: (batch, solver, options, {p: keys[p] for p in batch.pairs}), on_chunk)
     for (i, j), bound in schedule.skipped.items():
-        records[(i, j)] = _skipped_record(refs, i, j, bound)
+        records[(i, j)] = _unsolved_record(refs, i, j, bound, "bound")
     if schedule.skipped and progress:
         progress(total, total)
     tau = _tau(records, skip_tau, skip_tau_quantile)
@@ -255,7 +250,7 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
             tau = shortlist_tau(graph, sparse_distances(graph, {p: float(records[p]["value"]) for p in graph.pairs}),
                                 float(candidates_tau_quantile))
         for pair in itertools.combinations(range(len(ids)), 2):
-            records.setdefault(pair, _unlisted_record(refs, *pair))
+            records.setdefault(pair, _unsolved_record(refs, *pair, float("nan"), "not-shortlisted"))
 
     key = _write_table(store, refs, records, solver, options, skip_tau, skip_tau_quantile, candidates)
     n_profiled = len(ids) if candidates else len(needed) if skipping else 0
