@@ -19,6 +19,14 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 
+def reap_on_exit() -> None:
+    """Stop whatever this benchmark starts (a Prefect server, Ray) also when it is killed: the CLI's
+    watchdog (infra/reaper.py), for benchmarks that run the flow in-process."""
+    from infra.reaper import start_reaper
+
+    start_reaper()
+
+
 def add_threads_argument(parser) -> None:
     """``--threads`` (default 1) for the CPU-seconds benchmarks."""
     parser.add_argument("--threads", type=int, default=1,

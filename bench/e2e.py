@@ -20,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _util import reap_on_exit  # noqa: E402
 
 
 def main() -> None:
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / ".fleetmerge" / "bench-e2e"))
     parser.add_argument("--tiny", action="store_true", help="tiny random encoder instead of MiniLM (smoke run)")
     args = parser.parse_args()
+    reap_on_exit()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import _util  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 
-from _util import emit, machine
+from _util import emit, machine, reap_on_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("validate", "extract", "gw", "trial-merges", "plan", "merge", "individual", "publish", "total")
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / ".fleetmerge" / "flow_scale"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "flow_scale.json"))
     args = parser.parse_args()
+    reap_on_exit()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     overrides = {}
     for item in args.set:

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _quality_stats import fleet_summary, paired_comparison  # noqa: E402
+from _util import reap_on_exit  # noqa: E402
 from beetle_data import DEFAULT_DATA, fold_dir, prepare  # noqa: E402
 from quality_beetle import Fold, figures  # noqa: E402
 
@@ -381,6 +382,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
+    reap_on_exit()
     out = Path(args.out)
     from _mergeability_report import render
 

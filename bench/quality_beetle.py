@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _quality_report import render_defaults, render_markdown  # noqa: E402
 from _quality_stats import fleet_summary, paired_comparison, storage  # noqa: E402
+from _util import reap_on_exit  # noqa: E402
 from beetle_data import DEFAULT_DATA, fold_dir, prepare  # noqa: E402
 
 from flows.config import ConsolidateConfig  # noqa: E402
@@ -256,6 +257,7 @@ def main() -> None:
                         help="only the shipped run, the GW plan (gated and ungated) and the method table: a quick "
                              "look at other merge methods (cached apart from the full run's rows)")
     args = parser.parse_args()
+    reap_on_exit()
     if args.render_only:
         rerender(Path(args.out))
         return
