@@ -53,7 +53,7 @@ import torch
 from .bounds import DEFAULT_LEVELS, bound_matrix, cost_profile, row_profiles, third_lower_bound
 from .clouds import (DEFAULT_NORMALISATION, Normalisation, PreparedCloud, check_cloud, feature_key, prepare,
                      resolve_device)
-from .entropic import SQ_COSTS_MAX_POINTS
+from .entropic import SOLVER_REVISION, SQ_COSTS_MAX_POINTS
 from .keys import json_key
 from .schedule import BoundSchedule, check_skipping, quantile_cutoff
 from .solvers import SOLVERS, EntropicOptions, GWResult, entropic_gw_batch, exact_gw, use_dense
@@ -137,6 +137,7 @@ def solver_config(solver: str, options: EntropicOptions | None, normalisation: s
     if solver == "entropic":
         config["options"] = (options or EntropicOptions()).to_dict()
         config["dtype"] = str(dtype)
+        config["revision"] = SOLVER_REVISION
     return config
 
 

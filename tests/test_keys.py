@@ -31,20 +31,21 @@ def test_content_key_is_a_truncated_sha256_of_the_parts_in_order():
 
 
 def test_cache_keys_are_unchanged(tmp_path):
-    """Golden values from the helpers before gw.keys (commit 3ef32da)."""
+    """Golden values from the helpers before gw.keys (commit 3ef32da); the entropic pair and distances
+    keys as of SOLVER_REVISION 2 (a solver fix that changed cached values)."""
     assert pair_cache_key("k1", "k2", solver_config("entropic", None, "mean", torch.float32)) == \
-        "gw:2148dd5a1360c84a94f77e71b9a76562d833fdcf"
+        "gw:f6d51c1bdfe709248abbe93c94bb0bb9de7a0784"
     assert cloud_key(np.arange(12, dtype=np.float64).reshape(4, 3) / 7) == "d4d618648ee7bfd813d3d5948d313c70"
     assert ExtractConfig().config_hash() == "b09909e942a9adc59f9516175f04c597"
     assert data_hash(["r1", "r2"], ["héllo", "world"]) == "9bc927a06e65aacccdb25aa5de9b1cca"
     a = FeatureRef("s1", "features/s1/x.parquet", 10, 4, "c", "d", "e")
     b = FeatureRef("s2", "features/s2/y.parquet", 10, 4, "c", "d", "e")
     assert ray_gw.profile_cache_key(a) == "gw/profiles/e4ca64c38be0c2184794.json"
-    assert ray_gw.pair_cache_key("entropic", None, a, b) == "gw/pairs/8d19908e7c79fc503d39eebba6ac2ee0d2da2a17.json"
+    assert ray_gw.pair_cache_key("entropic", None, a, b) == "gw/pairs/1e03c3d1a693e50aaa9a10c51c9c4d2baf5cc3db.json"
     record = {"a": "s1", "b": "s2", "value": 0.1, "solver": "entropic", "n_a": 1, "n_b": 1, "key_a": "k", "key_b": "l"}
     table_key = ray_gw._write_table(open_store(str(tmp_path / "store")), [a, b], {(0, 1): record}, "entropic", None,
                                     None, 0.25)
-    assert table_key == "gw/distances/7bd45adf7d850712b62b.parquet"
+    assert table_key == "gw/distances/ff3bcbac35d74287b168.parquet"
     assert job_key("group", [[("a", "h1", "h2")], "b"], {"x": 1.5}, [{"t": None}]) == "272e54ddc70071f6b1e31ecf"
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

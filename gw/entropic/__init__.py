@@ -64,12 +64,13 @@ outer iteration and the multiscale start).
 Pure math: torch; no I/O.
 """
 
-from .options import DEFAULT_EPSILON, EntropicOptions
+from .options import DEFAULT_EPSILON, SOLVER_REVISION, EntropicOptions
 from .products import _exp, _logsumexp, self_cost_sq
 from .solve import SQ_COSTS_MAX_POINTS, check_pair, entropic_gw, entropic_gw_batch, use_dense
 
 __all__ = [
     "DEFAULT_EPSILON",
+    "SOLVER_REVISION",
     "SQ_COSTS_MAX_POINTS",
     "EntropicOptions",
     "check_pair",

@@ -17,6 +17,11 @@ max-normalised costs the same regime is ``epsilon * (mean / max)^2`` (the gradie
 costs squared).
 """
 
+SOLVER_REVISION = 2
+"""Part of every entropic pair's cache key: bumped when a fix changes the values a cache holds, so
+stores recompute them (2: the pair-after-pair Sinkhorn's column potentials no longer drift, which had
+sent long solves back to the independent coupling)."""
+
 
 @dataclass(frozen=True)
 class EntropicOptions:

@@ -244,7 +244,9 @@ def _sinkhorn_pairwise(
         k = coupling[b]
         _exp(log_k, out=k)
         kt = k.T
-        fb, gb = f[b], g[b] + eps * top
+        # K = exp(log_k - top): the potentials behind K are (f, g - eps top). (With + here g doubled
+        # every outer iteration; in float32 the kernel then lost its precision and collapsed to p q^T.)
+        fb, gb = f[b], g[b] - eps * top
         pb, qb, logpb, logqb = _aligned(p[b]), _aligned(q[b]), _aligned(logp[b]), _aligned(logq[b])
         # scalings in one buffer (one overflow test for both); lv starts at log q - log colsum
         luv = torch.empty(n_rows + n_cols, dtype=p.dtype)
