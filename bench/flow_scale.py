@@ -26,7 +26,7 @@ from pathlib import Path
 import _util  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 
-from _util import emit, machine, reap_on_exit
+from _util import commit, emit, machine, reap_on_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("validate", "extract", "gw", "trial-merges", "plan", "merge", "individual", "publish", "total")
@@ -127,15 +127,21 @@ def run_size(n: int, local: Path, endpoint: str, settings, address: str, overrid
     uri = f"s3://{bucket}/fleet"
     uploaded = cold_copy(local, n, uri, settings)
     config = {**overrides, "ray_address": address}
+    import psutil
+
+    # one process runs every size: its peak is cumulative, so the RSS each run starts from is kept too
+    start_rss = psutil.Process().memory_info().rss
     with PeakRSS() as rss:
         state = consolidate(fleet="fleet.yaml", store=uri, config=config, settings=asdict(settings), return_state=True)
     summary = state.result()
     written = sum(open_store(uri, settings).list_sizes("").values()) - uploaded
     row = {"n": n, "seconds": {k: summary["seconds"].get(k, 0.0) for k in STAGES},
-           "driver_peak_rss_mb": round(rss.peak / 2**20, 1), "task_runs": task_run_count(state.state_details.flow_run_id),
+           "driver_peak_rss_mb": round(rss.peak / 2**20, 1),
+           "driver_rss_at_start_mb": round(start_rss / 2**20, 1), "task_runs": task_run_count(state.state_details.flow_run_id),
            "bytes_written": written, "gw_pairs_solved": summary["computed"]["pairs"],
            "gw_pairs_skipped": summary["skipped"]["pairs"],
            "trial_merges": summary["computed"].get("trial merges"), "groups": len(summary["groups"]),
+           "individual_items": len(summary["individual"]),
            "n_items_published": summary["storage"]["n_items"]}
     print(json.dumps(row), flush=True)
     return row
@@ -211,7 +217,7 @@ def main() -> None:
     largest = rows[-1]
     result = {"sizes": sizes, "config": overrides, "rows": rows, "growth_exponents": growth_exponents(rows),
               f"flow_seconds_n{largest['n']}": largest["seconds"]["total"], "nodes": 3, "store": "moto S3 over HTTP",
-              "machine": machine()}
+              "commit": commit(), "machine": machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     emit(result)

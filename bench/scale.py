@@ -21,6 +21,10 @@ a family cannot be one group of k = 3 and the planner has real choices), d = 384
   Agreement of the groups: adjusted Rand index of the two partitions (singletons as their own
   clusters) and the share of the full plan's groups found identically. Also at a tight threshold
   (``--tight-quantile``) and with the full tau handed to the shortlist plan.
+* ``flow_seconds_n200`` and ``growth_exponents``: the flow's cost curve, measured by
+  ``bench/flow_scale.py`` (tiny scorers at N = 25...200 through the real flow on a 3-node Ray cluster
+  and moto's S3 server; about an hour) and read here from its result file (``--flow-result``), with
+  the commit it was measured at; ``--run-flow`` runs it first (with ``gw_candidates = --m``).
 
 Prints one JSON object as the last line.
 """
@@ -207,7 +211,16 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true", help="only the shortlist check")
     parser.add_argument("--skip-check", action="store_true", help="only the large fleet")
     parser.add_argument("--quick", action="store_true", help="smoke run at toy sizes")
+    parser.add_argument("--flow-result", default=str(_util._ROOT / "docs" / "results" / "flow_scale.json"),
+                        help="bench/flow_scale.py's result file, whose figures are quoted")
+    parser.add_argument("--run-flow", action="store_true", help="run bench/flow_scale.py first (about an hour)")
     args = parser.parse_args()
+    if args.run_flow:
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, str(_util._ROOT / "bench" / "flow_scale.py"), "--set",
+                        f"gw_candidates={args.m}", "--out", args.flow_result], check=True)
     if args.quick:
         args.scorers, args.points, args.check_scorers, args.check_points = 40, 64, 30, 48
         args.work = str(Path(args.work) / "quick")
@@ -225,6 +238,14 @@ def main() -> None:
         result |= {"shortlist_objective_gap": round(default["gap"], 5),
                    "shortlist_adjusted_rand": round(default["adjusted_rand"], 4),
                    "shortlist_identical_groups_fraction": round(default["identical_groups_fraction"], 4)}
+    flow = Path(args.flow_result)
+    if flow.is_file() and not args.quick:
+        curve = json.loads(flow.read_text())
+        largest = max(curve["sizes"])
+        result |= {f"flow_seconds_n{largest}": curve[f"flow_seconds_n{largest}"],
+                   "growth_exponents": curve["growth_exponents"],
+                   "flow_source": {"file": str(flow), "commit": curve.get("commit"),
+                                   "config": curve.get("config")}}
     if not args.skip_large:
         result["large"] = large
     if not args.skip_check:
