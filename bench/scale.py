@@ -21,6 +21,8 @@ a family cannot be one group of k = 3 and the planner has real choices), d = 384
   Agreement of the groups: adjusted Rand index of the two partitions (singletons as their own
   clusters) and the share of the full plan's groups found identically. Also at a tight threshold
   (``--tight-quantile``) and with the full tau handed to the shortlist plan.
+* ``beetle_shortlist`` (``--beetle-fleet DIR``, repeatable): the same check on real features, the
+  flow's clouds of a built Beetle fold fleet (47 items, 19-76 answers each: all 1,081 pairs).
 * ``flow_seconds_n200`` and ``growth_exponents``: the flow's cost curve, measured by
   ``bench/flow_scale.py`` (tiny scorers at N = 25...200 through the real flow on a 3-node Ray cluster
   and moto's S3 server; about an hour) and read here from its result file (``--flow-result``), with
@@ -169,29 +171,48 @@ def compare(full_values, short, ids, quantile: float) -> dict:
 
 
 def shortlist_check(args, work: Path) -> dict:
-    """The full matrix and the shortlist on the check fleet (cached pairs shared by both)."""
+    """The full matrix and the shortlist on the planted check fleet."""
     drawn = fleet(args.check_scorers, args.family_size, args.check_points, args.seed + 1)
     name = f"check-{args.check_scorers}x{args.check_points}-f{args.family_size}-s{args.seed + 1}"
-    cache = JsonlCache(work / f"{name}.jsonl")
+    return full_against_shortlist(drawn.features, args, work / f"{name}.jsonl")
+
+
+def beetle_features(fleet_dir: Path) -> dict[str, np.ndarray]:
+    """The flow's feature clouds of a built Beetle fold fleet (bench/mergeability.py builds them), one
+    per item: ``features/<item>/<key>.parquet``, read with the product's reader."""
+    import pyarrow.parquet as pq
+
+    features = {}
+    for item in sorted(p for p in (fleet_dir / "features").iterdir() if p.is_dir()):
+        files = sorted(item.glob("*.parquet"))
+        if len(files) != 1:
+            raise SystemExit(f"{item}: expected one feature file, found {len(files)}")
+        table = pq.read_table(files[0])
+        features[item.name] = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return features
+
+
+def full_against_shortlist(features: dict, args, cache_path: Path) -> dict:
+    """Both plans on one fleet's features (cached pairs shared by the full matrix and the shortlist)."""
+    cache = JsonlCache(cache_path)
     before = len(cache)
-    total = args.check_scorers * (args.check_scorers - 1) // 2
+    n = len(features)
 
     def progress(done: int, _total: int) -> None:
         if done % 500 < args.batch_size or done == _total:
             print(f"  full matrix {done}/{_total}", flush=True)
 
     with timed() as t_full:
-        full = gw_matrix(drawn.features, cache=cache, progress=progress, batch_size=args.batch_size)
-    short = shortlist_gw(drawn.features, args.m, cache=cache)  # every pair is cached by now
+        full = gw_matrix(features, cache=cache, progress=progress, batch_size=args.batch_size)
+    short = shortlist_gw(features, args.m, cache=cache)  # every pair is cached by now
     ids = list(full.ids)
-    result = {
-        "scorers": len(ids), "points": args.check_points, "m": args.m, "pairs_all": total,
-        "pairs_shortlisted": len(short.graph.pairs),
+    return {
+        "scorers": n, "points": [min(map(len, features.values())), max(map(len, features.values()))], "m": args.m,
+        "pairs_all": n * (n - 1) // 2, "pairs_shortlisted": len(short.graph.pairs),
         "full_matrix": {"computed_now": full.n_computed, "cached_before": before, **t_full.as_dict()},
         "default_quantile": {"quantile": args.tau_quantile, **compare(full.values, short, ids, args.tau_quantile)},
         "tight_quantile": {"quantile": args.tight_quantile, **compare(full.values, short, ids, args.tight_quantile)},
     }
-    return result
 
 
 def main() -> None:
@@ -213,6 +234,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run at toy sizes")
     parser.add_argument("--flow-result", default=str(_util._ROOT / "docs" / "results" / "flow_scale.json"),
                         help="bench/flow_scale.py's result file, whose figures are quoted")
+    parser.add_argument("--beetle-fleet", action="append", default=[], metavar="DIR",
+                        help="also the real-feature check on a built Beetle fold fleet, e.g. "
+                             ".fleetmerge/beetle/fold1of3/fleet (repeatable)")
     parser.add_argument("--run-flow", action="store_true", help="run bench/flow_scale.py first (about an hour)")
     args = parser.parse_args()
     if args.run_flow:
@@ -238,6 +262,14 @@ def main() -> None:
         result |= {"shortlist_objective_gap": round(default["gap"], 5),
                    "shortlist_adjusted_rand": round(default["adjusted_rand"], 4),
                    "shortlist_identical_groups_fraction": round(default["identical_groups_fraction"], 4)}
+    for fleet_dir in map(Path, args.beetle_fleet):
+        print(f"Beetle features: {fleet_dir}", flush=True)
+        real = full_against_shortlist(beetle_features(fleet_dir), args, work / f"beetle-{fleet_dir.parent.name}.jsonl")
+        default = real["default_quantile"]["own_tau"]
+        result.setdefault("beetle_shortlist", {})[fleet_dir.parent.name] = {
+            "objective_gap": round(default["gap"], 5), "adjusted_rand": round(default["adjusted_rand"], 4),
+            "identical_groups_fraction": round(default["identical_groups_fraction"], 4),
+            "tight_quantile_gap": round(real["tight_quantile"]["own_tau"]["gap"], 5), "detail": real}
     flow = Path(args.flow_result)
     if flow.is_file() and not args.quick:
         curve = json.loads(flow.read_text())
