@@ -179,7 +179,7 @@ def shortlist_check(args, work: Path) -> dict:
 
 def beetle_features(fleet_dir: Path) -> dict[str, np.ndarray]:
     """The flow's feature clouds of a built Beetle fold fleet (bench/mergeability.py builds them), one
-    per item: ``features/<item>/<key>.parquet``, read with the product's reader."""
+    per item: ``features/<item>/<key>.parquet`` (columns response_id, vector, as the flow writes them)."""
     import pyarrow.parquet as pq
 
     features = {}
