@@ -87,6 +87,39 @@ def machine() -> dict[str, Any]:
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """This process's peak resident memory while the block runs, sampled on a thread every
+    ``interval`` seconds; ``start`` is the RSS the block began from."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        import threading
+
+        self.interval = interval
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
 def commit() -> str | None:
     """The repository's HEAD commit (with "+dirty" for uncommitted changes), or None outside git."""
     import subprocess

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
 import _util  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 
-from _util import commit, emit, machine, reap_on_exit
+from _util import PeakRSS, commit, emit, machine, reap_on_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("validate", "extract", "gw", "trial-merges", "plan", "merge", "individual", "publish", "total")
@@ -81,27 +80,6 @@ def cold_copy(local: Path, n: int, s3_uri: str, settings) -> int:
     return sent
 
 
-class PeakRSS:
-    """The driver's peak resident memory while the block runs (a sampling thread, 50 ms)."""
-
-    def __enter__(self):
-        import psutil
-
-        self._process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            self._stop.wait(0.05)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def task_run_count(flow_run_id) -> int:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -127,17 +105,14 @@ def run_size(n: int, local: Path, endpoint: str, settings, address: str, overrid
     uri = f"s3://{bucket}/fleet"
     uploaded = cold_copy(local, n, uri, settings)
     config = {**overrides, "ray_address": address}
-    import psutil
-
     # one process runs every size: its peak is cumulative, so the RSS each run starts from is kept too
-    start_rss = psutil.Process().memory_info().rss
-    with PeakRSS() as rss:
+    with PeakRSS(interval=0.05) as rss:
         state = consolidate(fleet="fleet.yaml", store=uri, config=config, settings=asdict(settings), return_state=True)
     summary = state.result()
     written = sum(open_store(uri, settings).list_sizes("").values()) - uploaded
     row = {"n": n, "seconds": {k: summary["seconds"].get(k, 0.0) for k in STAGES},
            "driver_peak_rss_mb": round(rss.peak / 2**20, 1),
-           "driver_rss_at_start_mb": round(start_rss / 2**20, 1), "task_runs": task_run_count(state.state_details.flow_run_id),
+           "driver_rss_at_start_mb": round(rss.start / 2**20, 1), "task_runs": task_run_count(state.state_details.flow_run_id),
            "bytes_written": written, "gw_pairs_solved": summary["computed"]["pairs"],
            "gw_pairs_skipped": summary["skipped"]["pairs"],
            "trial_merges": summary["computed"].get("trial merges"), "groups": len(summary["groups"]),

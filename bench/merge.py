@@ -34,12 +34,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _trio import DEFAULT_CACHE, TRIO_NOTE, ensure_trio  # noqa: E402  (sets the offline env, OMP passive)
+from _util import PeakRSS, rss_bytes  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -97,11 +97,6 @@ def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, list[float]]:
 # ---- peak memory, one fresh process per method ----------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _hwm_bytes() -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -119,28 +114,6 @@ def _reset_peak() -> bool:
         return False
 
 
-class _RssPoller:
-    """Samples RSS every millisecond on a thread (the fallback when the high-water mark cannot be reset)."""
-
-    def __init__(self) -> None:
-        self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-
 def child_memory(method: str, cache: Path, threads: int) -> dict:
     """Run one merge in this (fresh) process and report its peak memory over its inputs."""
     torch.set_num_threads(threads)
@@ -148,14 +121,14 @@ def child_memory(method: str, cache: Path, threads: int) -> dict:
     input_bytes = state_bytes(base) + sum(state_bytes(m) for m in finetuned)
     params = {}
     gc.collect()
-    before = _rss_bytes()
+    before = rss_bytes()
     if _reset_peak():
         how = "VmHWM after clear_refs"
         result = merge(method, base, finetuned, **params)
-        peak = max(_hwm_bytes(), _rss_bytes())
+        peak = max(_hwm_bytes(), rss_bytes())
     else:
         how = "RSS polled every 1 ms"
-        with _RssPoller() as poller:
+        with PeakRSS() as poller:
             result = merge(method, base, finetuned, **params)
         peak = poller.peak
     output_bytes = state_bytes(result.state_dict)

@@ -179,16 +179,21 @@ def shortlist_check(args, work: Path) -> dict:
 
 def beetle_features(fleet_dir: Path) -> dict[str, np.ndarray]:
     """The flow's feature clouds of a built Beetle fold fleet (bench/mergeability.py builds them), one
-    per item: ``features/<item>/<key>.parquet`` (columns response_id, vector, as the flow writes them)."""
-    import pyarrow.parquet as pq
+    per item (``features/<item>/<key>.parquet``), read and checked by the product's reader."""
+    from infra.storage import open_store
+    from workers.extract import FeatureRef, feature_metadata, read_features
 
+    store = open_store(str(fleet_dir))
     features = {}
     for item in sorted(p for p in (fleet_dir / "features").iterdir() if p.is_dir()):
         files = sorted(item.glob("*.parquet"))
         if len(files) != 1:
             raise SystemExit(f"{item}: expected one feature file, found {len(files)}")
-        table = pq.read_table(files[0])
-        features[item.name] = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+        key = f"features/{item.name}/{files[0].name}"
+        meta = feature_metadata(store, key)
+        ref = FeatureRef(item.name, key, int(meta["n"]), int(meta["dim"]), meta["checkpoint_hash"],
+                         meta["data_hash"], meta["config_hash"])
+        features[item.name] = read_features(store, ref)[1]
     return features
 
 
