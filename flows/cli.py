@@ -6,6 +6,7 @@ import sys
 from dataclasses import fields
 
 from flows.config import GATE_RULES, MERGE_METHODS, PLANNERS, SHORTLIST_SIGNALS, ConsolidateConfig
+from gw.shortlist_size import ALL_PAIRS_UP_TO, DEFAULT_CANDIDATES
 from infra.manifest import MANIFEST_KEY
 from infra.publish import PublishError
 from infra.settings import offline_env
@@ -262,7 +263,8 @@ def _add_consolidation_options(parser) -> None:
                         help="skip GW pairs whose lower bound is already at or above tau (default: %(default)s)")
     parser.add_argument("--gw-candidates", type=int, default=DEFAULTS.gw_candidates, metavar="M",
                         help="solve GW only for each scorer's M nearest partners by the lower bound, for fleets too "
-                             "large for all pairs; the others never share a group (default: %(default)s = all pairs)")
+                             "large for all pairs; the others never share a group; 0: all pairs (default: all "
+                             f"pairs up to {ALL_PAIRS_UP_TO} scorers, else M = {DEFAULT_CANDIDATES})")
     parser.add_argument("--method", default=DEFAULTS.method, choices=MERGE_METHODS,
                         help="merge method (default: %(default)s)")
     parser.add_argument("--tuning", action=argparse.BooleanOptionalAction, default=DEFAULTS.grid != [],

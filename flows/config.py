@@ -46,8 +46,9 @@ class ConsolidateConfig:
     k: int = 3
     skip_by_bounds: bool = True  # skip GW pairs whose lower bound shows they can never be grouped under tau
     # GW only on each scorer's m nearest partners by the lower bound (gw.candidates; fleets of hundreds);
-    # 0: all pairs. The others are never grouped.
-    gw_candidates: int = 0
+    # the others are never grouped. 0: all pairs. None: gw.candidates.auto_candidates of the fleet's size
+    # (all pairs for small fleets, a shortlist for hundreds; always all pairs for the linkage planner).
+    gw_candidates: int | None = None
     # merge and gate (workers.consolidate)
     method: str = "ties"
     grid: list[dict] | None = None  # None: the method's default grid; []: its defaults only
@@ -70,8 +71,9 @@ class ConsolidateConfig:
             raise ValueError(f"planner must be one of {list(PLANNERS)}, got {self.planner!r}")
         if isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int) or self.shortlist < 1:
             raise ValueError(f"shortlist must be an integer >= 1, got {self.shortlist!r}")
-        if isinstance(self.gw_candidates, bool) or not isinstance(self.gw_candidates, int) or self.gw_candidates < 0:
-            raise ValueError(f"gw_candidates must be an integer >= 0, got {self.gw_candidates!r}")
+        m = self.gw_candidates
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"gw_candidates must be an integer >= 0 (or None: by the fleet's size), got {m!r}")
         if self.gw_candidates and self.planner == "linkage":
             raise ValueError("the linkage planner reads every distance: it cannot run on a shortlist (gw_candidates)")
         if self.shortlist_by not in SHORTLIST_SIGNALS:

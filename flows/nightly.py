@@ -114,15 +114,24 @@ def distances_task(store_uri: str, settings: dict | None, features: dict, cfg: C
         bar.update(done / max(total, 1))
 
     result = compute_distances(store, refs, solver=cfg.solver, progress=progress, timeout_s=RAY_WAIT_S,
-                               **_skipping(cfg))
+                               **_skipping(cfg, len(refs)))
     logger.info(f"GW matrix: {result['computed']} pairs computed, {result['reused']} reused, "
                 f"{result['skipped']} skipped by the lower bound"
-                + (f", {result['not_shortlisted']} not shortlisted (gw_candidates={cfg.gw_candidates})"
-                   if cfg.gw_candidates else ""))
+                + (f", {result['not_shortlisted']} not shortlisted (gw_candidates={result['candidates']})"
+                   if result["candidates"] else ""))
     return result
 
 
-def _skipping(cfg: ConsolidateConfig) -> dict:
+def _candidates(cfg: ConsolidateConfig, n_scorers: int) -> int:
+    """Partners per scorer the GW step solves (0: all pairs): the setting, or by the fleet's size."""
+    from gw.shortlist_size import auto_candidates
+
+    if cfg.gw_candidates is not None:
+        return cfg.gw_candidates
+    return 0 if cfg.planner == "linkage" else auto_candidates(n_scorers)
+
+
+def _skipping(cfg: ConsolidateConfig, n_scorers: int) -> dict:
     """How the GW step may skip pairs: by the plan's own threshold, so the plan is that of the full matrix.
 
     Nothing downstream needs the pairs at or above tau: the GW planner (cliques under tau) never groups
@@ -132,8 +141,9 @@ def _skipping(cfg: ConsolidateConfig) -> dict:
     partners, whatever tau is). (Bootstrap stability would be fine: it recomputes full matrices on the
     resamples and reads only grouped pairs of this one.)
     """
-    if cfg.gw_candidates:  # a shortlist: each scorer's nearest partners by the bound, tau from their values
-        return {"candidates": cfg.gw_candidates, "candidates_tau_quantile": cfg.tau_quantile}
+    candidates = _candidates(cfg, n_scorers)
+    if candidates:  # a shortlist: each scorer's nearest partners by the bound, tau from their values
+        return {"candidates": candidates, "candidates_tau_quantile": cfg.tau_quantile}
     if not cfg.skip_by_bounds or cfg.planner != "gw":
         return {}
     return {"skip_tau": cfg.tau} if cfg.tau is not None else {"skip_tau_quantile": cfg.tau_quantile}
@@ -178,7 +188,7 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
     matrix = distance_matrix(store, distances["key"], ids)
     measured = outcomes(trials) if trials else None
     tau = cfg.tau
-    if tau is None and cfg.gw_candidates and cfg.planner == "gw":
+    if tau is None and distances.get("candidates") and cfg.planner == "gw":
         tau = distances["tau"]  # the quantile over all pairs, not over the shortlisted ones (gw.candidates)
     plan = plan_fleet(matrix, ids, tau=tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
                       measured=measured)
@@ -341,7 +351,7 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
                    **({"trial merges": _trials(trials, planned, "reused")} if trials else {}),
                    "merges": sum(r["reused"] for r in records)},
         "skipped": {"pairs": distances["skipped"],
-                    **({"not shortlisted": distances["not_shortlisted"]} if cfg.gw_candidates else {})},
+                    **({"not shortlisted": distances["not_shortlisted"]} if distances.get("candidates") else {})},
         "items": _item_table(records, kept),
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
     }

@@ -50,17 +50,11 @@ from .clouds import DEFAULT_NORMALISATION, Normalisation, check_cloud, feature_k
 from .matrix import _solve_pairs, pair_cache_key, prepare_fleet, solver_config
 from .mergeability import shortlist
 from .result import GWResult
+from .shortlist_size import DEFAULT_CANDIDATES
 from .solvers import EntropicOptions
 
 __all__ = ["DEFAULT_CANDIDATES", "CandidateGraph", "ShortlistMatrix", "candidate_graph", "completed_tau",
            "shortlist_gw", "shortlist_tau", "sparse_distances"]
-
-DEFAULT_CANDIDATES = 12
-"""Partners per scorer (m). On planted fleets of 150 scorers in families of 5 (64 points a cloud), at the
-flow's default threshold (quantile 1.0, where the planner also packs triples across families) the
-shortlist plan's objective was 4.2 % below the full matrix's with m = 8 and 0.4 % with m = 12; at a
-tight threshold (quantile 0.05) 2.6 % and 0 (the same plan). The bound finds a scorer's family first;
-the rest of its m are the cross-family pairs such triples need."""
 
 Pair = tuple[int, int]
 

@@ -72,15 +72,21 @@ def test_bad_shortlist_arguments(fleet, tmp_path):
         compute_distances(store, refs, use_ray=False, candidates=3, skip_tau_quantile=0.5)
 
 
-def test_the_flow_setting_defaults_to_all_pairs_and_reaches_the_gw_step():
+def test_the_flow_setting_picks_all_pairs_for_small_fleets_a_shortlist_for_large_ones():
     from flows.nightly import _skipping
+    from gw.plan import DEFAULT_TAU_QUANTILE
+    from gw.shortlist_size import ALL_PAIRS_UP_TO, DEFAULT_CANDIDATES
 
-    assert ConsolidateConfig().gw_candidates == 0
+    assert ConsolidateConfig().gw_candidates is None  # by the fleet's size
+    assert "candidates" not in _skipping(ConsolidateConfig(), ALL_PAIRS_UP_TO)
+    assert _skipping(ConsolidateConfig(), ALL_PAIRS_UP_TO + 1) == {
+        "candidates": DEFAULT_CANDIDATES, "candidates_tau_quantile": DEFAULT_TAU_QUANTILE}
+    assert "candidates" not in _skipping(ConsolidateConfig(planner="linkage"), 500)  # linkage reads every pair
+    assert "candidates" not in _skipping(ConsolidateConfig(gw_candidates=0), 500)  # asked for all pairs
     parsed = ConsolidateConfig.from_dict(_consolidate_config(build_parser().parse_args(
         ["consolidate", "--store", "X", "--gw-candidates", "7", "--tau-quantile", "0.3"])))
     assert parsed == ConsolidateConfig(gw_candidates=7, tau_quantile=0.3)
-    assert _skipping(parsed) == {"candidates": 7, "candidates_tau_quantile": 0.3}
-    assert "candidates" not in _skipping(ConsolidateConfig())
+    assert _skipping(parsed, 20) == {"candidates": 7, "candidates_tau_quantile": 0.3}
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="gw_candidates must be"):
             ConsolidateConfig(gw_candidates=bad)

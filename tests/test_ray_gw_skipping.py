@@ -145,7 +145,7 @@ def test_flow_config_passes_the_plan_threshold():
     from flows.nightly import ConsolidateConfig, _skipping
     from gw.plan import DEFAULT_TAU_QUANTILE
 
-    assert _skipping(ConsolidateConfig(planner="gw")) == {"skip_tau_quantile": DEFAULT_TAU_QUANTILE}
-    assert _skipping(ConsolidateConfig(planner="gw", tau=0.2)) == {"skip_tau": 0.2}
-    assert _skipping(ConsolidateConfig(planner="gw", skip_by_bounds=False)) == {}
-    assert _skipping(ConsolidateConfig(planner="measured")) == {}  # the shortlist reads every pair
+    assert _skipping(ConsolidateConfig(planner="gw"), 47) == {"skip_tau_quantile": DEFAULT_TAU_QUANTILE}
+    assert _skipping(ConsolidateConfig(planner="gw", tau=0.2), 47) == {"skip_tau": 0.2}
+    assert _skipping(ConsolidateConfig(planner="gw", skip_by_bounds=False), 47) == {}
+    assert _skipping(ConsolidateConfig(planner="measured"), 47) == {}  # the shortlist reads every pair

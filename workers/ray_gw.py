@@ -255,7 +255,8 @@ def compute_distances(store: Store, features: Mapping[str, FeatureRef], *, solve
     key = _write_table(store, refs, records, solver, options, skip_tau, skip_tau_quantile, candidates)
     n_profiled = len(ids) if candidates else len(needed) if skipping else 0
     return {"key": key, "ids": ids, "computed": len(todo) - len(schedule.skipped), "reused": reused,
-            "skipped": len(schedule.skipped), "not_shortlisted": len(records) - total, "tau": tau,
+            "skipped": len(schedule.skipped), "candidates": candidates, "not_shortlisted": len(records) - total,
+            "tau": tau,
             "profiles": {"computed": profiles_computed, "reused": n_profiled - profiles_computed},
             "seconds": round(time.perf_counter() - started, 3)}
 
