@@ -8,8 +8,10 @@ Per N: a cold copy of the first N scorers of one cached tiny fleet (built once u
 .fleetmerge/flow_scale/, `workers.tiny`'s 3-layer random BERT fine-tuned on the demo district) is put in a
 fresh bucket on moto's S3 server over HTTP on 127.0.0.1; the product's flow (`flows.nightly.consolidate`,
 shipped defaults unless `--set`, an ephemeral Prefect server) runs against it on a 3-node
-`ray.cluster_utils.Cluster` on this machine. Measured: seconds per stage (the flow's own timings), the
-driver's peak RSS during the run (sampled every 50 ms), the Prefect task runs of the flow run, bytes
+`ray.cluster_utils.Cluster` on this machine. Each N runs in a fresh driver process, and moto's server in
+a process of its own (it keeps every object in memory), so the driver's RSS is the flow's alone.
+Measured: seconds per stage (the flow's own timings), the driver's peak RSS during the run (sampled
+every 50 ms) and the RSS it started the run from, the Prefect task runs of the flow run, bytes
 written to the store, GW pairs solved and trial merges; then each stage's growth exponent b in
 seconds ~ a N^b (least squares on log-log over the sizes run). Prints one JSON object as its last line
 and writes docs/results/flow_scale.json.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -94,7 +97,7 @@ def task_run_count(flow_run_id) -> int:
                 return count
 
 
-def run_size(n: int, local: Path, endpoint: str, settings, address: str, overrides: dict) -> dict:
+def run_size(n: int, local: Path, settings, address: str, overrides: dict) -> dict:
     from dataclasses import asdict
 
     from fixtures_s3 import make_s3_bucket  # tests/: the same bucket helper as the suite's moto tests
@@ -105,7 +108,6 @@ def run_size(n: int, local: Path, endpoint: str, settings, address: str, overrid
     uri = f"s3://{bucket}/fleet"
     uploaded = cold_copy(local, n, uri, settings)
     config = {**overrides, "ray_address": address}
-    # one process runs every size: its peak is cumulative, so the RSS each run starts from is kept too
     with PeakRSS(interval=0.05) as rss:
         state = consolidate(fleet="fleet.yaml", store=uri, config=config, settings=asdict(settings), return_state=True)
     summary = state.result()
@@ -136,6 +138,47 @@ def growth_exponents(rows: list[dict]) -> dict[str, float | None]:
     return out
 
 
+def start_moto(python: str) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in its own process on a free loopback port; returns (process, endpoint)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return server, endpoint
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"moto's server exited with {server.returncode} before answering on {endpoint}")
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"moto's server did not answer on {endpoint} within 30 s")
+
+
+def settings_for(endpoint: str, work: Path):
+    from infra.settings import Settings
+
+    return Settings(store=str(work / "unused"), s3_endpoint=endpoint, s3_region="us-east-1",
+                    aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="25,50,100,200")
@@ -143,55 +186,56 @@ def main() -> None:
                         help="a ConsolidateConfig field for every run (JSON value, else a string)")
     parser.add_argument("--work", default=str(ROOT / ".fleetmerge" / "flow_scale"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "flow_scale.json"))
+    parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)  # a child: one N against --address
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     reap_on_exit()
-    sizes = sorted(int(s) for s in args.sizes.split(","))
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except ValueError:
-            overrides[key] = value
+    overrides = parse_overrides(args.set)
+    work = Path(args.work)
 
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from moto.server import ThreadedMotoServer
-    from ray.cluster_utils import Cluster
-
-    from infra.settings import Settings, offline_env
+    from infra.settings import offline_env
 
     offline_env()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import logging
+    if args.one_size:
+        local = build_fleet_cache(args.one_size, work)
+        run_size(args.one_size, local, settings_for(args.endpoint, work), args.address, overrides)
+        return
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto: one access-log line per request otherwise
-    work = Path(args.work)
+    from ray.cluster_utils import Cluster
+
+    sizes = sorted(int(s) for s in args.sizes.split(","))
     work.mkdir(parents=True, exist_ok=True)
-    local = build_fleet_cache(max(sizes), work)
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    settings = Settings(store=str(work / "unused"), s3_endpoint=f"http://{host}:{port}", s3_region="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    build_fleet_cache(max(sizes), work)
+    moto, endpoint = start_moto(sys.executable)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     rows = []
     try:
-        for n in sizes:
-            rows.append(run_size(n, local, settings.s3_endpoint, settings, cluster.address, overrides))
+        for n in sizes:  # a fresh driver per N: its peak RSS is that run's, not the sizes' before it
+            child = subprocess.run([sys.executable, __file__, "--one-size", str(n), "--address", cluster.address,
+                                    "--endpoint", endpoint, "--work", str(work),
+                                    *[f"--set={item}" for item in args.set]],
+                                   stdout=subprocess.PIPE, text=True, check=True)
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
     finally:
         import ray
 
         ray.shutdown()
         cluster.shutdown()
-        moto.stop()
+        moto.terminate()
+        moto.wait(timeout=30)
     largest = rows[-1]
     result = {"sizes": sizes, "config": overrides, "rows": rows, "growth_exponents": growth_exponents(rows),
-              f"flow_seconds_n{largest['n']}": largest["seconds"]["total"], "nodes": 3, "store": "moto S3 over HTTP",
+              f"flow_seconds_n{largest['n']}": largest["seconds"]["total"], "nodes": 3,
+              "store": "moto S3 over HTTP (its own process)", "driver": "a fresh process per N",
               "commit": commit(), "machine": machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
