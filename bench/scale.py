@@ -242,14 +242,16 @@ def main() -> None:
     parser.add_argument("--beetle-fleet", action="append", default=[], metavar="DIR",
                         help="also the real-feature check on a built Beetle fold fleet, e.g. "
                              ".fleetmerge/beetle/fold1of3/fleet (repeatable)")
-    parser.add_argument("--run-flow", action="store_true", help="run bench/flow_scale.py first (about an hour)")
+    parser.add_argument("--run-flow", action="store_true",
+                        help="run bench/flow_scale.py first, with the product's defaults (about 40 min)")
     args = parser.parse_args()
     if args.run_flow:
         import subprocess
         import sys
 
-        subprocess.run([sys.executable, str(_util._ROOT / "bench" / "flow_scale.py"), "--set",
-                        f"gw_candidates={args.m}", "--out", args.flow_result], check=True)
+        # the flow with the product's defaults (its shortlist size chosen by the fleet's size)
+        subprocess.run([sys.executable, str(_util._ROOT / "bench" / "flow_scale.py"), "--out", args.flow_result],
+                       check=True)
     if args.quick:
         args.scorers, args.points, args.check_scorers, args.check_points = 40, 64, 30, 48
         args.work = str(Path(args.work) / "quick")
