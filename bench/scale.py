@@ -26,7 +26,7 @@ a family cannot be one group of k = 3 and the planner has real choices), d = 384
 * ``flow_seconds_n200`` and ``growth_exponents``: the flow's cost curve, measured by
   ``bench/flow_scale.py`` (tiny scorers at N = 25...200 through the real flow on a 3-node Ray cluster
   and moto's S3 server; about an hour) and read here from its result file (``--flow-result``), with
-  the commit it was measured at; ``--run-flow`` runs it first (with ``gw_candidates = --m``).
+  the commit it was measured at; ``--run-flow`` runs it first (with the product's defaults).
 
 Prints one JSON object as the last line.
 """
