@@ -12,9 +12,12 @@ shipped defaults unless `--set`, an ephemeral Prefect server) runs against it on
 a process of its own (it keeps every object in memory), so the driver's RSS is the flow's alone.
 Measured: seconds per stage (the flow's own timings), the driver's peak RSS during the run (sampled
 every 50 ms) and the RSS it started the run from, the Prefect task runs of the flow run, bytes
-written to the store, GW pairs solved and trial merges; then each stage's growth exponent b in
-seconds ~ a N^b (least squares on log-log over the sizes run). Prints one JSON object as its last line
-and writes docs/results/flow_scale.json.
+written to the store, GW pairs solved and trial merges, and the driver's peak RSS by the end of each
+stage (the flow's own `driver_peak_rss_mb`); then each stage's growth exponent b in seconds ~ a N^b
+(least squares on log-log over the sizes run) and, for the stages whose work is a count the fleet
+decides (pairs solved, trial merges, groups, items kept on their own scorers), seconds per unit of that
+work and b against it (`work_exponents`). Prints one JSON object as its last line and writes
+docs/results/flow_scale.json.
 """
 from __future__ import annotations
 
@@ -114,7 +117,8 @@ def run_size(n: int, local: Path, settings, address: str, overrides: dict) -> di
     written = sum(open_store(uri, settings).list_sizes("").values()) - uploaded
     row = {"n": n, "seconds": {k: summary["seconds"].get(k, 0.0) for k in STAGES},
            "driver_peak_rss_mb": round(rss.peak / 2**20, 1),
-           "driver_rss_at_start_mb": round(rss.start / 2**20, 1), "task_runs": task_run_count(state.state_details.flow_run_id),
+           "driver_rss_at_start_mb": round(rss.start / 2**20, 1),
+           "driver_peak_rss_mb_by_stage": summary.get("driver_peak_rss_mb"), "task_runs": task_run_count(state.state_details.flow_run_id),
            "bytes_written": written, "gw_pairs_solved": summary["computed"]["pairs"],
            "gw_pairs_skipped": summary["skipped"]["pairs"],
            "trial_merges": summary["computed"].get("trial merges"), "groups": len(summary["groups"]),
@@ -135,6 +139,24 @@ def growth_exponents(rows: list[dict]) -> dict[str, float | None]:
     for name in ("driver_peak_rss_mb", "task_runs", "bytes_written", "gw_pairs_solved"):
         values = np.array([max(r[name], 1) for r in rows], dtype=float)
         out[name] = round(float(np.polyfit(sizes, np.log(values), 1)[0]), 2) if len(rows) >= 2 else None
+    return out
+
+
+# A stage's own unit of work, where it is not N itself: its count depends on the fleet (the gate decides
+# how many items stay on their own scorers, the shortlist how many pairs are solved).
+WORK_UNITS = {"gw": "gw_pairs_solved", "trial-merges": "trial_merges", "merge": "groups",
+              "individual": "individual_items"}
+
+
+def work_exponents(rows: list[dict]) -> dict[str, dict]:
+    """Per stage with a unit of work: seconds per unit at each N and b in seconds ~ a units^b."""
+    out = {}
+    for stage, unit in WORK_UNITS.items():
+        units = np.array([max(r[unit] or 0, 1) for r in rows], dtype=float)
+        seconds = np.array([r["seconds"][stage] for r in rows])
+        fit = len(rows) >= 2 and len(set(units)) > 1 and (seconds >= 0.05).all()
+        out[stage] = {"unit": unit, "seconds_per_unit": [round(float(x), 3) for x in seconds / units],
+                      "exponent": round(float(np.polyfit(np.log(units), np.log(seconds), 1)[0]), 2) if fit else None}
     return out
 
 
@@ -234,6 +256,7 @@ def main() -> None:
         moto.wait(timeout=30)
     largest = rows[-1]
     result = {"sizes": sizes, "config": overrides, "rows": rows, "growth_exponents": growth_exponents(rows),
+              "work_exponents": work_exponents(rows),
               f"flow_seconds_n{largest['n']}": largest["seconds"]["total"], "nodes": 3,
               "store": "moto S3 over HTTP (its own process)", "driver": "a fresh process per N",
               "commit": commit(), "machine": machine()}

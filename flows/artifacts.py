@@ -115,6 +115,8 @@ def run_markdown(summary: dict[str, Any], records: list[dict]) -> str:
               or ["Nothing: every scorer passed validation."])
     lines += ["", f"Computed: {_counts(summary['computed'])}; reused: {_counts(summary['reused'])}. "
               f"Seconds: {', '.join(f'{k} {v:.1f}' for k, v in summary['seconds'].items())}."]
+    if summary.get("driver_peak_rss_mb"):  # what the flow's process needs: size the machine that runs it
+        lines += ["", f"Driver peak memory: {max(summary['driver_peak_rss_mb'].values()):,.0f} MB."]
     return "\n".join(lines) + "\n"
 
 

@@ -249,13 +249,20 @@ def merge_group_task(store_uri: str, settings: dict | None, manifest_key: str, m
 
 @task(name="keep-individual", task_run_name="keep {item} on its own scorer", retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_transient)
-def individual_task(store_uri: str, settings: dict | None, manifest_key: str, item: str) -> dict:
-    from workers.group_jobs import individual_job, own_job
+def individual_task(store_uri: str, settings: dict | None, manifest_key: str, item: str,
+                    ray_address: str | None = None) -> dict:
+    import ray
+
+    from infra.ray_conn import ensure_ray
+    from workers.group_jobs import cached_kept_item, kept_item_job
 
     store = _store(store_uri, settings)
-    own = own_job(store, item, manifest_key=manifest_key)  # cached; the figures every report shows
-    return {**individual_job(store, item, manifest_key=manifest_key),
-            "validation_macro_f1": own["validation"]["macro_f1"], "test_macro_f1": own["test"]["macro_f1"]}
+    result = cached_kept_item(store, item, manifest_key=manifest_key)  # cached and whole: no Ray, no model
+    if result is None:  # the scorer is loaded (and scored, if no group job did) on Ray, not in the driver
+        ensure_ray(ray_address)  # thread-safe: the first kept item connects, the others find it
+        remote = ray.remote(num_cpus=0.5, max_retries=2)(kept_item_job)
+        result = ray.get(remote.remote(store, item, manifest_key=manifest_key), timeout=RAY_WAIT_S)
+    return result
 
 
 @task(name="publish", retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_transient)
@@ -289,9 +296,11 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
     run_id = cfg.run_id or new_run_id()
     token = uuid.uuid4().hex  # this run's claim on its run id; the publish task's retries pass it again
     timings: dict[str, float] = {}
+    peak_rss: dict[str, float] = {}  # the driver's peak RSS by the end of each stage: which one grows it
 
-    def timed(name: str, value):
+    def timed(name: str, value=None):
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 2)
+        peak_rss[name] = _peak_rss_mb()
         return value
 
     report = timed("validate", validate_task(store, settings, fleet))
@@ -317,7 +326,7 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
     futures = [merge_group_task.submit(store, settings, fleet, group, cfg, k["key"]) for group, k in zip(groups, keys)]
     wait(futures)
     records = [f.result(raise_on_failure=True) for f in futures]
-    timings["merge"] = round(time.perf_counter() - started - sum(timings.values()), 2)
+    timed("merge")
 
     sources: dict[str, str] = {}
     members: dict[str, list[str]] = {}
@@ -329,16 +338,17 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
             merged_items.update(record["accepted"])
     individual = [i for i in usable if i not in merged_items]
     kept = [f.result(raise_on_failure=True)
-            for f in individual_task.map(unmapped(store), unmapped(settings), unmapped(fleet), individual)]
+            for f in individual_task.map(unmapped(store), unmapped(settings), unmapped(fleet), individual,
+                                         unmapped(cfg.ray_address))]
     for result in kept:
         name = f"items/{result['item']}"
         sources[name], members[name] = result["checkpoint"], [result["item"]]
-    timings["individual"] = round(time.perf_counter() - started - sum(timings.values()), 2)
+    timed("individual")
 
     extra = {"plan": plan, "gate": [r["gate"] for r in records], "members": members, "set_aside": set_aside,
              "config": {k: v for k, v in cfg.to_dict().items() if k != "run_id"}}
     published = publish_task(store, settings, fleet, sources, run_id, extra, token)
-    timings["publish"] = round(time.perf_counter() - started - sum(timings.values()), 2)
+    timed("publish")
 
     summary = {
         "run_id": published["run_id"], "republished": published["republished"], "store": store,
@@ -354,9 +364,19 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
                     **({"not shortlisted": distances["not_shortlisted"]} if distances.get("candidates") else {})},
         "items": _item_table(records, kept),
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
+        "driver_peak_rss_mb": peak_rss,
     }
     artifacts.publish_run_artifacts(summary, planned, records)
     return summary
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def _trials(trials: dict, planned: dict, kind: str) -> int:

@@ -48,10 +48,11 @@ def test_run_summary_lists_groups_changes_and_what_was_set_aside():
                           "test_macro_f1_after": 0.5 + d} for n, d in enumerate([-0.2, 0.0, 0.1, 0.3])],
                "set_aside": {"bad": ["scorers/bad/model.safetensors: not a safetensors file"]},
                "computed": {"features": 8, "pairs": 28, "merges": 3}, "reused": {"features": 0, "pairs": 0, "merges": 0},
-               "seconds": {"total": 12.345}}
+               "seconds": {"total": 12.345}, "driver_peak_rss_mb": {"validate": 612.0, "publish": 1234.4}}
     page = run_markdown(summary, [_record(["i0", "i1", "i2"], ["i0", "i2"], "the group failed (i1: ...)")])
     assert "8.0 MB → 3.0 MB (2.667x smaller)" in page
     assert "| i0 + i1 + i2 | fallback pair i0 + i2 (i1 on own scorer) | the group failed (i1: ...) |" in page
     assert "| i0 | 0.500 | 0.300 | -0.200 |" in page and "| i3 | 0.500 | 0.800 | +0.300 |" in page
     assert "**bad**: scorers/bad/model.safetensors: not a safetensors file" in page
     assert "8 features, 28 pairs, 3 merges" in page and "total 12.3" in page
+    assert "Driver peak memory: 1,234 MB." in page

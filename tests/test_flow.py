@@ -37,6 +37,17 @@ def other_fleet_copy(fleet_copy):
     return fleet_copy
 
 
+@pytest.fixture
+def driver_loads_no_model(monkeypatch):
+    """Models load in Ray workers (other processes) only: a load in this, the flow's driver process, fails."""
+    from transformers import PreTrainedModel
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError("the flow's driver loaded a model")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
 async def _artifact_keys(flow_run_id) -> set[str]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -60,7 +71,8 @@ def test_flow_publishes_then_reruns_without_computing(prefect_harness, ray_local
     # The default planner: the 10 GW pairs pick each scorer's shortlist, whose pairs (and planned trios) are
     # trial-merged; with 5 scorers and a shortlist of 5 that is every pair.
     trials = summary["computed"].pop("trial merges")
-    assert summary["computed"] == {"features": 5, "pairs": 10, "merges": len(summary["groups"])}
+    # every planned group is merged once, whether the gate then publishes it or keeps its members apart
+    assert summary["computed"] == {"features": 5, "pairs": 10, "merges": len(manifest["extra"]["plan"]["groups"])}
     assert trials >= 10 and manifest["extra"]["plan"]["planner"] == "measured"
     keys = asyncio.run(_artifact_keys(state.state_details.flow_run_id))
     assert {"gw-heatmap", "merge-plan", "item-metrics", "storage-summary", "gw-progress"} <= keys
@@ -99,6 +111,20 @@ def test_changed_scorer_recomputes_only_its_own_work(prefect_harness, ray_local,
     new = [group for group in after if "circuits-2" in group or group not in before]
     assert second["computed"]["merges"] == len(new) == 2 and second["reused"]["merges"] == len(after) - len(new)
     assert second["republished"] and second["run_id"] != first["run_id"]
+
+
+def test_items_kept_on_their_own_scorers_are_loaded_on_ray_never_in_the_driver(prefect_harness, ray_local, fleet_copy,
+                                                                               driver_loads_no_model):
+    # The default planner's trial merges run, but no pair merges that well: the plan is all singletons.
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "tau": 1e-9})
+    assert summary["computed"]["trial merges"] > 0
+    assert summary["groups"] == [] and len(summary["individual"]) == 5
+    assert {row["decision"] for row in summary["items"]} == {"kept on its own scorer (not planned into a group)"}
+    assert all(row["test_macro_f1_before"] is not None for row in summary["items"])
+    store = open_store(str(fleet_copy))
+    assert verify_run(store, summary["run_id"]) == [] and len(read_manifest(store, summary["run_id"])["routing"]) == 5
+    assert set(summary["driver_peak_rss_mb"]) == {"validate", "extract", "gw", "trial-merges", "plan", "merge",
+                                                  "individual", "publish"}
 
 
 def test_failed_publish_leaves_the_previous_state(prefect_harness, ray_local, fleet_copy, monkeypatch):

@@ -97,9 +97,12 @@ def own_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY,
             consolidator: GroupConsolidator | None = None) -> dict:
     """The item's own scorer on validation and test (what the gate and the reports compare with)."""
     consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key))
-    key = job_key("own", job_inputs(store, consolidator.manifest, [item]))
-    return _cached_json(store, f"candidates/own/{key}.json",
+    return _cached_json(store, _own_key(store, consolidator.manifest, item),
                         lambda: consolidator.own(consolidator.manifest.scorer(item)))
+
+
+def _own_key(store: Store, manifest: FleetManifest, item: str, hashes: dict | None = None) -> str:
+    return f"candidates/own/{job_key('own', job_inputs(store, manifest, [item], hashes))}.json"
 
 
 def sweep_job(store: Store, member_ids: Sequence[str], config: MergeConfig, *,
@@ -147,12 +150,43 @@ def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY)
     """An item kept on its own scorer, saved in the consolidated format (cached by its checkpoint hash)."""
     manifest = load_manifest(store, manifest_key)
     spec = manifest.scorer(item)
-    key = job_key("item", item, checkpoint_hash(store, spec.checkpoint), spec.labels, spec.task)
-    prefix = f"candidates/items/{key}"
+    prefix = _item_prefix(store, manifest, item)
     if (record := cached_record(store, prefix)) is not None:
         return record
     scorer = load_spec_scorer(store, spec, "cpu", base_model=manifest.base_model)
     backbone, head = split_model(scorer.model, manifest.head_modules)
     model = MultiHeadScorer(scorer.model.config, backbone, {item: head}, {item: {"task": spec.task, "labels": spec.labels}})
     save_checkpoint(store, f"{prefix}/checkpoint", model, scorer.tokenizer, {"group": [item], "merge": None})
-    return _save_record(store, prefix, {"item": item, "key": key, "checkpoint": f"{prefix}/checkpoint"})
+    return _save_record(store, prefix, {"item": item, "key": prefix.rsplit("/", 1)[1],
+                                        "checkpoint": f"{prefix}/checkpoint"})
+
+
+def _item_prefix(store: Store, manifest: FleetManifest, item: str, hashes: dict | None = None) -> str:
+    spec = manifest.scorer(item)
+    if hashes is not None and item in hashes:
+        weights = hashes[item][1]  # job_inputs' entry: (item, checkpoint hash, responses hash)
+    else:
+        weights = checkpoint_hash(store, spec.checkpoint)
+    return f"candidates/items/{job_key('item', item, weights, spec.labels, spec.task)}"
+
+
+def kept_item_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY) -> dict:
+    """An item the published run keeps on its own scorer: its consolidated checkpoint and its own figures.
+
+    Runs as a Ray task in the flow (it loads the scorer, and scores it when no group job has), so the
+    driver never loads a model."""
+    own = own_job(store, item, manifest_key=manifest_key)
+    return _kept(individual_job(store, item, manifest_key=manifest_key), own)
+
+
+def cached_kept_item(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY) -> dict | None:
+    """`kept_item_job`'s result when both its parts are stored and whole (no model loaded), else None."""
+    manifest = load_manifest(store, manifest_key)
+    hashes: dict = {}
+    own = store.read_cached(_own_key(store, manifest, item, hashes))
+    record = cached_record(store, _item_prefix(store, manifest, item, hashes)) if own is not None else None
+    return None if record is None else _kept(record, own)
+
+
+def _kept(record: dict, own: dict) -> dict:
+    return {**record, "validation_macro_f1": own["validation"]["macro_f1"], "test_macro_f1": own["test"]["macro_f1"]}
