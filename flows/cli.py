@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     serve.add_argument("--memory-budget-mb", type=float, default=None,
-                       help="weights kept in memory per replica; least recently used checkpoints are evicted "
-                            "(default: no limit)")
+                       help="weights kept in memory per replica; the checkpoints least in demand (rows asked "
+                            "of them lately) are evicted first (default: no limit)")
     serve.add_argument("--replicas", type=int, default=1, help="service replicas (default: %(default)s)")
     serve.add_argument("--poll-s", type=float, default=5.0,
                        help="how often LATEST is checked for a new run (default: %(default)s)")

@@ -82,6 +82,23 @@ def test_the_budget_evicts_the_least_recently_used_checkpoint(published):
         holder.score([("nope", "x")])
 
 
+def test_the_budget_keeps_the_checkpoint_asked_for_most_not_the_last_used(published):
+    probe = FleetHolder(published, run_id="run-2", device="cpu", poll_s=3600)
+    probe.score([("circuits-1", "x")])
+    size = probe.status()["loaded_bytes"]  # run-2's three checkpoints are the same size
+    holder = FleetHolder(published, run_id="run-2", memory_budget=2 * size, device="cpu", poll_s=3600)
+    holder.score([("circuits-1", "the switch is open")] * 3)
+    holder.score([("circuits-3", "a closed loop")])
+    holder.score([("plants-1", "leaves take in light")])
+    # circuits-1 was asked for three rows, circuits-3 for one: circuits-3 goes, though circuits-1 was used
+    # before it (least-recently-used eviction would have dropped circuits-1)
+    status = holder.status()
+    assert status["loaded"] == ["items/circuits-1", "items/plants-1"] and status["evictions"] == 1
+    # circuits-3 is back with three more rows; plants-1, asked for once, makes room
+    holder.score([("circuits-3", "a closed loop")] * 3)
+    assert holder.status()["loaded"] == ["items/circuits-1", "items/circuits-3"]
+
+
 def test_a_new_latest_is_served_and_running_requests_finish_on_the_old_run(published):
     holder = FleetHolder(published, device="cpu", poll_s=0)
     old = holder._acquire()  # a request that is still running on run-1

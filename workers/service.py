@@ -7,9 +7,9 @@
 A request's rows are routed item -> checkpoint by the published manifest and answered with one
 backbone pass per shared backbone (`ConsolidatedFleet.predict_mixed`); requests that arrive together
 are answered together, so each checkpoint is loaded once for all of them. Checkpoints load on first use
-and stay within the memory budget (least recently used evicted). When `LATEST` moves, the next
-request is answered by the new run; requests already running finish on the old one, which is closed
-when the last of them is done. A bad request gets a 4xx and a one-line reason.
+and stay within the memory budget (the least in demand evicted: `workers.serving`). When `LATEST`
+moves, the next request is answered by the new run; requests already running finish on the old one,
+which is closed when the last of them is done. A bad request gets a 4xx and a one-line reason.
 """
 from __future__ import annotations
 

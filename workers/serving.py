@@ -3,7 +3,12 @@
 A mixed batch over items that share a backbone takes one backbone pass (length-sorted, dynamically
 padded batches) and then each row through its own item's head. Only runs with a manifest are trusted
 (`infra.publish`); checkpoints are loaded on first use and kept, within `memory_budget` bytes of
-weights when one is given (the least recently used checkpoint is evicted first).
+weights when one is given. What is evicted first is the checkpoint least in demand: the fewest rows
+asked of it lately (counts halve every `DEMAND_HALF_LIFE_ROWS` rows served; ties: the least recently
+used). A backbone shared by three items is asked for about three times as often as an item's own
+scorer, so under a tight budget the shared backbones stay and the rarely asked checkpoints take turns;
+least-recently-used eviction instead cycles every checkpoint through memory when each batch of
+requests needs more of them than fit (bench/serve.py --service).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from infra.storage import Store
 from workers.batching import sorted_batches
 from workers.scorer_io import default_device
 from workers.multihead import MultiHeadScorer, load_consolidated
+
+DEMAND_HALF_LIFE_ROWS = 4096.0  # recent enough to follow a change of traffic, long enough to rank steadily
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class ConsolidatedFleet:
         self.loads = self.evictions = 0
         # name -> (model, tokenizer, weight bytes, the context that holds its files); oldest use first
         self._loaded: OrderedDict[str, tuple[MultiHeadScorer, object, int, contextlib.ExitStack]] = OrderedDict()
+        self._demand: dict[str, float] = {}  # checkpoint -> rows asked of it, decayed; kept after eviction
 
     @property
     def items(self) -> list[str]:
@@ -75,10 +83,21 @@ class ConsolidatedFleet:
             size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             # Evict before keeping it; one checkpoint larger than the whole budget is still served.
             while self._loaded and self.memory_budget is not None and self.loaded_bytes + size > self.memory_budget:
-                self._evict(next(iter(self._loaded)))
+                self._evict(self._least_in_demand())
             self._loaded[name] = (model, tokenizer, size, stack)
             self.loads += 1
         return self._loaded[name][:2]
+
+    def _least_in_demand(self) -> str:
+        # min keeps the first of equals, and _loaded runs from the least recently used
+        return min(self._loaded, key=lambda name: self._demand.get(name, 0.0))
+
+    def _count_demand(self, rows: dict[str, int]) -> None:
+        decay = 0.5 ** (sum(rows.values()) / DEMAND_HALF_LIFE_ROWS)
+        for name in self._demand:
+            self._demand[name] *= decay
+        for name, count in rows.items():
+            self._demand[name] = self._demand.get(name, 0.0) + count
 
     def _evict(self, name: str) -> None:
         *_, stack = self._loaded.pop(name)
@@ -99,6 +118,7 @@ class ConsolidatedFleet:
         for index, (item, _) in enumerate(requests):
             by_checkpoint[self._route(item)].append(index)
         out: list[Prediction | None] = [None] * len(requests)
+        self._count_demand({name: len(indices) for name, indices in by_checkpoint.items()})
         # Checkpoints in memory first: under a memory budget a load may evict one this call still needs.
         order = sorted(by_checkpoint, key=lambda name: name not in self._loaded)
         for name in order:
