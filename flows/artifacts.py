@@ -25,17 +25,27 @@ class Progress:
             self._last = percent
 
 
+HEATMAP_MAX_INCHES = 14.0  # a fixed canvas: a district's heatmap must not grow with the square of its fleet
+HEATMAP_MAX_LABELLED = 80  # scorers named on the axes at most (7 pt each); beyond that, names are unreadable
+
+
 def heatmap_png(matrix: list[list[float]], ids: list[str]) -> bytes:
+    """The GW matrix as a PNG of at most HEATMAP_MAX_INCHES square at 90 dpi, whatever the fleet's size
+    (a pair the shortlist did not solve is blank). Rows and columns in the order given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    size = max(4.0, 0.35 * len(ids) + 2)
+    size = min(HEATMAP_MAX_INCHES, max(4.0, 0.35 * len(ids) + 2))
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    image = ax.imshow(matrix, cmap="viridis")
-    ax.set_xticks(range(len(ids)), ids, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(ids)), ids, fontsize=7)
+    image = ax.imshow(np.asarray(matrix, dtype=float), cmap="viridis", interpolation="nearest")
+    if len(ids) <= HEATMAP_MAX_LABELLED:
+        ax.set_xticks(range(len(ids)), ids, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(ids)), ids, fontsize=7)
+    else:
+        ax.set_xlabel(f"{len(ids)} scorers")
     ax.set_title("Gromov-Wasserstein distances")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -43,6 +53,17 @@ def heatmap_png(matrix: list[list[float]], ids: list[str]) -> bytes:
     fig.savefig(out, format="png", dpi=90)
     plt.close(fig)
     return out.getvalue()
+
+
+def plan_ordered(planned: dict) -> tuple[list[list[float]], list[str]]:
+    """The GW matrix with its scorers in the plan's order (group after group, then the rest)."""
+    ids = planned["ids"]
+    grouped = [i for group in planned["plan"]["groups"] for i in group if i in ids]
+    chosen = set(grouped)
+    order = grouped + [i for i in ids if i not in chosen]
+    index = {i: n for n, i in enumerate(ids)}
+    matrix = planned["matrix"]
+    return [[matrix[index[a]][index[b]] for b in order] for a in order], order
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -121,9 +142,11 @@ def run_markdown(summary: dict[str, Any], records: list[dict]) -> str:
 
 
 def publish_run_artifacts(summary: dict[str, Any], planned: dict, records: list[dict]) -> None:
-    png = base64.b64encode(heatmap_png(planned["matrix"], planned["ids"])).decode()
+    matrix, ids = plan_ordered(planned)
+    png = base64.b64encode(heatmap_png(matrix, ids)).decode()
     create_markdown_artifact(f"![GW distance heatmap](data:image/png;base64,{png})", key="gw-heatmap",
-                             description="pairwise GW distances between the scorers' feature clouds")
+                             description="pairwise GW distances between the scorers' feature clouds, "
+                                         "the planned groups as blocks along the diagonal")
     rows, description = plan_rows(planned)
     create_table_artifact(rows, key="merge-plan", description=description)
     create_table_artifact(summary["items"], key="item-metrics",

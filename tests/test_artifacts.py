@@ -1,7 +1,7 @@
 """The run's artifacts read at a glance: words for gate decisions, rounded figures, one summary page."""
 from __future__ import annotations
 
-from flows.artifacts import _decision, plan_rows, run_markdown
+from flows.artifacts import HEATMAP_MAX_INCHES, _decision, heatmap_png, plan_ordered, plan_rows, run_markdown
 
 
 def _record(members, accepted, reason="merged: every member passed (no member's macro F1 fell)"):
@@ -56,3 +56,18 @@ def test_run_summary_lists_groups_changes_and_what_was_set_aside():
     assert "**bad**: scorers/bad/model.safetensors: not a safetensors file" in page
     assert "8 features, 28 pairs, 3 merges" in page and "total 12.3" in page
     assert "Driver peak memory: 1,234 MB." in page
+
+
+def test_the_heatmap_shows_the_plan_as_blocks_on_a_canvas_that_does_not_grow_with_the_fleet():
+    planned = {"ids": ["a", "b", "c", "d"], "plan": {"groups": [["d", "b"]]},
+               "matrix": [[0, 1, 2, 3], [1, 0, 4, 5], [2, 4, 0, 6], [3, 5, 6, 0]]}
+    matrix, ids = plan_ordered(planned)
+    assert ids == ["d", "b", "a", "c"] and matrix[0] == [0, 5, 3, 6] and matrix[1][0] == 5
+    import struct
+
+    for n in (5, 500):
+        big = [[abs(i - j) / n for j in range(n)] for i in range(n)]
+        big[0][1] = big[1][0] = float("nan")  # not shortlisted
+        png = heatmap_png(big, [f"item-{i}" for i in range(n)])
+        width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and width <= HEATMAP_MAX_INCHES * 90 and height <= width
