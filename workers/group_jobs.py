@@ -96,9 +96,16 @@ def _save_record(store: Store, prefix: str, record: dict) -> dict:
 def own_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY,
             consolidator: GroupConsolidator | None = None) -> dict:
     """The item's own scorer on validation and test (what the gate and the reports compare with)."""
-    consolidator = consolidator or GroupConsolidator(store, load_manifest(store, manifest_key))
-    return _cached_json(store, _own_key(store, consolidator.manifest, item),
-                        lambda: consolidator.own(consolidator.manifest.scorer(item)))
+    manifest = consolidator.manifest if consolidator else load_manifest(store, manifest_key)
+    return _own(store, manifest, item, consolidator)
+
+
+def _own(store: Store, manifest: FleetManifest, item: str, consolidator: GroupConsolidator | None = None,
+         hashes: dict | None = None) -> dict:
+    def compute() -> dict:  # a consolidator loads the base model: only when the scores are not stored
+        return (consolidator or GroupConsolidator(store, manifest)).own(manifest.scorer(item))
+
+    return _cached_json(store, _own_key(store, manifest, item, hashes), compute)
 
 
 def _own_key(store: Store, manifest: FleetManifest, item: str, hashes: dict | None = None) -> str:
@@ -148,9 +155,12 @@ def consolidate_group_job(store: Store, member_ids: Sequence[str], config: Merge
 
 def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY) -> dict:
     """An item kept on its own scorer, saved in the consolidated format (cached by its checkpoint hash)."""
-    manifest = load_manifest(store, manifest_key)
+    return _individual(store, load_manifest(store, manifest_key), item)
+
+
+def _individual(store: Store, manifest: FleetManifest, item: str, hashes: dict | None = None) -> dict:
     spec = manifest.scorer(item)
-    prefix = _item_prefix(store, manifest, item)
+    prefix = _item_prefix(store, manifest, item, hashes)
     if (record := cached_record(store, prefix)) is not None:
         return record
     scorer = load_spec_scorer(store, spec, "cpu", base_model=manifest.base_model)
@@ -175,8 +185,9 @@ def kept_item_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY) 
 
     Runs as a Ray task in the flow (it loads the scorer, and scores it when no group job has), so the
     driver never loads a model."""
-    own = own_job(store, item, manifest_key=manifest_key)
-    return _kept(individual_job(store, item, manifest_key=manifest_key), own)
+    manifest, hashes = load_manifest(store, manifest_key), {}  # each file of the item hashed once
+    own = _own(store, manifest, item, hashes=hashes)
+    return _kept(_individual(store, manifest, item, hashes), own)
 
 
 def cached_kept_item(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY) -> dict | None:
