@@ -34,7 +34,7 @@ import numpy as np
 from _util import PeakRSS, commit, emit, machine, reap_on_exit
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("validate", "extract", "gw", "trial-merges", "plan", "merge", "individual", "publish", "total")
+STAGES = ("validate", "extract", "gw", "trial-merges", "plan", "merge", "individual", "publish", "artifacts", "total")
 N_RESPONSES = 60  # per item: the demo district's answers, enough for a tiny scorer's train/val/test
 
 

@@ -367,6 +367,8 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
         "driver_peak_rss_mb": peak_rss,
     }
     artifacts.publish_run_artifacts(summary, planned, records)
+    timed("artifacts")  # after the run-summary artifact, which shows the figures up to publish
+    summary["seconds"] = {**timings, "total": round(time.perf_counter() - started, 2)}
     return summary
 
 

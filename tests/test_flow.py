@@ -124,7 +124,7 @@ def test_items_kept_on_their_own_scorers_are_loaded_on_ray_never_in_the_driver(p
     store = open_store(str(fleet_copy))
     assert verify_run(store, summary["run_id"]) == [] and len(read_manifest(store, summary["run_id"])["routing"]) == 5
     assert set(summary["driver_peak_rss_mb"]) == {"validate", "extract", "gw", "trial-merges", "plan", "merge",
-                                                  "individual", "publish"}
+                                                  "individual", "publish", "artifacts"}
 
 
 def test_failed_publish_leaves_the_previous_state(prefect_harness, ray_local, fleet_copy, monkeypatch):
