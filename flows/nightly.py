@@ -229,19 +229,15 @@ def group_keys_task(store_uri: str, settings: dict | None, manifest_key: str, gr
       retry_condition_fn=_retry_transient)
 def merge_group_task(store_uri: str, settings: dict | None, manifest_key: str, members: list[str],
                      cfg: ConsolidateConfig, key: str) -> dict:
-    import ray
-
-    from infra.ray_conn import ensure_ray
     from workers.group_jobs import cached_record, consolidate_group_job, group_prefix
+    from workers.ray_jobs import run_on_ray
 
     store = _store(store_uri, settings)
     config = cfg.merge_config()
     record = cached_record(store, group_prefix(key))  # cached and whole: no Ray task, no model load
-    if record is None:
-        ensure_ray(cfg.ray_address)  # the flow has connected: this finds that connection
-        remote = ray.remote(num_cpus=0.5, max_retries=2)(consolidate_group_job)
-        record = ray.get(remote.remote(store, members, config, manifest_key=manifest_key, key=key),
-                         timeout=RAY_WAIT_S)
+    if record is None:  # the flow has connected to Ray: this finds that connection
+        record = run_on_ray(consolidate_group_job, store, members, config, manifest_key=manifest_key, key=key,
+                            address=cfg.ray_address, timeout_s=RAY_WAIT_S)
     get_run_logger().info(f"group {'+'.join(members)}: {record['gate']['reason']}"
                           f"{' (reused)' if record['reused'] else ''}")
     return record
@@ -251,17 +247,14 @@ def merge_group_task(store_uri: str, settings: dict | None, manifest_key: str, m
       retry_condition_fn=_retry_transient)
 def individual_task(store_uri: str, settings: dict | None, manifest_key: str, item: str,
                     ray_address: str | None = None) -> dict:
-    import ray
-
-    from infra.ray_conn import ensure_ray
     from workers.group_jobs import cached_kept_item, kept_item_job
+    from workers.ray_jobs import run_on_ray
 
     store = _store(store_uri, settings)
     result = cached_kept_item(store, item, manifest_key=manifest_key)  # cached and whole: no Ray, no model
     if result is None:  # the scorer is loaded (and scored, if no group job did) on Ray, not in the driver
-        ensure_ray(ray_address)  # thread-safe: the first kept item connects, the others find it
-        remote = ray.remote(num_cpus=0.5, max_retries=2)(kept_item_job)
-        result = ray.get(remote.remote(store, item, manifest_key=manifest_key), timeout=RAY_WAIT_S)
+        result = run_on_ray(kept_item_job, store, item, manifest_key=manifest_key, address=ray_address,
+                            timeout_s=RAY_WAIT_S)
     return result
 
 

@@ -160,24 +160,28 @@ def individual_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY)
 
 def _individual(store: Store, manifest: FleetManifest, item: str, hashes: dict | None = None) -> dict:
     spec = manifest.scorer(item)
-    prefix = _item_prefix(store, manifest, item, hashes)
+    key = _item_key(store, manifest, item, hashes)
+    prefix = _item_prefix(key)
     if (record := cached_record(store, prefix)) is not None:
         return record
     scorer = load_spec_scorer(store, spec, "cpu", base_model=manifest.base_model)
     backbone, head = split_model(scorer.model, manifest.head_modules)
     model = MultiHeadScorer(scorer.model.config, backbone, {item: head}, {item: {"task": spec.task, "labels": spec.labels}})
     save_checkpoint(store, f"{prefix}/checkpoint", model, scorer.tokenizer, {"group": [item], "merge": None})
-    return _save_record(store, prefix, {"item": item, "key": prefix.rsplit("/", 1)[1],
-                                        "checkpoint": f"{prefix}/checkpoint"})
+    return _save_record(store, prefix, {"item": item, "key": key, "checkpoint": f"{prefix}/checkpoint"})
 
 
-def _item_prefix(store: Store, manifest: FleetManifest, item: str, hashes: dict | None = None) -> str:
+def _item_prefix(key: str) -> str:
+    return f"candidates/items/{key}"
+
+
+def _item_key(store: Store, manifest: FleetManifest, item: str, hashes: dict | None = None) -> str:
     spec = manifest.scorer(item)
     if hashes is not None and item in hashes:
         weights = hashes[item][1]  # job_inputs' entry: (item, checkpoint hash, responses hash)
     else:
         weights = checkpoint_hash(store, spec.checkpoint)
-    return f"candidates/items/{job_key('item', item, weights, spec.labels, spec.task)}"
+    return job_key("item", item, weights, spec.labels, spec.task)
 
 
 def kept_item_job(store: Store, item: str, *, manifest_key: str = MANIFEST_KEY) -> dict:
@@ -195,7 +199,9 @@ def cached_kept_item(store: Store, item: str, *, manifest_key: str = MANIFEST_KE
     manifest = load_manifest(store, manifest_key)
     hashes: dict = {}
     own = store.read_cached(_own_key(store, manifest, item, hashes))
-    record = cached_record(store, _item_prefix(store, manifest, item, hashes)) if own is not None else None
+    if own is None:
+        return None
+    record = cached_record(store, _item_prefix(_item_key(store, manifest, item, hashes)))
     return None if record is None else _kept(record, own)
 
 

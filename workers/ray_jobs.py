@@ -2,7 +2,8 @@
 
 The GW matrix (`workers.ray_gw`) and the trial merges (`workers.pair_jobs`) both hand out chunks of
 work this way: at most `window` jobs in flight (the cluster's CPUs by default), half a CPU each, every
-wait with a timeout, and whatever is unfinished at the deadline cancelled.
+wait with a timeout, and whatever is unfinished at the deadline cancelled. The flow's one-off jobs (a
+group's merge, an item kept on its own scorer) run through `run_on_ray`, as the same kind of task.
 """
 from __future__ import annotations
 
@@ -29,13 +30,12 @@ class _Local:
 
 
 class _OnRay:
-    """Jobs as Ray tasks (half a CPU each); `shared` arguments are put in the object store once."""
+    """Jobs as Ray tasks (`_as_task`); `shared` arguments are put in the object store once."""
 
     def __init__(self, fn: Callable, shared: tuple, deadline: float, timeout_s: float, label: str) -> None:
         import ray
 
-        # Half a CPU each: never wait forever for CPUs that extraction actors or other jobs hold.
-        self._remote = ray.remote(num_cpus=0.5, max_retries=2)(fn)
+        self._remote = _as_task(fn)
         self._shared = tuple(ray.put(value) for value in shared)
         self._pending: dict = {}
         self._deadline, self._timeout_s, self._label = deadline, timeout_s, label
@@ -56,6 +56,24 @@ class _OnRay:
             raise TimeoutError(f"{self._label}: {len(self._pending)} tasks still unfinished after {self._timeout_s} s")
         done, _ = ray.wait(list(self._pending), num_returns=1, timeout=min(left, 60.0))
         return [(self._pending.pop(ref), ray.get(ref, timeout=60.0)) for ref in done]
+
+
+def _as_task(fn: Callable):
+    import ray
+
+    # Half a CPU each: never wait forever for CPUs that extraction actors or other jobs hold.
+    return ray.remote(num_cpus=0.5, max_retries=2)(fn)
+
+
+def run_on_ray(fn: Callable, *args, address: str | None = None, timeout_s: float, **kwargs):
+    """One job as a Ray task (connecting first if this process has not: thread-safe), waited for at most
+    `timeout_s` seconds; returns its result."""
+    import ray
+
+    from infra.ray_conn import ensure_ray
+
+    ensure_ray(address)
+    return ray.get(_as_task(fn).remote(*args, **kwargs), timeout=timeout_s)
 
 
 def runner(fn: Callable, shared: tuple, use_ray: bool, max_in_flight: int | None, deadline: float,
