@@ -7,7 +7,8 @@ PLAN_NAMES = {"gw": "GW plan (shipped τ quantile)", "gw_tau1": "GW plan, τ qua
               "gw_tau0.3": "GW plan, τ quantile 0.3",
               "module": "module (person's plan)", "random0": "random (seed 0)", "random1": "random (seed 1)",
               "random2": "random (seed 2)"}
-METHOD_NAMES = {"ties": "TIES", "doge": "DOGE", "task_arithmetic": "Task Arithmetic"}
+METHOD_NAMES = {"ties": "TIES", "doge": "DOGE", "task_arithmetic": "Task Arithmetic", "tsv_m": "TSV-M",
+                "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "regmean": "RegMean"}
 SETTING_NAMES = {"refit_heads": "heads refit", "own_heads": "own heads", "bound": "gate: bound (default)",
                  "delta": "gate: δ-rule"}
 
@@ -90,6 +91,8 @@ def render_markdown(result: dict) -> str:
         lines += ["## Merge methods (first fold only)", ""]
         lines += _table({n: r | {"macro_f1_sd_over_folds": None} for n, r in first.items()}, first["premerge"], methods)
         lines += ["", *_paired(result["first_fold_paired"]), ""]
+    if result.get("frontier"):
+        lines += frontier_lines(result)
     lines += ["## The gate", "", *gate_lines(result), "", *storage_analysis(result), "",
               "## Plans and the published run", ""]
     for fold in result["by_fold"]:
@@ -104,6 +107,44 @@ def render_markdown(result: dict) -> str:
               "## Settings (the shipped defaults, `ConsolidateConfig()`)", "", "```json",
               json.dumps(result["defaults"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+FRONTIER_TARGETS = ((False, 4.0), (True, 10.0))  # (per-item correction, storage ratio) at pre-merge − 0.02
+
+
+def frontier_lines(result: dict) -> list[str]:
+    """The storage-against-quality table (`--frontier`), the issue's targets, and where the frontier lies."""
+    rows, settings = result["frontier"], result["frontier_settings"]
+    pre = settings["premerge_macro_f1"]
+    folds = len(settings["folds_run"])
+    lines = ["## Storage against quality: merge method × group size × per-item correction", "",
+             f"`bench/quality_beetle.py --frontier` ({folds} fold{'s' if folds > 1 else ''}: "
+             f"{settings['folds_run']}). {settings['note']}", "",
+             f"Pre-merge macro F1 over these folds: {pre:.3f}. Δ is the paired change against it over item × fold "
+             "units (95 % bootstrap interval).", "",
+             "| method | k | correction | gate | backbones | storage | macro F1 | Δ vs pre-merge | 95 % interval "
+             "| adapter parameters | seconds a group |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["correction"], r["method"], r["k"], r["gated"])  # noqa: E731
+    for r in sorted(rows, key=key):
+        c = r["vs_premerge"]
+        lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} | {r['k']} | {'yes' if r['correction'] else 'no'} "
+                     f"| {'gated' if r['gated'] else 'ungated'} | {r['backbones']:.1f} | {r['storage_ratio']:.2f}x "
+                     f"| {r['macro_f1']:.3f} | {c['mean_diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] "
+                     f"| {r['adapter_parameters']:,} | {r['seconds_per_group']:.1f} |")
+    lines += ["", "Targets (gated, the product's gate; fleet macro F1 ≥ pre-merge − 0.02 on the fold mean):", ""]
+    for correction, ratio in FRONTIER_TARGETS:
+        gated = [r for r in rows if r["gated"] and r["correction"] == correction]
+        good = [r for r in gated if r["macro_f1"] >= pre - 0.02]
+        best = max(good, key=lambda r: r["storage_ratio"], default=None)
+        what = "with the per-item correction" if correction else "a group method alone"
+        if best is None:
+            lines.append(f"- {what}, storage ≥ {ratio:g}x: no setting run ({len(gated)} gated rows).")
+            continue
+        met = best["storage_ratio"] >= ratio
+        lines.append(f"- {what}, storage ≥ {ratio:g}x: **{'met' if met else 'missed'}**; the most storage within "
+                     f"the quality margin: {METHOD_NAMES.get(best['method'], best['method'])}, k = {best['k']}, "
+                     f"{best['storage_ratio']:.2f}x at macro F1 {best['macro_f1']:.3f} ({best['macro_f1'] - pre:+.3f}).")
+    return lines + [""]
 
 
 def gate_lines(result: dict) -> list[str]:

@@ -31,10 +31,11 @@ def _round(value) -> float | None:
     return None if value is None or value != value else round(float(value), 4)
 
 
-def storage(n_items: int, n_backbones: int, backbone_bytes: int, head_bytes: int) -> dict:
-    """Serving storage before (one encoder + head per item) and after (one encoder per backbone)."""
+def storage(n_items: int, n_backbones: int, backbone_bytes: int, head_bytes: int, adapter_bytes: int = 0) -> dict:
+    """Serving storage before (one encoder + head per item) and after (one encoder per backbone, and the
+    items' correction adapters)."""
     before = n_items * (backbone_bytes + head_bytes)
-    after = n_backbones * backbone_bytes + n_items * head_bytes
+    after = n_backbones * backbone_bytes + n_items * head_bytes + adapter_bytes
     return {"items": n_items, "backbones": n_backbones, "bytes_before": before, "bytes_after": after,
             "ratio": round(before / after, 3)}
 

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import _frontier as frontier  # noqa: E402
 from _quality_report import render_defaults, render_markdown  # noqa: E402
 from _quality_stats import fleet_summary, paired_comparison, storage  # noqa: E402
 from _util import reap_on_exit  # noqa: E402
@@ -114,31 +115,28 @@ class Fold:
         return {"items": self.items(merged), "groups": accepted, "decisions": decisions}
 
 
-def figures(fold: Fold, run: dict) -> dict:
+def figures(fold: Fold, run: dict, *, adapter_bytes: int = 0) -> dict:
     per_item = {i: v["test"] for i, v in run["items"].items()}
     summary = fleet_summary(per_item, {i: v["predictions"] for i, v in run["items"].items()},
                             {i: fold.own[i]["test_labels"] for i in fold.ids})
     backbones = len(fold.ids) - sum(len(g) - 1 for g in run["groups"])
-    return {**summary, "backbones": backbones, "storage_ratio": storage_ratio(fold, backbones),
+    return {**summary, "backbones": backbones, "storage_ratio": storage_ratio(fold, backbones, adapter_bytes),
             "per_item_macro_f1": {i: m["macro_f1"] for i, m in per_item.items()}}
 
 
-def storage_ratio(fold: Fold, backbones: int) -> float:
-    """Serving bytes before (an encoder and a head per item) over after (one encoder per backbone)."""
+def storage_ratio(fold: Fold, backbones: int, adapter_bytes: int = 0) -> float:
+    """Serving bytes before (an encoder and a head per item) over after (one encoder per backbone, the
+    heads and the items' correction adapters)."""
     member = fold.consolidator.member(fold.manifest.scorer(fold.ids[0]))
     size = lambda state: sum(t.numel() * t.element_size() for t in state.values())  # noqa: E731
-    return storage(len(fold.ids), backbones, size(member.backbone), size(member.head))["ratio"]
+    return storage(len(fold.ids), backbones, size(member.backbone), size(member.head), adapter_bytes)["ratio"]
 
 
 def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[str]) -> dict:
     """Every row of the report for one fold (figures per row, per-item macro F1 for the paired tests)."""
     started = time.perf_counter()
-    here = fold_dir(work, args.folds, fold_index)
-    responses, items_path = prepare(data_dir, here / "data", seed=args.seed, folds=args.folds, fold=fold_index)
-    store = open_store(str(here / "fleet"))
-    build_fleet(pq.read_table(responses), load_items(items_path), default_base_dir(), store,
-                fleet_name=data_dir.name, config=FinetuneConfig(seed=args.seed))
-    fold = Fold(store, args.seed)
+    fold, here = open_fold(fold_index, args, data_dir, work)
+    store = fold.store
     defaults = ConsolidateConfig()
     log(f"fold {fold_index}: {len(fold.ids)} scorers ready ({time.perf_counter() - started:.0f} s)")
 
@@ -152,12 +150,7 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[st
     shipped = fold.gated([list(g) for g in shipped_plan["groups"]], merge_config)  # the flow's records, reused
     log(f"fold {fold_index}: shipped run {shipped_summary['run_id']} ({shipped_summary['seconds']['total']} s)")
 
-    # The full GW matrix (features and pairs cached by the flow; the rest computed here by the same jobs).
-    extraction = extract_fleet(store, [fold.manifest.scorer(i) for i in fold.ids], defaults.extract_config(),
-                               base_model=fold.manifest.base_model)
-    gw_ids = sorted(extraction.features)
-    distances = compute_distances(store, {i: extraction.features[i] for i in gw_ids})
-    D = distance_matrix(store, distances["key"], gw_ids)
+    D, gw_ids = full_gw_matrix(fold)
     gw = plan_fleet(D, gw_ids, tau=defaults.tau, tau_quantile=defaults.tau_quantile, k=defaults.k)
     same_plan = sorted(map(sorted, gw.groups)) == sorted(map(sorted, shipped_plan["groups"]))
     if not same_plan:
@@ -202,6 +195,54 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[st
             "test_sizes": {i: fold.own[i]["test"]["n"] for i in fold.ids},
             "modules": {i: fold.manifest.scorer(i).module for i in fold.ids}, "set_aside": fold.set_aside,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def open_fold(fold_index: int, args, data_dir: Path, work: Path) -> tuple[Fold, Path]:
+    """One fold's fleet (built on first use, cached) and its directory."""
+    here = fold_dir(work, args.folds, fold_index)
+    responses, items_path = prepare(data_dir, here / "data", seed=args.seed, folds=args.folds, fold=fold_index)
+    store = open_store(str(here / "fleet"))
+    build_fleet(pq.read_table(responses), load_items(items_path), default_base_dir(), store,
+                fleet_name=data_dir.name, config=FinetuneConfig(seed=args.seed))
+    return Fold(store, args.seed), here
+
+
+def full_gw_matrix(fold: Fold) -> tuple[np.ndarray, list[str]]:
+    """The fold's full GW matrix with the shipped feature settings (features and pairs cached in its store
+    by the flow's own jobs)."""
+    extraction = extract_fleet(fold.store, [fold.manifest.scorer(i) for i in fold.ids],
+                               ConsolidateConfig().extract_config(), base_model=fold.manifest.base_model)
+    ids = sorted(extraction.features)
+    distances = compute_distances(fold.store, {i: extraction.features[i] for i in ids})
+    return distance_matrix(fold.store, distances["key"], ids), ids
+
+
+def run_frontier(args, data_dir: Path, work: Path, wanted: list[int]) -> None:
+    """The storage-against-quality table (bench/_frontier.py) on the requested folds, into NAME.json/.md
+    beside the rows of the last full run."""
+    defaults = ConsolidateConfig().merge_config()
+    methods = [m for m in args.frontier_methods.split(",") if m]
+    ks = [int(k) for k in args.frontier_ks.split(",") if k]
+    corrections = [c == "on" for c in args.frontier_corrections.split(",") if c]
+    folds, premerge, weights = [], [], {}
+    for f in wanted:
+        started = time.perf_counter()
+        fold, here = open_fold(f, args, data_dir, work)
+        D, ids = full_gw_matrix(fold)
+        log(f"fold {f}: {len(fold.ids)} scorers and the GW matrix ready ({time.perf_counter() - started:.0f} s)")
+        folds.append(frontier.run_fold(fold, D, ids, here, figures, methods=methods, ks=ks, corrections=corrections,
+                                       defaults=defaults, log=lambda m, f=f: log(f"fold {f}: {m}")))
+        premerge.append(figures(fold, {"items": fold.items({}), "groups": []}))
+        weights.update({f"{len(premerge) - 1}:{i}": fold.own[i]["test"]["n"] for i in fold.ids})
+        del fold  # its consolidator holds every member's encoder (~4 GB)
+    out = Path(args.out)
+    result = json.loads(out.with_suffix(".json").read_text())
+    result["frontier"] = frontier.combine(folds, premerge, weights, paired_comparison)
+    result["frontier_settings"] = {"folds_run": wanted, "methods": methods, "ks": ks,
+                                   "premerge_macro_f1": round(float(np.mean([p["macro_f1"] for p in premerge])), 4),
+                                   "note": frontier.__doc__.split("\n\n", 1)[1].strip()}
+    write(out, result)
+    print(json.dumps({"frontier_rows": len(result["frontier"]), "folds": wanted}))
 
 
 def alternative_tau_quantile(shipped: float) -> float:
@@ -253,6 +294,12 @@ def main() -> None:
     parser.add_argument("--random-seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render-only", action="store_true", help="re-render NAME.md and defaults.md from NAME.json")
+    parser.add_argument("--frontier", action="store_true",
+                        help="only the storage-against-quality table (method x k x correction, gated and ungated), "
+                             "added to NAME.json beside the last full run's rows")
+    parser.add_argument("--frontier-methods", default=",".join(frontier.METHODS))
+    parser.add_argument("--frontier-ks", default=",".join(map(str, frontier.KS)))
+    parser.add_argument("--frontier-corrections", default="off,on", help="'off', 'on' or 'off,on'")
     parser.add_argument("--methods-only", action="store_true",
                         help="only the shipped run, the GW plan (gated and ungated) and the method table: a quick "
                              "look at other merge methods (cached apart from the full run's rows)")
@@ -268,6 +315,9 @@ def main() -> None:
     work = Path(args.work) if args.work else ROOT / ".fleetmerge" / data_dir.name.split("_")[-1]
     methods = [m for m in args.methods.split(",") if m]
     wanted = [int(f) for f in args.only_folds.split(",") if f] or list(range(args.folds))
+    if args.frontier:
+        run_frontier(args, data_dir, work, wanted)
+        return
     started = time.perf_counter()
     folds = []
     for f in wanted:

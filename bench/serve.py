@@ -31,6 +31,10 @@ Figures (the last line of stdout is one JSON object):
   steady_state_by_request_batch   the same ratio for client calls of 8, 64 and 512 requests and for the
                             whole workload as one mixed batch, with the padded tokens each path's forward
                             passes process (noise-free; on a CPU the time follows them closely).
+  correction_cost_ratio     responses per second of the consolidated trio without / with per-item
+                            corrections (every item rank 16 on every linear layer of the encoder, the
+                            largest rank of the product's grid), both served by ConsolidatedFleet in one
+                            mixed-batch pass, same workload, runs alternated (target <= 1.3).
 What sharing the backbone can save: loading (one model instead of three) and, per client call, one
 forward pass over all its rows instead of three over a third each (bigger batches, a bigger pool to sort
 by length). It does not reduce the arithmetic per response, and on a CPU a forward pass costs about the
@@ -68,19 +72,24 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from gw.merge import merge  # noqa: E402
+from gw.merge.correction import module_factors, residuals  # noqa: E402
 from infra.manifest import FleetManifest  # noqa: E402
 from infra.publish import PublishError, read_manifest  # noqa: E402
 from infra.storage import Store, open_store  # noqa: E402
 from workers.batching import sorted_batches  # noqa: E402
 from workers.models import quiet_transformers  # noqa: E402
-from workers.multihead import MultiHeadScorer  # noqa: E402
+from workers.correction import linear_modules  # noqa: E402
+from workers.multihead import MultiHeadScorer, load_consolidated  # noqa: E402
 from workers.publish_fleet import publish_consolidated, save_checkpoint, weights_bytes_before  # noqa: E402
 from workers.scorer_io import Scorer, checkpoint_hash, load_backbone_state, load_scorer, split_model  # noqa: E402
 from workers.serving import ConsolidatedFleet, Prediction, _prediction  # noqa: E402
 
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "semeval2013_beetle"
 TARGET = 2.5
-SWEEP = (8, 64, 512, 0)  # request batch sizes for the steady-state sweep; 0 = the whole workload at once
+SWEEP = (8, 64, 512, 0)
+# The largest rank of the product's grid (MergeConfig.correction_ranks) on every item: the dearest case.
+CORRECTION_RANK = 16
+CORRECTION_TARGET = 1.3  # responses per second without / with corrections, at most  # request batch sizes for the steady-state sweep; 0 = the whole workload at once
 
 Request = tuple[str, str]
 
@@ -150,6 +159,55 @@ def ensure_published(cache: Path, *, build: bool = True) -> tuple[Store, str, St
     publish_consolidated(published, run_id, {"groups/trio": prefix},
                          bytes_before=weights_bytes_before(store, manifest, sorted(scorers)))
     return published, run_id, store, manifest
+
+
+def publish_corrected(published: Store, run_id: str, trio: Store, manifest: FleetManifest, rank: int) -> str:
+    """The consolidated trio again with every item's rank-`rank` correction on every linear layer of the
+    encoder (the residual of its own encoder against the merged one: `GroupConsolidator.correct`'s
+    factors, without its search over ranks), published as its own run (once; reused afterwards)."""
+    corrected_id = f"{run_id}-lora{rank}"
+    try:
+        read_manifest(published, corrected_id)
+        return corrected_id
+    except PublishError:
+        pass
+    log(f"publishing the trio with rank-{rank} corrections as run {corrected_id}")
+    model, tokenizer, meta = load_consolidated(Path(published.uri_for(f"candidates/{run_id}")))
+    keys = [f"{name}.weight" for name in linear_modules(model.backbone)]
+    specs = {spec.id: spec for spec in manifest.scorers}
+    for item, path in trio_paths(trio, manifest)[1].items():
+        own_backbone = split_model(load_scorer(path, task=specs[item].task).model)[0]
+        model.set_correction(item, module_factors(residuals(own_backbone, model.backbone_state_dict(), keys, rank), rank))
+    prefix = save_checkpoint(published, f"candidates/{corrected_id}", model, tokenizer,
+                             {"group": meta.get("group"), "merge": meta.get("merge"), "correction": {"rank": rank}})
+    publish_consolidated(published, corrected_id, {"groups/trio": prefix},
+                         bytes_before=weights_bytes_before(trio, manifest, sorted(specs)))
+    return corrected_id
+
+
+def correction_cost(published: Store, run_id: str, corrected_id: str, requests: Sequence[Request], args,
+                    separate: Separate) -> dict:
+    """Responses per second of the consolidated trio without / with per-item corrections: the same workload
+    and request batches, runs alternated (`steady`), median of `--repeats`."""
+    servers = {"plain": Consolidated(published, run_id, args.batch_size, args.device),
+               "corrected": Consolidated(published, corrected_id, args.batch_size, args.device)}
+    for server in servers.values():
+        server.load()
+        answer_all(server, request_batches(requests[: 4 * args.batch_size], args.request_batch))  # warm-up
+    own = answer_all(separate, [requests])
+    agreement = {kind: round(float(np.mean([a.label == b.label for a, b in zip(answer_all(server, [requests]), own)])), 4)
+                 for kind, server in servers.items()}
+    by_batch = {}
+    for size in dict.fromkeys((args.request_batch, 64)):
+        times = steady(servers, request_batches(requests, size), args.repeats)
+        median = {kind: statistics.median(t) for kind, t in times.items()}
+        by_batch[str(size or "all")] = {"plain_rps": round(len(requests) / median["plain"], 1),
+                                        "corrected_rps": round(len(requests) / median["corrected"], 1),
+                                        "ratio": round(median["corrected"] / median["plain"], 3)}
+        log(f"per-item corrections, request batch {size or 'all'}: {by_batch[str(size or 'all')]}")
+    return {"correction_cost_ratio": by_batch[str(args.request_batch or "all")]["ratio"], "by_request_batch": by_batch,
+            "rank": CORRECTION_RANK, "label_agreement_with_own_scorers": agreement, "corrected_run": corrected_id,
+            "target": CORRECTION_TARGET}
 
 
 # ---- the two ways of answering ----------------------------------------------------------------------
@@ -353,6 +411,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
         log(f"steady state, request batch {size or 'all'}: {sweep[str(size or 'all')]}")
 
+    corrected_id = publish_corrected(published, run_id, trio, manifest, CORRECTION_RANK)
+    corrections = correction_cost(published, run_id, corrected_id, requests, args, servers["separate"])
+
     def paired(field: str) -> float:
         """Median over back-to-back pairs of separate / consolidated (robust to load drifting between pairs)."""
         return statistics.median(sep[field] / con[field] for con, sep in zip(cold["consolidated"], cold["separate"]))
@@ -394,6 +455,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "~1.8 s of transformers imports that either path pays once); it does not cut the arithmetic "
                 "per response"),
         "label_agreement_merged_vs_own": round(float(agreement), 4),
+        "correction_cost_ratio": corrections["correction_cost_ratio"],
+        "correction_cost": corrections,
         "published_run": run_id,
         "trio": TRIO_NOTE + "; consolidated = TIES (top_k 0.2, lam 1.0), heads as fine-tuned (no refit)",
         "data": "SemEval-2013 Beetle train answers (CC BY-SA 3.0), items assigned at random (seeded)",

@@ -241,8 +241,9 @@ def _add_plan_options(parser) -> None:
     parser.add_argument("--shortlist", type=int, default=DEFAULTS.shortlist,
                         help="measured planner: partners trial-merged per scorer (default: %(default)s)")
     parser.add_argument("--shortlist-by", choices=SHORTLIST_SIGNALS, default=DEFAULTS.shortlist_by,
-                        help="measured planner: nearest by GW distance, or by task-vector cosine (checkpoints only, "
-                             "no features) (default: %(default)s)")
+                        help="measured planner: nearest by GW distance, by task-vector cosine (checkpoints only, "
+                             "no features) or by linear CKA on a shared probe set of 256 training answers "
+                             "(default: %(default)s)")
     parser.add_argument("--k", type=int, default=DEFAULTS.k, help="largest group size (default: %(default)s)")
     parser.add_argument("--tau", type=float, default=DEFAULTS.tau,
                         help="threshold: pairs at or above it never share a group; on GW distances, or on 1 - the "

@@ -22,7 +22,7 @@ GATE_RULES = ("bound", "delta")
 PLANNERS = ("measured", "gw", "linkage")  # the rules gw.gate knows by name: add a new one here too
 # What picks the measured planner's shortlist: GW distances (the paper's signal) or task-vector cosine
 # (checkpoints only, sketched: workers.task_vectors).
-SHORTLIST_SIGNALS = ("gw", "task_vector")
+SHORTLIST_SIGNALS = ("gw", "task_vector", "cka")
 # gw.merge's registry (available_methods() plus the "ta" alias), named here without importing torch so the
 # CLI starts fast; tests/test_merge_subspace.py checks that the two agree.
 MERGE_METHODS = ("ties", "doge", "task_arithmetic", "ta", "dare", "tsv_m", "iso_c", "iso_cts", "regmean")

@@ -152,8 +152,8 @@ def _skipping(cfg: ConsolidateConfig, n_scorers: int) -> dict:
 @task(name="trial-merges", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, distances: dict,
                       cfg: ConsolidateConfig) -> dict:
-    """The measured planner's evidence: each scorer's shortlist of nearest partners (by GW, or by
-    task-vector cosine), trial-merged."""
+    """The measured planner's evidence: each scorer's shortlist of nearest partners (by GW, task-vector
+    cosine or linear CKA on a probe set), trial-merged."""
     from gw.mergeability import shortlist
     from workers.fleet_gw import distance_matrix
     from workers.pair_jobs import measure_pairs
@@ -165,6 +165,11 @@ def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, 
         from workers.task_vectors import task_vector_distances
 
         signal = task_vector_distances(store, ids, manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
+    elif cfg.shortlist_by == "cka":
+        from workers.probe_cka import cka_distances
+
+        signal = cka_distances(store, ids, cfg.extract_config(), manifest_key=manifest_key, seed=cfg.seed,
+                               timeout_s=RAY_WAIT_S)
     else:
         signal = distance_matrix(store, distances["key"], ids)
     pairs = shortlist(signal, ids, cfg.shortlist)

@@ -168,12 +168,16 @@ def test_flow_reads_the_named_manifest_in_every_step_on_s3(prefect_harness, ray_
     assert not again["republished"]
 
 
-def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefect_harness, ray_local, fleet_copy):
+@pytest.mark.parametrize("shortlist_by", ["gw", "cka"])
+def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefect_harness, ray_local, fleet_copy,
+                                                                          shortlist_by):
     from workers.pair_jobs import PAIRS_PREFIX
+    from workers.probe_cka import PROBE_PREFIX
 
-    config = {**FAST, "planner": "measured", "shortlist": 2}
+    config = {**FAST, "planner": "measured", "shortlist": 2, "shortlist_by": shortlist_by}
     summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
     store = open_store(str(fleet_copy))
+    assert len(store.list(PROBE_PREFIX)) == (5 if shortlist_by == "cka" else 0)  # every scorer's probe features
     measured = [store.read_json(key) for key in store.list(PAIRS_PREFIX)]
     trios = [r for r in measured if len(r["pair"]) == 3]
     assert 0 < summary["computed"]["trial merges"] == len(measured) <= 2 * 5 + len(trios)

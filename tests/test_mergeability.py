@@ -121,8 +121,9 @@ def test_the_shortlist_signal_is_checked_with_the_other_settings():
     from flows.config import ConsolidateConfig
 
     assert ConsolidateConfig(shortlist_by="task_vector").shortlist_by == "task_vector"
-    with pytest.raises(ValueError, match=r"shortlist_by must be one of \['gw', 'task_vector'\], got 'cka'"):
-        ConsolidateConfig(shortlist_by="cka")
+    assert ConsolidateConfig(shortlist_by="cka").shortlist_by == "cka"
+    with pytest.raises(ValueError, match=r"shortlist_by must be one of \['gw', 'task_vector', 'cka'\], got 'cca'"):
+        ConsolidateConfig(shortlist_by="cca")
 
 
 # -- trial merges on a tiny fleet ------------------------------------------------------------------------

@@ -104,3 +104,61 @@ def test_mergeability_default_planner_is_chosen_on_validation_not_test():
     assert combined["plans"]["random"]["macro_f1"] == 0.425
     assert combined["paired"]["default vs random"]["mean_diff"] == pytest.approx(0.075)
     assert "default vs measured" not in combined["paired"] and "default vs gw" in combined["paired"]
+
+
+def test_frontier_setting_runs_the_products_jobs_and_counts_the_adapters(tiny_fleet_dir):
+    """One frontier setting on the tiny fleet: ungated rows read the product's sweeps, gated rows its gate,
+    and storage counts the kept adapters' float32 parameters."""
+    import _frontier as frontier
+    from quality_beetle import Fold, figures
+
+    from infra.storage import open_store
+    from workers.consolidate import MergeConfig
+
+    fold = Fold(open_store(str(tiny_fleet_dir)), seed=0)
+    single = [i for i in fold.ids if fold.manifest.scorer(i).task != "multilabel"]
+    groups = [single[:3], single[3:5]] if len(single) >= 5 else [single[:2], single[2:4]]
+    rows = {}
+    for correction in (False, True):
+        config = frontier.frontier_config("ties", correction, MergeConfig())
+        assert config.candidates() == [{"lam": 1.0, "top_k": 0.2}]  # the grid's first candidate only
+        rows[correction] = frontier.run_setting(fold, groups, config, figures)
+    plain, corrected = rows[False], rows[True]
+    assert plain["ungated"]["adapter_parameters"] == plain["gated"]["adapter_parameters"] == 0
+    n = len(fold.ids)
+    assert plain["ungated"]["backbones"] == n - sum(len(g) - 1 for g in groups)
+    member = fold.consolidator.member(fold.manifest.scorer(fold.ids[0]))
+    size = lambda state: sum(t.numel() * t.element_size() for t in state.values())  # noqa: E731
+    expected = storage(n, corrected["ungated"]["backbones"], size(member.backbone), size(member.head),
+                       4 * corrected["ungated"]["adapter_parameters"])["ratio"]
+    assert corrected["ungated"]["storage_ratio"] == pytest.approx(expected)
+    assert corrected["ungated"]["storage_ratio"] <= plain["ungated"]["storage_ratio"]
+    assert corrected["gated"]["adapter_parameters"] <= corrected["ungated"]["adapter_parameters"]
+    assert plain["gated"]["backbones"] >= plain["ungated"]["backbones"]
+    assert len(plain["gated"]["decisions"]) == len(groups)
+
+    premerge = figures(fold, {"items": fold.items({}), "groups": []})
+    weights = {f"{f}:{i}": fold.own[i]["test"]["n"] for f in (0, 1) for i in fold.ids}
+    name = frontier.setting_name("ties", 3, True)
+    table = frontier.combine([{name: corrected}] * 2, [premerge] * 2, weights, paired_comparison)
+    assert [(r["k"], r["correction"], r["gated"], r["folds"]) for r in table] == [(3, True, False, 2), (3, True, True, 2)]
+    assert table[0]["macro_f1"] == pytest.approx(corrected["ungated"]["macro_f1"], abs=1e-4)
+    assert table[0]["vs_premerge"]["mean_diff"] == pytest.approx(
+        corrected["ungated"]["macro_f1"] - premerge["macro_f1"], abs=2e-3)
+
+
+def test_frontier_report_names_the_best_storage_within_the_margin():
+    from _quality_report import frontier_lines
+
+    def row(k, correction, gated, ratio, f1):
+        return {"method": "tsv_m", "k": k, "correction": correction, "gated": gated, "storage_ratio": ratio,
+                "backbones": 47 / ratio, "macro_f1": f1, "adapter_parameters": 0, "seconds_per_group": 3.0,
+                "vs_premerge": {"mean_diff": f1 - 0.5, "ci95": [-0.01, 0.01]}}
+
+    result = {"frontier": [row(3, False, True, 2.9, 0.52), row(8, False, True, 5.5, 0.47), row(5, False, True, 4.4, 0.49),
+                           row(16, True, True, 12.0, 0.49)],
+              "frontier_settings": {"folds_run": [0, 1, 2], "premerge_macro_f1": 0.5, "note": "note"}}
+    text = "\n".join(frontier_lines(result))
+    assert "a group method alone, storage ≥ 4x: **met**; the most storage within the quality margin: TSV-M, k = 5, 4.40x" in text
+    assert "with the per-item correction, storage ≥ 10x: **met**" in text
+    assert text.count("| TSV-M |") == 4

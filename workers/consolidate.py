@@ -24,7 +24,7 @@ from gw import gate
 from gw.gate import DEFAULT_DELTA
 from gw.head_fit import refit_head
 from gw.merge import merge, needs_grams
-from gw.merge.correction import choose_rank, residuals, total_energy_kept
+from gw.merge.correction import choose_rank, module_factors, residuals, total_energy_kept
 from gw.tuning import default_grid, grid_search, worst_change
 from infra.manifest import FleetManifest, ScorerSpec
 from infra.storage import Store
@@ -302,12 +302,12 @@ class GroupConsolidator:
         model.heads[spec.id].load_head_state(m.head)  # the rank is judged with the item's own head
         table = {}
         for rank in ranks:
-            model.set_correction(spec.id, _factors(parts, rank))
+            model.set_correction(spec.id, module_factors(parts, rank))
             probs = self.probabilities(model, spec.id, self.features(model, m.texts["validation"], spec.id))
             table[rank] = item_metrics(spec.task, m.labels["validation"], decide(probs, spec.task),
                                        spec.n_labels)[PRIMARY]
         rank = choose_rank(table)
-        model.set_correction(spec.id, _factors(parts, rank))
+        model.set_correction(spec.id, module_factors(parts, rank))
         model.heads[spec.id].load_head_state(head)
         n_params = sum(a.numel() + b.numel() for a, b in model.correction(spec.id).values())
         return {"rank": rank, "energy_kept": round(total_energy_kept(parts, rank), 6), "parameters": n_params,
@@ -351,13 +351,6 @@ class GroupConsolidator:
         """An item on its own scorer, in the consolidated format (its backbone, its head)."""
         m = self.member(spec)
         return MultiHeadScorer(self._config, m.backbone, {spec.id: m.head}, {spec.id: _schema(spec)}).to(self.device)
-
-
-def _factors(parts: Mapping, rank: int) -> dict | None:
-    """The rank-`rank` LoRA factors of each corrected weight, keyed by its module (None at rank 0)."""
-    if rank == 0:
-        return None
-    return {key.removesuffix(".weight"): part.factors(rank) for key, part in parts.items()}
 
 
 def decide(probs: np.ndarray, task: str) -> np.ndarray:

@@ -74,6 +74,14 @@ def residuals(item: Mapping[str, Tensor], merged: Mapping[str, Tensor], keys: Se
         return {k: residual(item[k], merged[k], max_rank) for k in keys}
 
 
+def module_factors(parts: Mapping[str, Residual], rank: int) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """The rank-`rank` LoRA factors (A, B) of each corrected weight, keyed by its module ("x.weight" ->
+    "x"); None at rank 0 (no correction)."""
+    if rank == 0:
+        return None
+    return {key.removesuffix(".weight"): part.factors(rank) for key, part in parts.items()}
+
+
 def energy_kept(singular_values: Tensor, rank: int) -> float:
     """Share of the residual's squared Frobenius norm that rank `rank` keeps (1.0 for a zero residual)."""
     power = singular_values.double().square()
