@@ -70,5 +70,10 @@ def test_total_energy_weighs_each_matrix_by_its_norm():
 def test_choose_rank_takes_the_best_score_and_the_smallest_rank_among_ties():
     assert choose_rank({0: 0.5, 4: 0.7, 8: 0.7, 16: 0.6}) == 4
     assert choose_rank({16: 0.9, 4: 0.2}) == 16
+    # within a tolerance of the best, the smallest rank wins
+    assert choose_rank({0: 0.80, 4: 0.94, 8: 0.955, 16: 0.96}, tolerance=0.01) == 8
+    assert choose_rank({0: 0.80, 4: 0.94, 8: 0.955, 16: 0.96}, tolerance=0.2) == 0
+    with pytest.raises(ValueError, match="tolerance"):
+        choose_rank({0: 1.0}, tolerance=-0.1)
     with pytest.raises(ValueError):
         choose_rank({})

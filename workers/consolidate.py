@@ -7,8 +7,9 @@ choose the merge parameters on the validation split only (`gw.tuning`), and gate
 individual. Test figures are computed for reporting, never for choosing.
 
 With `item_correction`, each member also keeps a low-rank residual of its own backbone against the merged
-one (`gw.merge.correction`, applied as per-row LoRA: `workers.correction`), its rank chosen per item on
-validation; every score of that member, and so the gate, is of the corrected item.
+one (`gw.merge.correction`, applied as per-row LoRA: `workers.correction`), its rank chosen per item by
+agreement with its own scorer on its train and validation answers; every score of that member, and so the
+gate, is of the corrected item.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from gw.gate import DEFAULT_DELTA
 from gw.head_fit import refit_head
 from gw.merge import merge, needs_grams
 from gw.merge.correction import choose_rank, module_factors, residuals, total_energy_kept
+from gw.mergeability import agreement
 from gw.tuning import default_grid, grid_search, worst_change
 from infra.manifest import FleetManifest, ScorerSpec
 from infra.storage import Store
@@ -40,8 +42,12 @@ PRIMARY = "macro_f1"
 SPLITS = ("train", "validation", "test")
 HEAD_SETTINGS = ("own_heads", "refit_heads")
 GRAM_MAX_LENGTH = 128  # the tokens the features (and so the heads) see
-# Ranks tried per item for its correction; 0 (none) wins when the plain merge scores as well on validation.
+# Ranks tried per item for its correction; 0 (none) wins when the plain merge agrees as well with the item's
+# own scorer. The smallest rank within CORRECTION_TOLERANCE of the best agreement is kept (probability
+# overlap, 0-1): a rank 16 adapter is ~3 % of a MiniLM-L6 encoder, so a hair more agreement is not worth it.
 CORRECTION_RANKS = (0, 4, 8, 16)
+CORRECTION_TOLERANCE = 0.01
+CORRECTION_RULE = "agreement"  # in the cache keys: sweeps chosen by validation macro F1 are not reused
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class MergeConfig:
 
     def correction(self) -> dict | None:
         """The correction setting as the cache keys see it (None when off, so older keys stay as they were)."""
-        return {"ranks": list(self.correction_ranks)} if self.item_correction else None
+        return {"ranks": list(self.correction_ranks), "rule": CORRECTION_RULE} if self.item_correction else None
 
     def candidates(self) -> list[dict]:
         if self.grid is not None:
@@ -293,9 +299,15 @@ class GroupConsolidator:
 
     def correct(self, model: MultiHeadScorer, spec: ScorerSpec, ranks: Sequence[int]) -> dict:
         """Give `spec` its correction on `model`: the residual of its own backbone against the merged one
-        on every linear layer, at the rank of `ranks` whose validation macro F1 (own head, corrected
-        backbone) is best, the smallest among equals. Returns the JSON-safe record of the choice."""
+        on every linear layer, at the smallest rank of `ranks` whose agreement with the item's own scorer
+        is within CORRECTION_TOLERANCE of the best rank's. Agreement (`gw.mergeability.agreement`, own
+        head) is over the item's train and validation answers: no labels, and about five times the
+        answers of validation alone, whose macro F1 could not tell the ranks apart (a dozen answers) and so
+        kept rank 0 for most items. Returns the JSON-safe record of the choice."""
         m = self._members[spec.id]
+        texts = m.texts["train"] + m.texts["validation"]
+        own_model = self.individual(spec)
+        reference = self.probabilities(own_model, spec.id, self.features(own_model, texts, spec.id))
         keys = [f"{name}.weight" for name in linear_modules(model.backbone)]
         parts = residuals(m.backbone, model.backbone_state_dict(), keys, max(ranks))
         head = model.heads[spec.id].head_state_dict()
@@ -303,15 +315,14 @@ class GroupConsolidator:
         table = {}
         for rank in ranks:
             model.set_correction(spec.id, module_factors(parts, rank))
-            probs = self.probabilities(model, spec.id, self.features(model, m.texts["validation"], spec.id))
-            table[rank] = item_metrics(spec.task, m.labels["validation"], decide(probs, spec.task),
-                                       spec.n_labels)[PRIMARY]
-        rank = choose_rank(table)
+            probs = self.probabilities(model, spec.id, self.features(model, texts, spec.id))
+            table[rank] = agreement(reference, probs, spec.task)
+        rank = choose_rank(table, CORRECTION_TOLERANCE)
         model.set_correction(spec.id, module_factors(parts, rank))
         model.heads[spec.id].load_head_state(head)
         n_params = sum(a.numel() + b.numel() for a, b in model.correction(spec.id).values())
         return {"rank": rank, "energy_kept": round(total_energy_kept(parts, rank), 6), "parameters": n_params,
-                "validation_macro_f1": {str(r): v for r, v in table.items()}}
+                "agreement": {str(r): round(v, 6) for r, v in table.items()}}
 
     def sweep(self, specs: Sequence[ScorerSpec], config: MergeConfig) -> dict:
         """`evaluate` for every candidate of the merge grid (JSON-safe; the product caches it)."""

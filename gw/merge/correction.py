@@ -96,9 +96,12 @@ def total_energy_kept(parts: Mapping[str, Residual], rank: int) -> float:
     return 1.0 if total == 0.0 else float(sum(p[:max(rank, 0)].sum() for p in power)) / total
 
 
-def choose_rank(scores: Mapping[int, float]) -> int:
-    """The rank with the best validation score; among equal scores the smallest (the fewest bytes)."""
+def choose_rank(scores: Mapping[int, float], tolerance: float = 0.0) -> int:
+    """The smallest rank whose score is within `tolerance` of the best one (tolerance 0: the best score,
+    the smallest rank among equals): past that, more bytes buy too little."""
     if not scores:
         raise ValueError("no ranks to choose from")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     best = max(scores.values())
-    return min(rank for rank, score in scores.items() if score == best)
+    return min(rank for rank, score in scores.items() if score >= best - tolerance)
