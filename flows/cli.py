@@ -282,7 +282,7 @@ def _add_consolidation_options(parser) -> None:
                         help="each merged item also keeps a low-rank residual of its own encoder against the merged "
                              "one (a PEFT LoRA adapter), applied per row when served (default: %(default)s)")
     parser.add_argument("--correction-ranks", type=int, nargs="+", default=DEFAULTS.correction_ranks, metavar="R",
-                        help="ranks each item's correction is chosen from on validation; 0 = none "
+                        help="ranks each item's correction is chosen from, by agreement with its own scorer; 0 = none "
                              "(default: %(default)s)")
     parser.add_argument("--run-id", default=DEFAULTS.run_id, help="(default: a UTC timestamp and a random suffix, e.g. run-20260102T020000Z-3fa9c1)")
 

@@ -58,7 +58,7 @@ class ConsolidateConfig:
     seed: int = 0
     # per-item correction (workers.consolidate.GroupConsolidator.correct): off by default
     item_correction: bool = False
-    correction_ranks: tuple[int, ...] = (0, 4, 8, 16)  # its rank is chosen per item on validation from these
+    correction_ranks: tuple[int, ...] = (0, 4, 8, 16)  # each item's rank is chosen from these (by agreement)
     # where it runs, and as which run
     ray_address: str | None = None
     run_id: str | None = None

@@ -62,7 +62,7 @@ class MergeConfig:
     batch_size: int = 64
     max_length: int = 128
     item_correction: bool = False  # each member keeps a low-rank residual against the merged backbone
-    correction_ranks: Sequence[int] = CORRECTION_RANKS  # the grid its rank is chosen from, on validation
+    correction_ranks: Sequence[int] = CORRECTION_RANKS  # the grid its rank is chosen from (by agreement)
 
     def __post_init__(self):
         ranks = tuple(self.correction_ranks)
