@@ -1,20 +1,5 @@
-"""Storage against quality on one fold: each merge method x group size k x per-item correction.
-
-Plans: the GW planner at each k with the τ quantile at 1.0 (every scorer joins a group of at most k;
-`workers.fleet_gw.plan_fleet`, the flow's function). Each method runs at its default parameters (the
-first candidate of its grid: a full grid is three merges a group, and this table is 40 settings a fold)
-with heads refit, the product's head setting. A setting's rows:
-
-  ungated  every planned group as merged: the product's cached `sweep_job`, read with its `choose`.
-  gated    the product's gate and fallback (`GroupConsolidator.consolidate`, the code
-           `consolidate_group_job` runs) on the same cached sweeps. The accepted checkpoints are not
-           saved: 59 groups a method and setting would be about 5 GB a fold.
-
-Storage counts every encoder, head and kept adapter (float32 LoRA factors: the product's correction
-picks each item's rank on validation from `MergeConfig.correction_ranks`, 0 meaning none).
-`seconds_per_group` is a group's sweep (merge, score every member's answers, refit its head, choose its
-correction's rank), mean over the planned groups, as first computed (a cached sweep keeps its seconds).
-"""
+"""Storage against quality on one fold: each merge method x group size k x per-item correction, gated and
+ungated, on the product's jobs (NOTE says how; bench/quality_beetle.py --frontier runs it over folds)."""
 from __future__ import annotations
 
 import json
@@ -28,6 +13,19 @@ from gw.tuning import default_grid
 from workers.consolidate import MergeConfig, choose, head_setting
 from workers.fleet_gw import plan_fleet
 from workers.group_jobs import sweep_job
+
+NOTE = """\
+- **Plans**: the GW planner at each k with the τ quantile at 1.0, so every scorer joins a group of at
+  most k (`workers.fleet_gw.plan_fleet`, the flow's function).
+- **Merges**: each method at its default parameters (the first candidate of its grid: a full grid is
+  three merges a group), heads refit (the product's head setting); with the correction, each item's
+  rank is the product's choice (`MergeConfig.correction_ranks`, by agreement with its own scorer).
+- **Ungated**: every planned group as merged, from the product's cached `sweep_job` read with its
+  `choose`. **Gated**: the product's gate and fallback (`GroupConsolidator.consolidate`, the code
+  `consolidate_group_job` runs) on the same cached sweeps; the accepted checkpoints are not saved.
+- **Storage** counts every encoder, head and kept adapter (float32 LoRA factors).
+- **Seconds a group**: a planned group's sweep (merge, score every member's answers, refit its head,
+  choose its correction's rank), mean over the planned groups, as first computed."""
 
 METHODS = ("ties", "tsv_m", "iso_cts", "regmean")
 KS = (2, 3, 5, 8, 16)

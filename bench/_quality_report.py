@@ -119,7 +119,8 @@ def frontier_lines(result: dict) -> list[str]:
     folds = len(settings["folds_run"])
     lines = ["## Storage against quality: merge method × group size × per-item correction", "",
              f"`bench/quality_beetle.py --frontier` ({folds} fold{'s' if folds > 1 else ''}: "
-             f"{settings['folds_run']}). {settings['note']}", "",
+             f"{settings['folds_run']}; the groups' fallbacks and scores in each fold's `frontier_rows.json`).", "",
+             settings["note"], "",
              f"Pre-merge macro F1 over these folds: {pre:.3f}. Δ is the paired change against it over item × fold "
              "units (95 % bootstrap interval).", "",
              "| method | k | correction | gate | backbones | storage | macro F1 | Δ vs pre-merge | 95 % interval "

@@ -240,7 +240,7 @@ def run_frontier(args, data_dir: Path, work: Path, wanted: list[int]) -> None:
     result["frontier"] = frontier.combine(folds, premerge, weights, paired_comparison)
     result["frontier_settings"] = {"folds_run": wanted,  # every setting cached in all of them is in the table
                                    "premerge_macro_f1": round(float(np.mean([p["macro_f1"] for p in premerge])), 4),
-                                   "note": frontier.__doc__.split("\n\n", 1)[1].strip()}
+                                   "note": frontier.NOTE}
     write(out, result)
     print(json.dumps({"frontier_rows": len(result["frontier"]), "folds": wanted}))
 
