@@ -86,10 +86,10 @@ from workers.serving import ConsolidatedFleet, Prediction, _prediction  # noqa: 
 
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "semeval2013_beetle"
 TARGET = 2.5
-SWEEP = (8, 64, 512, 0)
+SWEEP = (8, 64, 512, 0)  # request batch sizes for the steady-state sweep; 0 = the whole workload at once
 # The largest rank of the product's grid (MergeConfig.correction_ranks) on every item: the dearest case.
 CORRECTION_RANK = 16
-CORRECTION_TARGET = 1.3  # responses per second without / with corrections, at most  # request batch sizes for the steady-state sweep; 0 = the whole workload at once
+CORRECTION_TARGET = 1.3  # responses per second without / with corrections, at most
 
 Request = tuple[str, str]
 
