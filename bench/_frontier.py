@@ -60,7 +60,7 @@ def run_setting(fold, groups: list[list[str]], config: MergeConfig, figures: Cal
         result = sweep(group)
         seconds.append(result["seconds"])
         chosen, _ = choose(result["evaluations"], fold.own, setting)
-        ungated.update(_merged(chosen["scores"][setting]))
+        ungated.update(chosen["scores"][setting])
         adapters["ungated"] += _adapter_parameters(chosen.get("correction"), group)
         specs = [consolidator.manifest.scorer(i) for i in group]
         outcome = consolidator.consolidate(specs, config, own={i: fold.own[i] for i in group},
@@ -68,7 +68,7 @@ def run_setting(fold, groups: list[list[str]], config: MergeConfig, figures: Cal
         decisions.append(outcome.decision.to_dict())
         if outcome.candidate is not None:
             accepted_groups.append(outcome.accepted)
-            gated.update(_merged(outcome.candidate["scores"][setting]))
+            gated.update(outcome.candidate["scores"][setting])
             adapters["gated"] += _adapter_parameters(outcome.candidate.get("correction"), outcome.accepted)
     rows = {}
     for kind, merged, kept in (("ungated", ungated, groups), ("gated", gated, accepted_groups)):
@@ -78,11 +78,6 @@ def run_setting(fold, groups: list[list[str]], config: MergeConfig, figures: Cal
     rows["gated"]["whole_groups"] = sum(len(a) == len(g) for a, g in zip(accepted_groups, groups))
     rows["gated"]["decisions"] = [d["reason"] for d in decisions]
     return rows | {"groups": groups, "seconds_per_group": round(float(np.mean(seconds)), 2)}
-
-
-def _merged(scores: dict) -> dict:
-    return {i: {"test": s["test"], "test_predictions": s["test_predictions"], "validation": s["validation"]}
-            for i, s in scores.items()}
 
 
 def _adapter_parameters(correction: dict | None, members: Sequence[str]) -> int:

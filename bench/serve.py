@@ -72,13 +72,13 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from gw.merge import merge  # noqa: E402
-from gw.merge.correction import module_factors, residuals  # noqa: E402
+from gw.merge.correction import module_factors  # noqa: E402
 from infra.manifest import FleetManifest  # noqa: E402
 from infra.publish import PublishError, read_manifest  # noqa: E402
 from infra.storage import Store, open_store  # noqa: E402
 from workers.batching import sorted_batches  # noqa: E402
 from workers.models import quiet_transformers  # noqa: E402
-from workers.correction import linear_modules  # noqa: E402
+from workers.correction import item_residuals  # noqa: E402
 from workers.multihead import MultiHeadScorer, load_consolidated  # noqa: E402
 from workers.publish_fleet import publish_consolidated, save_checkpoint, weights_bytes_before  # noqa: E402
 from workers.scorer_io import Scorer, checkpoint_hash, load_backbone_state, load_scorer, split_model  # noqa: E402
@@ -173,11 +173,10 @@ def publish_corrected(published: Store, run_id: str, trio: Store, manifest: Flee
         pass
     log(f"publishing the trio with rank-{rank} corrections as run {corrected_id}")
     model, tokenizer, meta = load_consolidated(Path(published.uri_for(f"candidates/{run_id}")))
-    keys = [f"{name}.weight" for name in linear_modules(model.backbone)]
     specs = {spec.id: spec for spec in manifest.scorers}
     for item, path in trio_paths(trio, manifest)[1].items():
         own_backbone = split_model(load_scorer(path, task=specs[item].task).model)[0]
-        model.set_correction(item, module_factors(residuals(own_backbone, model.backbone_state_dict(), keys, rank), rank))
+        model.set_correction(item, module_factors(item_residuals(own_backbone, model, rank), rank))
     prefix = save_checkpoint(published, f"candidates/{corrected_id}", model, tokenizer,
                              {"group": meta.get("group"), "merge": meta.get("merge"), "correction": {"rank": rank}})
     publish_consolidated(published, corrected_id, {"groups/trio": prefix},

@@ -25,13 +25,13 @@ from gw import gate
 from gw.gate import DEFAULT_DELTA
 from gw.head_fit import refit_head
 from gw.merge import merge, needs_grams
-from gw.merge.correction import choose_rank, module_factors, residuals, total_energy_kept
+from gw.merge.correction import choose_rank, module_factors, total_energy_kept
 from gw.mergeability import agreement
 from gw.tuning import default_grid, grid_search, worst_change
 from infra.manifest import FleetManifest, ScorerSpec
 from infra.storage import Store
 from workers.batching import map_batches
-from workers.correction import linear_modules
+from workers.correction import item_residuals
 from workers.evaluate import item_metrics, split_rows, targets
 from workers.grams import cached_grams, input_grams
 from workers.multihead import MultiHeadScorer
@@ -308,8 +308,7 @@ class GroupConsolidator:
         texts = m.texts["train"] + m.texts["validation"]
         own_model = self.individual(spec)
         reference = self.probabilities(own_model, spec.id, self.features(own_model, texts, spec.id))
-        keys = [f"{name}.weight" for name in linear_modules(model.backbone)]
-        parts = residuals(m.backbone, model.backbone_state_dict(), keys, max(ranks))
+        parts = item_residuals(m.backbone, model, max(ranks))
         head = model.heads[spec.id].head_state_dict()
         model.heads[spec.id].load_head_state(m.head)  # the rank is judged with the item's own head
         table = {}

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from gw.merge.correction import residuals
 from infra.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_keys, read_adapter_config
 
 Factors = Mapping[str, tuple[Tensor, Tensor]]  # encoder module name -> (A [r, in], B [out, r])
@@ -28,6 +29,13 @@ Factors = Mapping[str, tuple[Tensor, Tensor]]  # encoder module name -> (A [r, i
 def linear_modules(encoder: nn.Module) -> list[str]:
     """Names of the encoder's linear layers: the weights a correction may target."""
     return [name for name, module in encoder.named_modules() if isinstance(module, nn.Linear)]
+
+
+def item_residuals(own_backbone: Mapping[str, Tensor], model, max_rank: int) -> dict:
+    """The item's residual against `model`'s shared encoder on every linear layer, up to `max_rank`
+    (`gw.merge.correction.residuals`; `module_factors` slices a rank out of it)."""
+    keys = [f"{name}.weight" for name in linear_modules(model.backbone)]
+    return residuals(own_backbone, model.backbone_state_dict(), keys, max_rank)
 
 
 class _Hook:

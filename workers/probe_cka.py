@@ -13,7 +13,6 @@ scorer encodes only that one. Jobs are Ray tasks in chunks.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ from workers.evaluate import split_rows
 from workers.extract import ExtractConfig
 from workers.extract.encoder import extract_features
 from workers.extract.run import load_spec_scorer
-from workers.ray_jobs import run_all, runner
+from workers.ray_jobs import fill_missing
 from workers.scorer_io import checkpoint_hash
 
 PROBE_PREFIX = "candidates/probe"
@@ -73,12 +72,8 @@ def probe_features(store: Store, ids: Sequence[str], config: ExtractConfig, *, m
     texts = probe_texts(store, ids, manifest_key=manifest_key, seed=seed)
     keys = {i: probe_key(store, manifest.scorer(i).checkpoint, texts, config) for i in ids}
     todo = [i for i in ids if store.read_cached(keys[i], store.read_safetensors) is None]
-    if todo:
-        jobs_runner, window = runner(probe_chunk, (store, manifest_key), use_ray, None,
-                                     time.monotonic() + timeout_s, timeout_s, label="probe features")
-        chunks = [todo[n:n + chunk_size] for n in range(0, len(todo), chunk_size)]
-        run_all(jobs_runner, window, [(tuple(c), c, texts, config, [keys[i] for i in c]) for c in chunks],
-                lambda *_: None)
+    fill_missing(probe_chunk, (store, manifest_key), todo, keys, texts, config, use_ray=use_ray,
+                 chunk_size=chunk_size, timeout_s=timeout_s, label="probe features")
     features = {i: store.read_safetensors(keys[i])["features"].numpy() for i in ids}
     return {"features": features, "computed": len(todo), "reused": len(ids) - len(todo)}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 class _Local:
@@ -98,3 +98,16 @@ def run_all(runner, window: int, jobs: Sequence[tuple], on_result: Callable) -> 
             runner.submit(*queue.popleft())
         for tag, result in runner.wait():
             on_result(tag, result)
+
+
+def fill_missing(chunk_job: Callable, shared: tuple, todo: Sequence[str], keys: Mapping[str, str], *args,
+                 use_ray: bool, chunk_size: int, timeout_s: float, label: str) -> None:
+    """Per-scorer results written under `keys` by `chunk_job(*shared, ids, *args, keys)`, for the scorers
+    in `todo` (those not stored yet), in chunks of `chunk_size`: as Ray tasks, or in process."""
+    import time
+
+    if not todo:
+        return
+    jobs_runner, window = runner(chunk_job, shared, use_ray, None, time.monotonic() + timeout_s, timeout_s, label=label)
+    chunks = [list(todo[n:n + chunk_size]) for n in range(0, len(todo), chunk_size)]
+    run_all(jobs_runner, window, [(tuple(c), c, *args, [keys[i] for i in c]) for c in chunks], lambda *_: None)

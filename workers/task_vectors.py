@@ -21,7 +21,7 @@ from gw.keys import json_key
 from gw.similarity import DEFAULT_SKETCH_DIM, cosine_similarity_matrix, sketch_task_vector
 from infra.manifest import MANIFEST_KEY, load_manifest
 from infra.storage import Store
-from workers.ray_jobs import run_all, runner
+from workers.ray_jobs import fill_missing
 from workers.scorer_io import checkpoint_hash, load_backbone_state
 
 SKETCHES_PREFIX = "candidates/sketches"
@@ -56,16 +56,11 @@ def sketch_fleet(store: Store, ids: Sequence[str], *, dim: int = DEFAULT_SKETCH_
                  manifest_key: str = MANIFEST_KEY, use_ray: bool = True, chunk_size: int = 4,
                  timeout_s: float = 3600.0) -> dict:
     """{"sketches": [n, dim] in `ids` order, "computed", "reused"}; cached sketches are read back."""
-    import time
-
     manifest = load_manifest(store, manifest_key)
     keys = {i: sketch_key(store, manifest.scorer(i).checkpoint, manifest.base_model, dim) for i in ids}
     todo = [i for i in ids if store.read_cached(keys[i], store.read_safetensors) is None]
-    if todo:
-        jobs_runner, window = runner(sketch_chunk, (store, manifest_key), use_ray, None,
-                                     time.monotonic() + timeout_s, timeout_s, label="task-vector sketches")
-        chunks = [todo[n:n + chunk_size] for n in range(0, len(todo), chunk_size)]
-        run_all(jobs_runner, window, [(tuple(c), c, dim, [keys[i] for i in c]) for c in chunks], lambda *_: None)
+    fill_missing(sketch_chunk, (store, manifest_key), todo, keys, dim, use_ray=use_ray, chunk_size=chunk_size,
+                 timeout_s=timeout_s, label="task-vector sketches")
     sketches = np.stack([store.read_safetensors(keys[i])["sketch"].numpy() for i in ids])
     return {"sketches": sketches, "computed": len(todo), "reused": len(ids) - len(todo)}
 
