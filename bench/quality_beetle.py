@@ -242,7 +242,16 @@ def run_frontier(args, data_dir: Path, work: Path, wanted: list[int]) -> None:
                                    "premerge_macro_f1": round(float(np.mean([p["macro_f1"] for p in premerge])), 4),
                                    "note": frontier.NOTE}
     write(out, result)
-    print(json.dumps({"frontier_rows": len(result["frontier"]), "folds": wanted}))
+    pre = result["frontier_settings"]["premerge_macro_f1"]
+
+    def most_storage(correction: bool) -> float | None:  # gated, within the margin of pre-merge
+        ratios = [r["storage_ratio"] for r in result["frontier"]
+                  if r["gated"] and r["correction"] == correction and r["macro_f1"] >= pre - 0.02]
+        return max(ratios, default=None)
+
+    print(json.dumps({"frontier_rows": len(result["frontier"]), "folds": wanted, "premerge_macro_f1": pre,
+                      "gated_storage_within_margin": most_storage(False),
+                      "gated_storage_within_margin_corrected": most_storage(True)}))
 
 
 def alternative_tau_quantile(shipped: float) -> float:
