@@ -127,3 +127,13 @@ def combine(folds: Sequence[dict], premerge: Sequence[dict], weights: dict, pair
                         "seconds_per_group": round(float(np.mean([f[name]["seconds_per_group"] for f in folds])), 2),
                         "folds": len(folds)})
     return out
+
+
+QUALITY_MARGIN = 0.02  # the issue's targets: fleet macro F1 >= pre-merge - 0.02
+
+
+def most_storage_within_margin(rows: Sequence[dict], premerge_macro_f1: float, correction: bool) -> dict | None:
+    """The gated row (with or without the correction) of most storage whose macro F1 is within the margin."""
+    good = [r for r in rows if r["gated"] and r["correction"] == correction
+            and r["macro_f1"] >= premerge_macro_f1 - QUALITY_MARGIN]
+    return max(good, key=lambda r: r["storage_ratio"], default=None)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from _frontier import most_storage_within_margin
+
 PLAN_NAMES = {"gw": "GW plan (shipped τ quantile)", "gw_tau1": "GW plan, τ quantile 1.0 (all grouped)",
               "gw_tau0.3": "GW plan, τ quantile 0.3",
               "module": "module (person's plan)", "random0": "random (seed 0)", "random1": "random (seed 1)",
@@ -135,8 +137,7 @@ def frontier_lines(result: dict) -> list[str]:
     lines += ["", "Targets (gated, the product's gate; fleet macro F1 ≥ pre-merge − 0.02 on the fold mean):", ""]
     for correction, ratio in FRONTIER_TARGETS:
         gated = [r for r in rows if r["gated"] and r["correction"] == correction]
-        good = [r for r in gated if r["macro_f1"] >= pre - 0.02]
-        best = max(good, key=lambda r: r["storage_ratio"], default=None)
+        best = most_storage_within_margin(rows, pre, correction)
         what = "with the per-item correction" if correction else "a group method alone"
         if best is None:
             lines.append(f"- {what}, storage ≥ {ratio:g}x: no setting run ({len(gated)} gated rows).")

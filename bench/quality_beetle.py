@@ -244,10 +244,9 @@ def run_frontier(args, data_dir: Path, work: Path, wanted: list[int]) -> None:
     write(out, result)
     pre = result["frontier_settings"]["premerge_macro_f1"]
 
-    def most_storage(correction: bool) -> float | None:  # gated, within the margin of pre-merge
-        ratios = [r["storage_ratio"] for r in result["frontier"]
-                  if r["gated"] and r["correction"] == correction and r["macro_f1"] >= pre - 0.02]
-        return max(ratios, default=None)
+    def most_storage(correction: bool) -> float | None:
+        best = frontier.most_storage_within_margin(result["frontier"], pre, correction)
+        return best["storage_ratio"] if best else None
 
     print(json.dumps({"frontier_rows": len(result["frontier"]), "folds": wanted, "premerge_macro_f1": pre,
                       "gated_storage_within_margin": most_storage(False),
