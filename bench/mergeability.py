@@ -73,6 +73,28 @@ GW_VARIANTS = {"gw_l-3_cls": (-3, "cls"), "gw_l-1_cls": (-1, "cls"), "gw_l-3_mea
 PREDICTORS = (*GW_VARIANTS, "gw_base_l-3_cls", "task_vector_cosine", "cka_probe", "description", "same_module")
 PROBE_SIZE = 256
 PLANNING_VERSION = 2  # 2: the planned trios are checked by their own trial merges
+# The measured planner's settings that are product options (`--shortlist-by`, `--trial-signal`): "measured"
+# is GW shortlist and agreement; each other combination is planned by the flow itself with those settings.
+MEASURED_SETTINGS = {
+    "measured": {"shortlist_by": "gw", "trial_signal": "agreement"},
+    "measured/cka": {"shortlist_by": "cka", "trial_signal": "agreement"},  # run first: its planning is the cold one
+    "measured/cka/true_label": {"shortlist_by": "cka", "trial_signal": "true_label"},
+    "measured/true_label": {"shortlist_by": "gw", "trial_signal": "true_label"},
+}
+
+
+def shipped_plan() -> str:
+    """The plan name of what `fleetmerge consolidate` does with no options."""
+    d = ConsolidateConfig()
+    if d.planner != "measured":
+        return d.planner
+    return next(n for n, v in MEASURED_SETTINGS.items()
+                if v == {"shortlist_by": d.shortlist_by, "trial_signal": d.trial_signal})
+
+
+def product_plans(names) -> list[str]:
+    """The plans a user can get from `fleetmerge consolidate` (the default is chosen among them)."""
+    return [n for n in names if n in PLANNERS or n in MEASURED_SETTINGS]
 
 
 def log(message: str) -> None:
@@ -225,7 +247,30 @@ def validation_macro_f1(run: dict) -> float:
     return fleet_summary({i: v["validation"] for i, v in run["items"].items()})["macro_f1"]
 
 
-def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
+def measured_variant(store, fold_index: int, name: str) -> dict:
+    """The flow's plan with the measured planner at one of MEASURED_SETTINGS (its published plan and seconds)."""
+    from flows.nightly import consolidate
+
+    settings = MEASURED_SETTINGS[name]
+    summary = consolidate(fleet="fleet.yaml", store=store.uri, config={
+        "planner": "measured", **settings,
+        "run_id": f"mergeability-fold{fold_index}-{name.replace('/', '-')}-v{PLANNING_VERSION}"})
+    plan = read_manifest(store, summary["run_id"])["extra"]["plan"]
+    return {"groups": [list(g) for g in plan["groups"]], "seconds": summary["seconds"],
+            "computed": summary["computed"], "reused": summary["reused"], "settings": settings}
+
+
+def wanted_plans(args) -> list[str]:
+    """The plans a run gates, in order (`--plans`: only those)."""
+    return args.plans or list(dict.fromkeys([
+        "measured", *(p for p in PLANNERS if p != "measured"), *MEASURED_SETTINGS, "module", "description",
+        *(f"random{s}" for s in range(args.random_seeds)),
+        *((f"sized/{n}" for n in PREDICTORS if n not in ("description", "same_module")) if args.predictor_plans else ())]))
+
+
+def run_fold(fold_index: int, args, data_dir: Path, work: Path, cached: dict | None = None) -> dict:
+    """One fold's plans and their gated figures; with `cached` (an earlier result of this fold), only the
+    plans it lacks are computed and added to it."""
     started = time.perf_counter()
     here = fold_dir(work, args.folds, fold_index)
     responses, items_path = prepare(data_dir, here / "data", seed=args.seed, folds=args.folds, fold=fold_index)
@@ -242,11 +287,15 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
 
     planning_cache = here / "mergeability_planning.json"
     previous = json.loads(planning_cache.read_text()) if planning_cache.is_file() else None
-    if previous and previous.get("version") == PLANNING_VERSION:
+    if cached:  # the measured plan and its planning cost are the cached run's
+        planning = {"plan": {"groups": cached["plans"]["measured"]}, "seconds": cached["flow_seconds"],
+                    "computed": {"features": int(cached.get("planning_cold", True))}}
+    elif previous and previous.get("version") == PLANNING_VERSION:
         planning = previous
     else:
         summary = consolidate(fleet="fleet.yaml", store=store.uri, config={
-            "planner": "measured", "run_id": f"mergeability-fold{fold_index}-v{PLANNING_VERSION}"})
+            "planner": "measured", **MEASURED_SETTINGS["measured"],
+            "run_id": f"mergeability-fold{fold_index}-v{PLANNING_VERSION}"})
         published = read_manifest(store, summary["run_id"])
         seconds = summary["seconds"]
         if previous:  # an earlier version's run computed (cold) what this one reused: keep each stage's cold time
@@ -259,46 +308,70 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     log(f"fold {fold_index}: measured planning {planning_seconds} s ({planning['computed']})")
 
     # 2. The plans' predictors (all of them with --predictor-plans).
+    wanted = [n for n in wanted_plans(args) if not (cached and n in cached["rows"])]
     names = PREDICTORS if args.predictor_plans else ("gw_l-3_cls", "description")
-    similarity, predictor_seconds = predictors(store, fold, here, responses, args.seed, names)
-    gw_D = -similarity["gw_l-3_cls"]
-    short = shortlist(gw_D, fold.ids, defaults.shortlist)
-    trials = measure_pairs(store, short, merge_config)  # the flow's, cached
-    result = {"fold": fold_index, "ids": fold.ids, "planning_seconds": planning_seconds,
-              "planning_cold": planning["computed"]["features"] > 0,
-              "flow_seconds": seconds, "predictor_seconds": predictor_seconds, "shortlist_pairs": len(short),
-              "shortlist_merge_seconds": trials["merge_seconds"]}
+    similarity, predictor_seconds = {}, dict(cached["predictor_seconds"]) if cached else {}
+
+    def similarity_of(name: str) -> np.ndarray:  # computed (or read from the fold's cache) when first needed
+        if name not in similarity:
+            computed, took = predictors(store, fold, here, responses, args.seed, (name,))
+            similarity.update(computed)
+            predictor_seconds.update(took)
+        return similarity[name]
+
+    if cached:
+        result = {k: v for k, v in cached.items() if k not in ("plans", "rows", "seconds")}
+    else:
+        for name in names:
+            similarity_of(name)
+        short = shortlist(-similarity_of("gw_l-3_cls"), fold.ids, defaults.shortlist)
+        trials = measure_pairs(store, short, merge_config)  # the flow's, cached
+        result = {"fold": fold_index, "ids": fold.ids, "planning_seconds": planning_seconds,
+                  "planning_cold": planning["computed"]["features"] > 0,
+                  "flow_seconds": seconds, "shortlist_pairs": len(short),
+                  "shortlist_merge_seconds": trials["merge_seconds"]}
 
     # 3. Plans, gated with the shipped defaults.
-    plans: dict[str, list[list[str]]] = {"measured": [list(g) for g in planning["plan"]["groups"]]}
-    for planner in PLANNERS:
-        if planner != "measured":
-            plans[planner] = [list(g) for g in plan_fleet(gw_D, fold.ids, tau=defaults.tau,
-                                                          tau_quantile=defaults.tau_quantile, k=defaults.k,
-                                                          planner=planner).groups]
-    sizes = sorted((len(g) for g in plans["measured"]), reverse=True)
-    modules = {i: fold.manifest.scorer(i).module or "?" for i in fold.ids}
-    plans["module"] = [list(g) for g in module_plan(modules, sizes).groups]
-    plans["description"] = [list(g) for g in sized_plan(as_distance(similarity["description"]), fold.ids, sizes).groups]
-    for seed in range(args.random_seeds):
-        plans[f"random{seed}"] = [list(g) for g in random_plan(fold.ids, len(sizes), defaults.k, seed=seed,
-                                                               sizes=sizes).groups]
-    if args.predictor_plans:
-        for name in PREDICTORS:
-            if name not in ("description", "same_module"):
-                plans[f"sized/{name}"] = [list(g) for g in sized_plan(as_distance(similarity[name]), fold.ids,
-                                                                      sizes).groups]
-    if args.plans:  # a shorter run: only the named plans, in the order named
-        plans = {name: plans[name] for name in args.plans if name in plans}
-    rows = {}
-    for name, groups in plans.items():
+    measured = [list(g) for g in planning["plan"]["groups"]]
+    sizes = sorted((len(g) for g in measured), reverse=True)
+    variants = dict(cached.get("measured_variants", {})) if cached else {}
+
+    def plan_of(name: str) -> list[list[str]]:
+        if name == "measured":
+            return measured
+        if name in MEASURED_SETTINGS:
+            variants[name] = measured_variant(store, fold_index, name)
+            log(f"fold {fold_index}: {name} planned by the flow ({variants[name]['computed']})")
+            return variants[name]["groups"]
+        if name in PLANNERS:
+            return [list(g) for g in plan_fleet(-similarity_of("gw_l-3_cls"), fold.ids, tau=defaults.tau,
+                                                tau_quantile=defaults.tau_quantile, k=defaults.k, planner=name).groups]
+        if name == "module":
+            return [list(g) for g in module_plan({i: fold.manifest.scorer(i).module or "?" for i in fold.ids},
+                                                 sizes).groups]
+        if name.startswith("random"):
+            return [list(g) for g in random_plan(fold.ids, len(sizes), defaults.k, seed=int(name[6:]),
+                                                 sizes=sizes).groups]
+        predictor = name.removeprefix("sized/")
+        return [list(g) for g in sized_plan(as_distance(similarity_of(predictor)), fold.ids, sizes).groups]
+
+    plans = dict(cached["plans"]) if cached else {}
+    rows = dict(cached["rows"]) if cached else {}
+    for name in wanted:
+        plans[name] = plan_of(name)
+        groups = plans[name]
         log(f"fold {fold_index}: gated plan {name} ({len(groups)} groups)")
         run = fold.gated(groups, merge_config)
         rows[name] = figures(fold, run) | {"validation_macro_f1": validation_macro_f1(run),
                                            "planned_backbones": len(fold.ids) - sum(len(g) - 1 for g in groups)}
-    rows["premerge"] = figures(fold, {"items": fold.items({}), "groups": []})
+    premerge = figures(fold, {"items": fold.items({}), "groups": []})
+    if cached and premerge["per_item_macro_f1"] != cached["rows"]["premerge"]["per_item_macro_f1"]:
+        raise RuntimeError(f"fold {fold_index}: the rebuilt fleet's pre-merge figures differ from the cached "
+                           "run's; its plans cannot be compared with the new ones (remove the cached rows)")
+    rows["premerge"] = premerge
     result |= {"plans": plans, "rows": rows, "test_sizes": {i: fold.own[i]["test"]["n"] for i in fold.ids},
-               "seconds": round(time.perf_counter() - started, 1)}
+               "predictor_seconds": predictor_seconds, "measured_variants": variants,
+               "seconds": round(time.perf_counter() - started + (cached or {}).get("seconds", 0.0), 1)}
     return result
 
 
@@ -355,15 +428,36 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
         plans[name]["macro_f1_by_fold"] = [v["macro_f1"] for v in values]
     plans["random"] = {k: round(float(np.mean([plans[r][k] for r in randoms])), 4)
                        for k in ("macro_f1", "validation_macro_f1", "backbones", "planned_backbones", "storage_ratio")}
-    planners = [p for p in PLANNERS if p in plans]
-    default = max(planners, key=lambda p: (plans[p]["validation_macro_f1"], p == ConsolidateConfig().planner))
+    planners = product_plans(plans)
+    default = max(planners, key=lambda p: (plans[p]["validation_macro_f1"], p == shipped_plan()))
     plans["default"] = {**plans[default], "planner": default}
     units["default"] = units[default]
     compare = [("default", other) for other in ("random", "module", "description", *planners, "premerge")
                if other != default and other in plans]
+    # each measured setting against the first measured planner's (GW shortlist, agreement): one option's effect
+    compare += [(name, "measured") for name in planners if name in MEASURED_SETTINGS and name != "measured"]
     compare += [(f"{name}", "random") for name in names if name.startswith("sized/")]
     paired = {f"{a} vs {b}": paired_comparison(units[a], units[b], weights) for a, b in compare}
     return {"plans": plans, "default_planner": default, "paired": paired, "n_units": len(weights)}
+
+
+PAIR_FIELDS = ("predictor_seconds", "all_pairs_merge_seconds", "pairs_total", "correlation", "outcomes",
+               "shortlist_finds_best_partner")
+
+
+def resumed(earlier: dict | None, work: Path, args) -> dict | None:
+    """An earlier result's fold as this run's cache: its rows, and its every-pair outcomes as the pairs cache."""
+    if earlier is None:
+        return None
+    pairs = fold_dir(work, args.folds, earlier["fold"]) / "mergeability_pairs.json"
+    if "correlation" in earlier and not pairs.is_file():
+        pairs.parent.mkdir(parents=True, exist_ok=True)
+        pairs.write_text(json.dumps({k: earlier[k] for k in PAIR_FIELDS if k in earlier}))
+    rows = {k: v for k, v in earlier.items() if k not in PAIR_FIELDS or k == "predictor_seconds"}
+    if "correlation" in earlier:  # the predictors' seconds were the pairs cache's; the rows kept their own
+        rows["predictor_seconds"] = {k: v for k, v in earlier["predictor_seconds"].items()
+                                     if k in ("gw_l-3_cls", "description")}
+    return rows
 
 
 def main() -> None:
@@ -381,6 +475,9 @@ def main() -> None:
     parser.add_argument("--predictor-plans", action="store_true", help="also a plan from every other predictor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--resume-from", default=None,
+                        help="an earlier result JSON: a fold without a cache starts from that run's rows (and every "
+                             "pair's outcomes), checked against the rebuilt fleet, and adds only the plans it lacks")
     args = parser.parse_args()
     reap_on_exit()
     out = Path(args.out)
@@ -398,13 +495,16 @@ def main() -> None:
     work = Path(args.work) if args.work else ROOT / ".fleetmerge" / data_dir.name.split("_")[-1]
     wanted = [int(f) for f in args.only_folds.split(",") if f] or list(range(args.folds))
     started = time.perf_counter()
+    earlier = {f["fold"]: f for f in json.loads(Path(args.resume_from).read_text())["by_fold"]} if args.resume_from else {}
     folds = []
     for f in wanted:
         cache = fold_dir(work, args.folds, f) / f"mergeability_rows{'_predictors' if args.predictor_plans else ''}.json"
-        if cache.is_file():
-            folds.append(json.loads(cache.read_text()))
+        cached = json.loads(cache.read_text()) if cache.is_file() else resumed(earlier.get(f), work, args)
+        if cached is not None and all(n in cached["rows"] for n in wanted_plans(args)):
+            folds.append(cached)
             continue
-        folds.append(run_fold(f, args, data_dir, work))
+        folds.append(run_fold(f, args, data_dir, work, cached))
+        cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(folds[-1]))
     for fold in folds:  # every pair, last: the plans across folds come first
         if fold["fold"] in args.all_pairs:

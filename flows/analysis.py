@@ -42,7 +42,7 @@ def distances_and_plan(store: Store, manifest_key: str, cfg: ConsolidateConfig, 
         if cfg.planner == "measured":
             trials = measure_pairs(store, shortlist(matrix, ids, cfg.shortlist), cfg.merge_config(),
                                    manifest_key=manifest_key)
-            measured = outcomes(trials)
+            measured = outcomes(trials, cfg.trial_signal)
             print(f"trial merges: {len(measured)} pairs ({trials['computed']} computed, {trials['reused']} reused)")
         chosen = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
                             measured=measured, resampled=resampled, min_stability=min_stability)

@@ -81,10 +81,14 @@ def _decision(record: dict) -> str:
     return f"fallback pair {' + '.join(accepted)} ({', '.join(left)} on own scorer)"
 
 
+# The measured outcome's column, by the plan's trial signal (gw.mergeability.TRIAL_SIGNALS).
+TRIAL_COLUMN = {"agreement": "agreement", "true_label": "true-label change"}
+
+
 def plan_rows(planned: dict) -> tuple[list[dict], str]:
     """The merge plan as table rows: per group its largest GW distance and, when trial merges were
-    measured, the group's measured outcome (its worst member's agreement with its own scorer, from the
-    group's own trial merge, else the worst of its pairs'), side by side, 3 significant figures."""
+    measured, the group's measured outcome (its worst member's trial signal against its own scorer, from
+    the group's own trial merge, else the worst of its pairs'), side by side, 3 significant figures."""
     plan, ids, matrix = planned["plan"], planned["ids"], planned["matrix"]
     index = {i: n for n, i in enumerate(ids)}
     stability = {tuple(e["group"]): e["share"] for e in plan.get("stability") or []}
@@ -97,7 +101,7 @@ def plan_rows(planned: dict) -> tuple[list[dict], str]:
             trials = [measured.get(frozenset(group))]
             if trials[0] is None:
                 trials = [measured.get(frozenset((a, b))) for n, a in enumerate(group) for b in group[n + 1:]]
-            row["trial-merge agreement"] = None if None in trials else float(f"{min(trials):.3g}")
+            row[f"trial-merge {TRIAL_COLUMN[plan.get('trial_signal', 'agreement')]}"] = None if None in trials else float(f"{min(trials):.3g}")
         if stability:
             row["stability"] = stability.get(tuple(group))
         rows.append(row)

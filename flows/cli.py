@@ -6,6 +6,7 @@ import sys
 from dataclasses import fields
 
 from flows.config import GATE_RULES, MERGE_METHODS, PLANNERS, SHORTLIST_SIGNALS, ConsolidateConfig
+from gw.mergeability import TRIAL_SIGNALS
 from gw.shortlist_size import ALL_PAIRS_UP_TO, DEFAULT_CANDIDATES
 from infra.manifest import MANIFEST_KEY
 from infra.publish import PublishError
@@ -244,10 +245,14 @@ def _add_plan_options(parser) -> None:
                         help="measured planner: nearest by GW distance, by task-vector cosine (checkpoints only, "
                              "no features) or by linear CKA on a shared probe set of 256 training answers "
                              "(default: %(default)s)")
+    parser.add_argument("--trial-signal", choices=TRIAL_SIGNALS, default=DEFAULTS.trial_signal,
+                        help="measured planner: each trial merge's members scored by their agreement with their own "
+                             "scorers (no labels) or by the change of the probability given to their true labels, on "
+                             "train and validation answers (default: %(default)s)")
     parser.add_argument("--k", type=int, default=DEFAULTS.k, help="largest group size (default: %(default)s)")
     parser.add_argument("--tau", type=float, default=DEFAULTS.tau,
                         help="threshold: pairs at or above it never share a group; on GW distances, or on 1 - the "
-                             "worse member's agreement for the measured planner (default: the --tau-quantile "
+                             "worse member's trial signal for the measured planner (default: the --tau-quantile "
                              "quantile of those)")
     parser.add_argument("--tau-quantile", type=float, default=DEFAULTS.tau_quantile,
                         help="quantile of the distances that is tau when --tau is not given (default: %(default)s)")

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from gw.gate import DEFAULT_DELTA
-from gw.mergeability import DEFAULT_SHORTLIST
+from gw.mergeability import DEFAULT_SHORTLIST, TRIAL_SIGNALS
 from gw.plan import DEFAULT_TAU_QUANTILE
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ class ConsolidateConfig:
     planner: str = "measured"  # best validation macro F1 over 3 Beetle folds (docs/results/mergeability.md)
     shortlist: int = DEFAULT_SHORTLIST  # measured planner: each scorer's nearest partners that are trial-merged
     shortlist_by: str = "gw"  # ... nearest by this signal (SHORTLIST_SIGNALS)
+    trial_signal: str = "agreement"  # ... each trial merge's members scored by this (gw.mergeability.TRIAL_SIGNALS)
     tau: float | None = None  # None: the tau_quantile-quantile of the distances
     tau_quantile: float = DEFAULT_TAU_QUANTILE
     k: int = 3
@@ -76,6 +77,8 @@ class ConsolidateConfig:
             raise ValueError(f"gw_candidates must be an integer >= 0 (or None: by the fleet's size), got {m!r}")
         if self.gw_candidates and self.planner == "linkage":
             raise ValueError("the linkage planner reads every distance: it cannot run on a shortlist (gw_candidates)")
+        if self.trial_signal not in TRIAL_SIGNALS:
+            raise ValueError(f"trial_signal must be one of {list(TRIAL_SIGNALS)}, got {self.trial_signal!r}")
         if self.shortlist_by not in SHORTLIST_SIGNALS:
             raise ValueError(f"shortlist_by must be one of {list(SHORTLIST_SIGNALS)}, got {self.shortlist_by!r}")
         ranks = tuple(self.correction_ranks)  # a JSON round trip (Prefect parameters) gives a list

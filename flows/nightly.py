@@ -191,7 +191,7 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
     store = _store(store_uri, settings)
     ids = distances["ids"]
     matrix = distance_matrix(store, distances["key"], ids)
-    measured = outcomes(trials) if trials else None
+    measured = outcomes(trials, cfg.trial_signal) if trials else None
     tau = cfg.tau
     if tau is None and distances.get("candidates") and cfg.planner == "gw":
         tau = distances["tau"]  # the quantile over all pairs, not over the shortlisted ones (gw.candidates)
@@ -207,13 +207,14 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
         _connect(cfg)
         larger = [g for g in plan.groups if len(g) > 2]
         checked = measure_pairs(store, larger, cfg.merge_config(), manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
-        groups_measured = outcomes(checked)
+        groups_measured = outcomes(checked, cfg.trial_signal)
         plan, split = check_planned_groups(plan, ids, measured, groups_measured)
         logger.info(f"planned groups checked by their own trial merges: {len(larger)} ({checked['computed']} "
                     f"computed), {len(split)} split into their best pair")
     logger.info(f"plan ({cfg.planner} planner, {plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} "
                 f"groups, {len(plan.singletons)} singletons")
-    return {"plan": plan.to_dict() | {"planner": cfg.planner, "split": split}, "matrix": matrix.tolist(), "ids": ids,
+    signal = {"trial_signal": cfg.trial_signal} if measured else {}
+    return {"plan": plan.to_dict() | {"planner": cfg.planner, "split": split} | signal, "matrix": matrix.tolist(), "ids": ids,
             "measured": [[*p, v] for p, v in sorted({**(measured or {}), **groups_measured}.items())] or None,
             "group_trials": {"computed": checked["computed"], "reused": checked["reused"]} if groups_measured else None}
 

@@ -1,21 +1,28 @@
-"""Measured pair mergeability: how well a merged backbone keeps each member's own scorer (issue 11).
+"""Measured pair mergeability: how well a merged backbone keeps each member's scoring (issue 11).
 
-A trial merge of two scorers is scored per member by its **agreement** with the member's own scorer:
-the mean over the item's responses of the probability mass the two put on the same outcomes,
-``sum_c min(p_own, p_merged)`` for one-of-C items (1 − total variation), ``1 − |p_own − p_merged|``
-averaged over labels for multi-label items. 1 means the merge left the item's scoring unchanged.
+A trial merge of two scorers (own heads, no refit) is scored per member on all of its item's train and
+validation responses (about 80 per item on Beetle; never the test split) by one of two signals
+(:data:`TRIAL_SIGNALS`), both stored with every trial merge:
 
-Why this signal and not validation macro F1: Beetle items have about 17 validation answers, where
-macro F1 moves by a whole class's worth with one answer (the gate's argument, gw/gate.py). Agreement
-needs no labels, so it is measured on all of the item's train and validation responses (about 80 per
-item on Beetle; never the test split), and it is continuous per response, so its noise falls as
-1/sqrt(n) of those. It measures what merging costs an item (how far the shared backbone moves its
-answers) rather than whether a fallen label happens to land in validation.
+- ``"agreement"`` (no labels): the mean over the responses of the probability mass the member's own
+  scorer and the merged model put on the same outcomes, ``sum_c min(p_own, p_merged)`` for one-of-C
+  items (1 − total variation), ``1 − |p_own − p_merged|`` averaged over labels for multi-label items.
+  1 means the merge left the item's scoring unchanged. It measures how far the merge moves the answers,
+  not in which direction, and its scale is the item's: a multi-label item whose probabilities sit near
+  0 and 1 agrees more with anything than a 3-way item does, so the worse member of a mixed pair is
+  always the 3-way one, and such a pair looks as good as that member's best pairing.
+- ``"true_label"``: the class-balanced mean change of the probability given to the true labels,
+  merged − own (:func:`gw.gate.balanced_change`, the statistic the gate bounds on validation answers).
+  It is signed (a merge that helps an item scores above 0) and on one scale for every item.
 
-A pair's outcome is its worse member's agreement: the gate judges members one by one, and a group
-is only worth planning if every member keeps its scoring. The planner reads ``1 − outcome`` as a
-distance (unmeasured pairs are NaN: never grouped), so :func:`gw.plan.solve_plan` packs it as it
-packs GW distances.
+Why not validation macro F1: Beetle items have about 17 validation answers, where macro F1 moves by a
+whole class's worth with one answer (the gate's argument, gw/gate.py). Both signals are continuous per
+response and use about 5x the answers, so their noise falls as 1/sqrt(n) of those.
+
+A pair's outcome is its worse member's signal: the gate judges members one by one, and a group is
+only worth planning if every member keeps its scoring. The planner reads ``1 − outcome`` as a distance
+(unmeasured pairs are NaN: never grouped), so :func:`gw.plan.solve_plan` packs it as it packs GW
+distances.
 
 Which pairs to measure: each scorer's ``m`` nearest partners by a cheap signal (:func:`shortlist`),
 at most ``m * N`` pairs for N scorers (fewer when neighbourhoods overlap).
@@ -28,8 +35,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gw.gate import Evidence, balanced_change
+
 DEFAULT_SHORTLIST = 5
 """Partners measured per scorer (m)."""
+
+TRIAL_SIGNALS = ("agreement", "true_label")
+"""What a trial merge's members are scored by (module docstring)."""
 
 
 def agreement(reference: np.ndarray, merged: np.ndarray, task: str) -> float:
@@ -47,11 +59,17 @@ def agreement(reference: np.ndarray, merged: np.ndarray, task: str) -> float:
     return float(np.mean(np.minimum(p, q).sum(axis=1)))
 
 
-def pair_outcome(agreements: Mapping[str, float]) -> float:
-    """A trial merge's outcome (of a pair, or of a planned group): its worst member's agreement."""
-    if len(agreements) < 2:
-        raise ValueError(f"a trial merge's outcome needs at least two members, got {sorted(agreements)}")
-    return float(min(agreements.values()))
+def true_label_change(own: Evidence, merged: Evidence) -> float:
+    """The ``"true_label"`` signal: the class-balanced mean change, merged − own, of the probability
+    given to the true labels of the same answers (the gate's statistic, without its bound)."""
+    return balanced_change(own, merged)[0]
+
+
+def pair_outcome(scores: Mapping[str, float]) -> float:
+    """A trial merge's outcome (of a pair, or of a planned group): its worst member's signal."""
+    if len(scores) < 2:
+        raise ValueError(f"a trial merge's outcome needs at least two members, got {sorted(scores)}")
+    return float(min(scores.values()))
 
 
 def split_weak_groups(groups: Sequence[Sequence[str]], group_outcomes: Mapping[tuple[str, ...], float],

@@ -39,6 +39,8 @@ def test_plan_rows_show_gw_and_the_measured_outcome_side_by_side():
     rows, description = plan_rows(planned)
     assert rows[0]["trial-merge agreement"] == 0.8
     assert description.endswith("4 pairs trial-merged; 1 planned groups split after their own trial merge")
+    planned["plan"]["trial_signal"] = "true_label"  # the column says which signal the outcome is
+    assert plan_rows(planned)[0][0]["trial-merge true-label change"] == 0.8
 
 
 def test_run_summary_lists_groups_changes_and_what_was_set_aside():

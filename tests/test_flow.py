@@ -190,6 +190,12 @@ def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefec
     assert {frozenset(g) for g in plan["groups"] if len(g) == 3} <= {frozenset(r["pair"]) for r in trios}
     again = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=config)
     assert again["computed"]["trial merges"] == 0 and again["reused"]["trial merges"] == len(measured)
+    if shortlist_by == "gw":  # the other trial signal reads the same merges: only a newly planned trio is merged
+        other = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**config, "trial_signal": "true_label"})
+        plan = read_manifest(store, other["run_id"])["extra"]["plan"]
+        assert plan["trial_signal"] == "true_label"
+        assert other["computed"]["trial merges"] <= sum(len(g) == 3 for g in plan["groups"])
+        assert other["reused"]["trial merges"] >= len(pairs)
 
 
 @pytest.mark.slow  # ~2.5 min; tests/test_correction.py covers consolidate -> publish -> serve -> peft without the flow

@@ -117,6 +117,36 @@ def test_linkage_planner_and_unknown_planners():
         plan_fleet(D, ids, tau=None, tau_quantile=1.0, k=3, planner="nearest")
 
 
+def test_the_true_label_signal_is_signed_on_one_scale_where_agreement_is_not():
+    """A merge that moves a member's answers toward its labels scores above 0 by true_label and below 1 by
+    agreement; a multi-label member with confident labels agrees more than a 3-way one that moved as much."""
+    from gw.gate import Evidence
+    from gw.mergeability import true_label_change
+
+    labels = np.array([0, 1, 2, 2])
+    own = Evidence("multiclass", labels, np.array([[0.6, 0.2, 0.2], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6], [0.5, 0.2, 0.3]]))
+    better = Evidence("multiclass", labels, np.array([[0.8, 0.1, 0.1], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8],
+                                                      [0.3, 0.2, 0.5]]))
+    # per class (0, 1, 2): +0.2, +0.2, mean(+0.2, +0.2): each class weighs a third
+    assert true_label_change(own, better) == pytest.approx(0.2)
+    assert true_label_change(better, own) == pytest.approx(-0.2)
+    assert agreement(own.probs, better.probs, "multiclass") == pytest.approx(0.8)
+    on = np.array([[1, 0, 0, 0]] * 4)
+    confident = Evidence("multilabel", on, np.array([[0.9, 0.02, 0.02, 0.02]] * 4))
+    moved = Evidence("multilabel", on, np.array([[0.7, 0.02, 0.02, 0.02]] * 4))
+    assert agreement(confident.probs, moved.probs, "multilabel") == pytest.approx(0.95)  # > 0.8, the same fall
+    # class-balanced over (label, on/off) cells: the on-cell of label 0 fell 0.2, the four off-cells 0
+    assert true_label_change(confident, moved) == pytest.approx(-0.2 / 4)
+
+
+def test_the_trial_signal_is_checked_with_the_other_settings():
+    from flows.config import ConsolidateConfig
+
+    assert ConsolidateConfig(trial_signal="true_label").trial_signal == "true_label"
+    with pytest.raises(ValueError, match=r"trial_signal must be one of \['agreement', 'true_label'\], got 'f1'"):
+        ConsolidateConfig(trial_signal="f1")
+
+
 def test_the_shortlist_signal_is_checked_with_the_other_settings():
     from flows.config import ConsolidateConfig
 
@@ -143,12 +173,18 @@ def test_trial_merges_are_measured_on_train_and_validation_and_cached_by_content
     assert (first["computed"], first["reused"]) == (3, 0)
     manifest = load_manifest(store)
     for record in first["pairs"]:
-        assert 0.0 <= record["outcome"] <= 1.0 and record["outcome"] == min(record["agreement"].values())
+        assert 0.0 <= record["outcome"]["agreement"] <= 1.0
+        for signal in ("agreement", "true_label"):  # one merge, both signals: the worse member's
+            assert record["outcome"][signal] == min(record[signal].values())
+        assert -1.0 <= record["outcome"]["true_label"] <= 1.0
         for item in record["pair"]:
             splits = store.read_table(manifest.scorer(item).responses).column("split").to_pylist()
             assert record["n"][item] == sum(s in ("train", "validation") for s in splits)  # never test
     again = measure_pairs(store, [tuple(reversed(p)) for p in pairs], MergeConfig(), use_ray=False)
     assert (again["computed"], again["reused"]) == (0, 3) and outcomes(again) == outcomes(first)
+    assert outcomes(first, "true_label") == {tuple(r["pair"]): r["outcome"]["true_label"] for r in first["pairs"]}
+    with pytest.raises(ValueError, match="trial signal must be one of"):
+        outcomes(first, "macro_f1")
     # One scorer changes: only its pairs are measured again.
     shutil.copy(root / "scorers" / "circuits-1" / "model.safetensors", root / "scorers" / "plants-1" / "model.safetensors")
     changed = measure_pairs(store, pairs, MergeConfig(), use_ray=False)

@@ -1,4 +1,5 @@
 """The quality benchmark's pure pieces: the module plan at given sizes and the paired statistics."""
+import json
 import math
 import sys
 from pathlib import Path
@@ -104,6 +105,28 @@ def test_mergeability_default_planner_is_chosen_on_validation_not_test():
     assert combined["plans"]["random"]["macro_f1"] == 0.425
     assert combined["paired"]["default vs random"]["mean_diff"] == pytest.approx(0.075)
     assert "default vs measured" not in combined["paired"] and "default vs gw" in combined["paired"]
+    # a setting of the measured planner is a product plan too, and is compared with the first measured planner
+    rows["measured/true_label"] = row(0.48, 0.75)
+    combined = bench.combine(folds, random_seeds=2)
+    assert combined["default_planner"] == "measured/true_label"
+    assert combined["paired"]["measured/true_label vs measured"]["mean_diff"] == pytest.approx(-0.02)
+    assert {"default vs measured", "default vs gw", "default vs module"} <= set(combined["paired"])
+
+
+def test_mergeability_resumes_an_earlier_result_and_adds_only_the_plans_it_lacks(tmp_path):
+    bench = _mergeability()
+    args = type("Args", (), {"plans": [], "random_seeds": 1, "predictor_plans": False, "folds": 3})()
+    wanted = bench.wanted_plans(args)
+    assert wanted[0] == "measured" and {"gw", "module", "description", "random0", "measured/cka"} <= set(wanted)
+    earlier = {"fold": 0, "rows": {"measured": {}, "premerge": {}}, "plans": {"measured": [["a", "b"]]},
+               "predictor_seconds": {"gw_l-3_cls": 3.0, "description": 1.0, "cka_probe": 79.0},
+               "correlation": {"cka_probe": {"spearman": 0.4}}, "outcomes": [["a", "b", 0.9]], "pairs_total": 1}
+    cached = bench.resumed(earlier, tmp_path, args)
+    assert "correlation" not in cached and cached["predictor_seconds"] == {"gw_l-3_cls": 3.0, "description": 1.0}
+    pairs = json.loads((bench.fold_dir(tmp_path, 3, 0) / "mergeability_pairs.json").read_text())
+    assert pairs["correlation"] == earlier["correlation"] and pairs["predictor_seconds"]["cka_probe"] == 79.0
+    assert bench.resumed(None, tmp_path, args) is None
+    assert bench.shipped_plan() in bench.product_plans(wanted)
 
 
 def test_frontier_setting_runs_the_products_jobs_and_counts_the_adapters(tiny_fleet_dir):

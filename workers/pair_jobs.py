@@ -1,8 +1,10 @@
 """Trial merges of candidate pairs, as Ray tasks cached by content hash (issue 11; the math: gw.mergeability).
 
 A trial merge is the product's merge at a cheap setting: the configured method with its default
-parameters (no grid), the members' own heads (no refit), scored by each member's agreement with its
-own scorer on the item's train and validation responses. Each finished pair is stored under
+parameters (no grid), the members' own heads (no refit), each member scored against its own scorer on the
+item's train and validation responses by every signal of `gw.mergeability.TRIAL_SIGNALS` (agreement and
+the true-label probability change: one merge, so a planner may read either). Each finished pair is
+stored under
 
     candidates/pairs/<key>.json
 
@@ -17,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from gw.mergeability import agreement, pair_outcome
+from gw.gate import Evidence
+from gw.mergeability import TRIAL_SIGNALS, agreement, pair_outcome, true_label_change
 from infra.manifest import MANIFEST_KEY, load_manifest
 from infra.storage import Store
 from workers.consolidate import GroupConsolidator, MergeConfig
@@ -25,7 +28,7 @@ from workers.group_jobs import job_inputs, job_key
 from workers.ray_jobs import run_all, runner
 
 PAIRS_PREFIX = "candidates/pairs"
-PAIR_VERSION = 1  # bump when what a trial merge measures changes
+PAIR_VERSION = 2  # bump when what a trial merge measures changes (2: the true-label change beside agreement)
 AGREEMENT_SPLITS = ("train", "validation")  # never the test split
 
 
@@ -51,16 +54,22 @@ def measure_chunk(store: Store, manifest_key: str, pairs: Sequence[tuple[str, st
     """Trial-merge each pair, write each record under its key (the driver names them); return the records."""
     consolidator = GroupConsolidator(store, load_manifest(store, manifest_key))
     manifest, trial = consolidator.manifest, trial_config(config)
-    references: dict[str, np.ndarray] = {}
+    references: dict[str, Evidence] = {}
 
     def texts(item: str) -> list[str]:
         member = consolidator.member(manifest.scorer(item))
         return [t for split in AGREEMENT_SPLITS for t in member.texts[split]]
 
-    def reference(item: str) -> np.ndarray:
+    def labels(item: str) -> np.ndarray:
+        member = consolidator.member(manifest.scorer(item))
+        return np.concatenate([np.asarray(member.labels[split]) for split in AGREEMENT_SPLITS])
+
+    def reference(item: str) -> Evidence:
+        """The member's own scorer on its answers."""
         if item not in references:
             own = consolidator.individual(manifest.scorer(item))
-            references[item] = consolidator.probabilities(own, item, consolidator.features(own, texts(item)))
+            probs = consolidator.probabilities(own, item, consolidator.features(own, texts(item)))
+            references[item] = Evidence(manifest.scorer(item).task, labels(item), probs)
         return references[item]
 
     records = []
@@ -70,13 +79,15 @@ def measure_chunk(store: Store, manifest_key: str, pairs: Sequence[tuple[str, st
         for spec in specs:
             reference(spec.id)
         model, merged = consolidator.merged_model(specs, {}, trial)
-        agreements = {spec.id: agreement(reference(spec.id),
-                                         consolidator.probabilities(model, spec.id,
-                                                                    consolidator.features(model, texts(spec.id))),
-                                         spec.task) for spec in specs}
-        record = {"pair": list(pair), "agreement": {i: round(v, 6) for i, v in agreements.items()},
-                  "outcome": round(pair_outcome(agreements), 6), "n": {i: len(reference(i)) for i in pair},
-                  "method": trial.method, "params": merged["params"],
+        scores: dict[str, dict[str, float]] = {signal: {} for signal in TRIAL_SIGNALS}
+        for spec in specs:
+            own = reference(spec.id)
+            probs = consolidator.probabilities(model, spec.id, consolidator.features(model, texts(spec.id)))
+            scores["agreement"][spec.id] = agreement(own.probs, probs, spec.task)
+            scores["true_label"][spec.id] = true_label_change(own, Evidence(spec.task, own.labels, probs))
+        record = {"pair": list(pair), **{s: {i: round(v, 6) for i, v in scores[s].items()} for s in TRIAL_SIGNALS},
+                  "outcome": {s: round(pair_outcome(scores[s]), 6) for s in TRIAL_SIGNALS},
+                  "n": {i: reference(i).n for i in pair}, "method": trial.method, "params": merged["params"],
                   "seconds": round(time.perf_counter() - started, 3)}
         store.write_json(key, record)
         records.append(record)
@@ -131,6 +142,9 @@ def measure_pairs(store: Store, pairs: Sequence[Sequence[str]], config: MergeCon
             "merge_seconds": round(sum(r["seconds"] for r in out), 2)}
 
 
-def outcomes(result: dict) -> dict[tuple[str, ...], float]:
-    """{(a, b): outcome} of a `measure_pairs` result (members sorted)."""
-    return {tuple(r["pair"]): float(r["outcome"]) for r in result["pairs"]}
+def outcomes(result: dict, signal: str = "agreement") -> dict[tuple[str, ...], float]:
+    """{(a, b): outcome by `signal` (gw.mergeability.TRIAL_SIGNALS)} of a `measure_pairs` result (members
+    sorted)."""
+    if signal not in TRIAL_SIGNALS:
+        raise ValueError(f"trial signal must be one of {list(TRIAL_SIGNALS)}, got {signal!r}")
+    return {tuple(r["pair"]): float(r["outcome"][signal]) for r in result["pairs"]}
