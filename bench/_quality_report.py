@@ -239,17 +239,18 @@ def storage_analysis(result: dict) -> list[str]:
 
 def planner_row(d: dict, mergeability: dict | None, cmp, quality) -> str:
     """The planner default against the other planners and the plans it must beat (bench/mergeability.py)."""
-    # The shipped default as of the mergeability run (newer than the quality run's recorded defaults).
-    planner = ((mergeability or {}).get("defaults") or {}).get("planner") or d.get("planner", "gw")
+    # The shipped default as of the mergeability run (newer than the quality run's recorded defaults); a
+    # measured planner is named with its settings (e.g. measured/true_label), as the benchmark names it.
+    planner = (mergeability or {}).get("shipped_plan") or d.get("planner", "gw")
     if mergeability is None:
         return f"| planner | {planner} | – | not measured (run `bench/mergeability.py`) | – |"
     paired = mergeability["paired"]
     chosen = mergeability["default_planner"]
     plans = mergeability["plans"]
-    others = [o for o in ("random", "module", "description", "measured", "gw", "linkage") if o != chosen and o in plans]
+    product = mergeability.get("product_plans") or [p for p in ("measured", "gw", "linkage") if p in plans]
+    others = [o for o in ("random", "module", "description", *product) if o != chosen and o in plans]
     evidence = "; ".join(f"− {o}: {cmp(paired.get(f'default vs {o}'))}" for o in others)
-    validation = ", ".join(f"{p} {plans[p]['validation_macro_f1']:.3f}" for p in ("measured", "gw", "linkage")
-                           if p in plans)
+    validation = ", ".join(f"{p} {plans[p]['validation_macro_f1']:.3f}" for p in product)
     folds_run = mergeability.get("folds_run", list(range(mergeability["folds"])))
     folds = (f"{mergeability['folds']} folds" if len(folds_run) == mergeability["folds"]
              else f"fold{'s' if len(folds_run) > 1 else ''} {', '.join(map(str, folds_run))} of {mergeability['folds']} only")

@@ -438,7 +438,8 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
     compare += [(name, "measured") for name in planners if name in MEASURED_SETTINGS and name != "measured"]
     compare += [(f"{name}", "random") for name in names if name.startswith("sized/")]
     paired = {f"{a} vs {b}": paired_comparison(units[a], units[b], weights) for a, b in compare}
-    return {"plans": plans, "default_planner": default, "paired": paired, "n_units": len(weights)}
+    return {"plans": plans, "default_planner": default, "shipped_plan": shipped_plan(), "product_plans": planners,
+            "paired": paired, "n_units": len(weights)}
 
 
 PAIR_FIELDS = ("predictor_seconds", "all_pairs_merge_seconds", "pairs_total", "correlation", "outcomes",

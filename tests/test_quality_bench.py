@@ -111,6 +111,15 @@ def test_mergeability_default_planner_is_chosen_on_validation_not_test():
     assert combined["default_planner"] == "measured/true_label"
     assert combined["paired"]["measured/true_label vs measured"]["mean_diff"] == pytest.approx(-0.02)
     assert {"default vs measured", "default vs gw", "default vs module"} <= set(combined["paired"])
+    # defaults.md names the chosen setting and says so when the shipped one differs
+    import _quality_report
+
+    result = combined | {"folds": 1, "folds_run": [0]}
+    row_text = _quality_report.planner_row({}, result, lambda c: "cmp", lambda c: "q")
+    assert row_text.startswith(f"| planner | {bench.shipped_plan()} | measured/true_label − each other plan")
+    assert "measured/true_label 0.750" in row_text and "− measured: cmp" in row_text
+    agrees = row_text.endswith("against random: q |") and "update flows/config.py" not in row_text
+    assert agrees == (bench.shipped_plan() == "measured/true_label")
 
 
 def test_mergeability_resumes_an_earlier_result_and_adds_only_the_plans_it_lacks(tmp_path):
