@@ -19,6 +19,7 @@ MEASURED_NAMES = {
     "measured/true_label": "measured (GW shortlist, true-label change)",
     "measured/cka": "measured (CKA shortlist, agreement)",
     "measured/cka/true_label": "measured (CKA shortlist, true-label change)",
+    "measured/refit": "measured (GW shortlist, refit true-label change)",
 }
 
 
@@ -41,7 +42,9 @@ def render(result: dict) -> str:
              "worse member's signal against its own scorer on the item's train and validation answers "
              "(`gw.mergeability`): **agreement** (probability overlap with the own scorer, no labels) or the "
              "**true-label change** (the class-balanced change of the probability given to the true labels, the "
-             "gate's statistic). The correlations below are with agreement.", ""]
+             "gate's statistic) or the **refit true-label change** (that change between heads refitted, "
+             "cross-fitted, on the merged backbone and on the member's own). The correlations below are with "
+             "agreement.", ""]
     corr = result.get("correlation") or {}
     if corr:
         n = next(iter(corr.values()))["n_pairs"]
@@ -92,6 +95,10 @@ def render(result: dict) -> str:
     for f in folds:
         s = f["flow_seconds"]
         warm = "" if f.get("planning_cold", True) else " (warm: a resumed run reused its features; not a cold figure)"
+        rerun = f.get("planning_rerun")
+        if rerun:  # bench/mergeability.py --cold-planning: the shipped defaults' flow on a copy without its caches
+            warm = (f" (timed alone {rerun['date']} on a copy of the fleet without its planning caches; "
+                    f"{'the same plan' if rerun['same_plan'] else 'a DIFFERENT plan'} as the benchmark's run)")
         lines.append(f"| {f['fold']} | {s.get('extract', 0):.0f} | {s.get('gw', 0):.0f} | "
                      f"{s.get('trial-merges', 0):.0f} | {f['planning_seconds']:.0f}{warm} |")
     variants = [(f["fold"], name, v) for f in folds for name, v in f.get("measured_variants", {}).items()]

@@ -80,6 +80,7 @@ MEASURED_SETTINGS = {
     "measured/cka": {"shortlist_by": "cka", "trial_signal": "agreement"},  # run first: its planning is the cold one
     "measured/cka/true_label": {"shortlist_by": "cka", "trial_signal": "true_label"},
     "measured/true_label": {"shortlist_by": "gw", "trial_signal": "true_label"},
+    "measured/refit": {"shortlist_by": "gw", "trial_signal": "refit"},
 }
 
 
@@ -260,6 +261,44 @@ def measured_variant(store, fold_index: int, name: str) -> dict:
             "computed": summary["computed"], "reused": summary["reused"], "settings": settings}
 
 
+# What the planning stages fill in a fold's store (features, GW pairs, trial merges, CKA probes, own-scorer
+# evidence) and the earlier runs' publications; a cold-planning copy has none of them.
+PLANNING_CACHES = ("features", "gw", "candidates/pairs", "candidates/probe", "candidates/sketches",
+                   "candidates/own", "published")
+
+
+def cold_planning(here: Path, fold_index: int, measured: list[list[str]]) -> dict:
+    """The shipped defaults' planning timed cold, alone on the machine: the flow on a copy of the fold's
+    fleet (hard links, so no bytes are copied) without PLANNING_CACHES. The group merges stay cached:
+    they come after the plan and are not planning. The plan must be the one the cached run published."""
+    import shutil
+    import subprocess
+
+    from flows.nightly import consolidate
+
+    copy = here / "cold_planning"
+    shutil.rmtree(copy, ignore_errors=True)
+    subprocess.run(["cp", "-al", str(here / "fleet"), str(copy)], check=True)
+    for cache in PLANNING_CACHES:
+        shutil.rmtree(copy / cache, ignore_errors=True)
+    try:
+        summary = consolidate(fleet="fleet.yaml", store=str(copy), config={"run_id": f"cold-planning-fold{fold_index}"})
+        plan = read_manifest(open_store(str(copy)), summary["run_id"])["extra"]["plan"]
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    seconds = summary["seconds"]
+    same = sorted(map(sorted, plan["groups"])) == sorted(map(sorted, measured))
+    log(f"fold {fold_index}: cold planning {planning_total(seconds)} s; same plan as the cached run: {same}")
+    return {"planning_seconds": planning_total(seconds), "flow_seconds": seconds, "planning_cold": True,
+            "planning_rerun": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "same_plan": same,
+                               "computed": summary["computed"]}}
+
+
+def planning_total(seconds: dict) -> float:
+    """Planning cost: the flow's stages up to the plan (validation, features, GW, trial merges, plan)."""
+    return round(sum(seconds.get(k, 0.0) for k in ("validate", "extract", "gw", "trial-merges", "plan")), 1)
+
+
 def wanted_plans(args) -> list[str]:
     """The plans a run gates, in order (`--plans`: only those)."""
     return args.plans or list(dict.fromkeys([
@@ -304,7 +343,7 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, cached: dict | N
                     "computed": summary["computed"], "reused": summary["reused"], "version": PLANNING_VERSION}
         planning_cache.write_text(json.dumps(planning))
     seconds = planning["seconds"]
-    planning_seconds = round(sum(seconds.get(k, 0.0) for k in ("validate", "extract", "gw", "trial-merges", "plan")), 1)
+    planning_seconds = planning_total(seconds)
     log(f"fold {fold_index}: measured planning {planning_seconds} s ({planning['computed']})")
 
     # 2. The plans' predictors (all of them with --predictor-plans).
@@ -476,6 +515,9 @@ def main() -> None:
     parser.add_argument("--predictor-plans", action="store_true", help="also a plan from every other predictor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--cold-planning", action="store_true",
+                        help="time the shipped defaults' planning again, cold, on a copy of each fold's fleet without "
+                             "its planning caches (run it alone: it is the planning-cost figure)")
     parser.add_argument("--resume-from", default=None,
                         help="an earlier result JSON: a fold without a cache starts from that run's rows (and every "
                              "pair's outcomes), checked against the rebuilt fleet, and adds only the plans it lacks")
@@ -498,8 +540,11 @@ def main() -> None:
     started = time.perf_counter()
     earlier = {f["fold"]: f for f in json.loads(Path(args.resume_from).read_text())["by_fold"]} if args.resume_from else {}
     folds = []
+    def rows_cache(f: int) -> Path:
+        return fold_dir(work, args.folds, f) / f"mergeability_rows{'_predictors' if args.predictor_plans else ''}.json"
+
     for f in wanted:
-        cache = fold_dir(work, args.folds, f) / f"mergeability_rows{'_predictors' if args.predictor_plans else ''}.json"
+        cache = rows_cache(f)
         cached = json.loads(cache.read_text()) if cache.is_file() else resumed(earlier.get(f), work, args)
         if cached is not None and all(n in cached["rows"] for n in wanted_plans(args)):
             folds.append(cached)
@@ -507,6 +552,10 @@ def main() -> None:
         folds.append(run_fold(f, args, data_dir, work, cached))
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(folds[-1]))
+    for fold in folds if args.cold_planning else ():
+        if "planning_rerun" not in fold:
+            fold |= cold_planning(fold_dir(work, args.folds, fold["fold"]), fold["fold"], fold["plans"][shipped_plan()])
+            rows_cache(fold["fold"]).write_text(json.dumps(fold))
     for fold in folds:  # every pair, last: the plans across folds come first
         if fold["fold"] in args.all_pairs:
             cache = fold_dir(work, args.folds, fold["fold"]) / "mergeability_pairs.json"

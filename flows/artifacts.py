@@ -82,7 +82,7 @@ def _decision(record: dict) -> str:
 
 
 # The measured outcome's column, by the plan's trial signal (gw.mergeability.TRIAL_SIGNALS).
-TRIAL_COLUMN = {"agreement": "agreement", "true_label": "true-label change"}
+TRIAL_COLUMN = {"agreement": "agreement", "true_label": "true-label change", "refit": "refit true-label change"}
 
 
 def plan_rows(planned: dict) -> tuple[list[dict], str]:

@@ -246,9 +246,10 @@ def _add_plan_options(parser) -> None:
                              "no features) or by linear CKA on a shared probe set of 256 training answers "
                              "(default: %(default)s)")
     parser.add_argument("--trial-signal", choices=TRIAL_SIGNALS, default=DEFAULTS.trial_signal,
-                        help="measured planner: each trial merge's members scored by their agreement with their own "
-                             "scorers (no labels) or by the change of the probability given to their true labels, on "
-                             "train and validation answers (default: %(default)s)")
+                        help="measured planner: each trial merge's members scored on their train and validation "
+                             "answers by agreement with their own scorers (no labels), by the change of the probability "
+                             "given to their true labels (own heads), or by that change with cross-fitted refitted heads "
+                             "(refit) (default: %(default)s)")
     parser.add_argument("--k", type=int, default=DEFAULTS.k, help="largest group size (default: %(default)s)")
     parser.add_argument("--tau", type=float, default=DEFAULTS.tau,
                         help="threshold: pairs at or above it never share a group; on GW distances, or on 1 - the "

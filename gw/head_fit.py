@@ -255,3 +255,48 @@ def refit_head(
     if has_val:
         info.update({"n_val": int(val_x.shape[0]), "initial_val_loss": initial_val, "best_val_loss": best_val})
     return HeadFitResult(state_dict=refitted, info=info)
+
+
+def head_probabilities(features: Any, head_state: Mapping[str, Tensor], task: str,
+                       layout: HeadLayout | None = None) -> np.ndarray:
+    """A head's outputs on backbone features: [N, C] class probabilities, or [N, L] per-label ones for
+    ``task == "multilabel"``."""
+    layout = layout or detect_head_layout(head_state)
+    _check_head(head_state, layout)
+    first = layout.layer_prefixes()[0]
+    weights = {k: v.detach().to("cpu", torch.float32) for k, v in head_state.items()}
+    hidden = _prepare_features(features, weights[first + ".weight"].shape[1], torch.device("cpu"), "features")
+    with torch.no_grad():
+        if layout.dense is not None:
+            hidden = ACTIVATIONS[layout.activation](
+                functional.linear(hidden, weights[layout.dense + ".weight"], weights.get(layout.dense + ".bias")))
+        logits = functional.linear(hidden, weights[layout.output + ".weight"], weights.get(layout.output + ".bias"))
+        probs = logits.sigmoid() if task == "multilabel" else logits.softmax(-1)
+    return probs.numpy().astype(np.float64)
+
+
+def crossfit_probabilities(features: Any, labels: Any, head_state: Mapping[str, Tensor], *, task: str,
+                           folds: int = 5, max_steps: int = 100, seed: int = 0) -> np.ndarray:
+    """Out-of-fold outputs of refitted heads: the answers are split into `folds` seeded folds, and each
+    fold is scored by a head refitted (:func:`refit_head` from `head_state`, `max_steps` full-batch steps,
+    no early stopping: nothing is held out to stop on) on the other folds' features.
+
+    This is how well a head *refitted on this backbone* scores answers it was not fitted on, the quantity
+    the product's refit-heads merge depends on, measured on every labelled answer instead of a small
+    validation split."""
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels)
+    n = len(x)
+    if len(y) != n or n < 2:
+        raise ValueError(f"cross-fitting needs n >= 2 answers with one label each, got {n} features, {len(y)} labels")
+    order = np.random.default_rng(seed).permutation(n)
+    out: np.ndarray | None = None
+    for held in np.array_split(order, min(folds, n)):
+        fitted = np.setdiff1d(order, held)
+        head = refit_head(x[fitted], y[fitted], head_state, task=task, max_steps=max_steps, seed=seed,
+                          device="cpu").state_dict
+        probs = head_probabilities(x[held], head, task)
+        if out is None:
+            out = np.zeros((n, probs.shape[1]))
+        out[held] = probs
+    return out

@@ -14,9 +14,14 @@ validation responses (about 80 per item on Beetle; never the test split) by one 
 - ``"true_label"``: the class-balanced mean change of the probability given to the true labels,
   merged − own (:func:`gw.gate.balanced_change`, the statistic the gate bounds on validation answers).
   It is signed (a merge that helps an item scores above 0) and on one scale for every item.
+- ``"refit"``: the same change, between heads *refitted* on the merged backbone and on the member's own
+  backbone, each cross-fitted (:func:`gw.head_fit.crossfit_probabilities`: every answer scored by a
+  head fitted on the other folds). The product's merge refits heads; the two signals above keep the
+  own head, so they cannot see a merge whose backbone is better but whose features moved (the demo's
+  topics: a merge within a topic hurts own heads and helps refitted ones).
 
 Why not validation macro F1: Beetle items have about 17 validation answers, where macro F1 moves by a
-whole class's worth with one answer (the gate's argument, gw/gate.py). Both signals are continuous per
+whole class's worth with one answer (the gate's argument, gw/gate.py). The signals are continuous per
 response and use about 5x the answers, so their noise falls as 1/sqrt(n) of those.
 
 A pair's outcome is its worse member's signal: the gate judges members one by one, and a group is
@@ -27,7 +32,7 @@ distances.
 Which pairs to measure: each scorer's ``m`` nearest partners by a cheap signal (:func:`shortlist`),
 at most ``m * N`` pairs for N scorers (fewer when neighbourhoods overlap).
 
-Pure math: numpy only.
+Pure math: numpy only (the refit signal's cross-fitting is gw.head_fit's, called by workers.pair_jobs).
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from gw.gate import Evidence, balanced_change
 DEFAULT_SHORTLIST = 5
 """Partners measured per scorer (m)."""
 
-TRIAL_SIGNALS = ("agreement", "true_label")
+TRIAL_SIGNALS = ("agreement", "true_label", "refit")
 """What a trial merge's members are scored by (module docstring)."""
 
 

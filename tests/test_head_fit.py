@@ -124,3 +124,29 @@ def test_input_errors():
     with pytest.raises(ValueError, match="outside the layout"):
         refit_head(features, labels, dict(head, **{"extra.bias": torch.zeros(3)}),
                    layout=HeadLayout(output="classifier", dense="pooler.dense"))
+
+
+def test_crossfit_scores_each_answer_by_a_head_not_fitted_on_it():
+    """Separable features: the out-of-fold heads recover the labels; features that carry no label give
+    chance, which in-sample refits (memorising 100 answers in 384 dimensions) would not show."""
+    import numpy as np
+    import torch
+
+    from gw.head_fit import crossfit_probabilities, head_probabilities
+
+    rng = np.random.default_rng(0)
+    n, hidden, classes = 90, 32, 3
+    labels = np.repeat(np.arange(classes), n // classes)
+    signal = np.eye(hidden)[labels] * 4.0 + rng.normal(size=(n, hidden)) * 0.3
+    noise = rng.normal(size=(n, hidden))
+    head = {"classifier.weight": torch.zeros(classes, hidden), "classifier.bias": torch.zeros(classes)}
+    good = crossfit_probabilities(signal, labels, head, task="multiclass", max_steps=200)
+    assert good.shape == (n, classes) and np.allclose(good.sum(axis=1), 1.0)
+    assert (good.argmax(axis=1) == labels).mean() > 0.95
+    blind = crossfit_probabilities(noise, labels, head, task="multiclass", max_steps=200)
+    assert (blind.argmax(axis=1) == labels).mean() < 0.6
+    assert np.allclose(head_probabilities(noise, head, "multiclass"), 1.0 / classes)  # the zero head: uniform
+    multi = crossfit_probabilities(signal, np.eye(classes)[labels], head, task="multilabel", max_steps=200)
+    assert ((multi > 0.5) == np.eye(classes)[labels].astype(bool)).mean() > 0.95
+    with pytest.raises(ValueError, match="n >= 2"):
+        crossfit_probabilities(signal[:1], labels[:1], head, task="multiclass")

@@ -143,7 +143,7 @@ def test_the_trial_signal_is_checked_with_the_other_settings():
     from flows.config import ConsolidateConfig
 
     assert ConsolidateConfig(trial_signal="true_label").trial_signal == "true_label"
-    with pytest.raises(ValueError, match=r"trial_signal must be one of \['agreement', 'true_label'\], got 'f1'"):
+    with pytest.raises(ValueError, match=r"trial_signal must be one of \['agreement', 'true_label', 'refit'\], got 'f1'"):
         ConsolidateConfig(trial_signal="f1")
 
 
@@ -174,9 +174,9 @@ def test_trial_merges_are_measured_on_train_and_validation_and_cached_by_content
     manifest = load_manifest(store)
     for record in first["pairs"]:
         assert 0.0 <= record["outcome"]["agreement"] <= 1.0
-        for signal in ("agreement", "true_label"):  # one merge, both signals: the worse member's
+        for signal in ("agreement", "true_label", "refit"):  # one merge, every signal: the worse member's
             assert record["outcome"][signal] == min(record[signal].values())
-        assert -1.0 <= record["outcome"]["true_label"] <= 1.0
+            assert -1.0 <= record["outcome"][signal] <= 1.0
         for item in record["pair"]:
             splits = store.read_table(manifest.scorer(item).responses).column("split").to_pylist()
             assert record["n"][item] == sum(s in ("train", "validation") for s in splits)  # never test

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from gw.gate import Evidence
+from gw.head_fit import crossfit_probabilities
 from gw.mergeability import TRIAL_SIGNALS, agreement, pair_outcome, true_label_change
 from infra.manifest import MANIFEST_KEY, load_manifest
 from infra.storage import Store
@@ -28,7 +29,7 @@ from workers.group_jobs import job_inputs, job_key
 from workers.ray_jobs import run_all, runner
 
 PAIRS_PREFIX = "candidates/pairs"
-PAIR_VERSION = 2  # bump when what a trial merge measures changes (2: the true-label change beside agreement)
+PAIR_VERSION = 3  # bump when what a trial merge measures changes (2: the true-label change; 3: the refit change)
 AGREEMENT_SPLITS = ("train", "validation")  # never the test split
 
 
@@ -55,6 +56,7 @@ def measure_chunk(store: Store, manifest_key: str, pairs: Sequence[tuple[str, st
     consolidator = GroupConsolidator(store, load_manifest(store, manifest_key))
     manifest, trial = consolidator.manifest, trial_config(config)
     references: dict[str, Evidence] = {}
+    refit_references: dict[str, Evidence] = {}
 
     def texts(item: str) -> list[str]:
         member = consolidator.member(manifest.scorer(item))
@@ -64,12 +66,21 @@ def measure_chunk(store: Store, manifest_key: str, pairs: Sequence[tuple[str, st
         member = consolidator.member(manifest.scorer(item))
         return np.concatenate([np.asarray(member.labels[split]) for split in AGREEMENT_SPLITS])
 
+    def refitted(item: str, features: np.ndarray) -> Evidence:
+        """Heads refitted on `features` (a backbone's, of the member's answers), cross-fitted."""
+        task = manifest.scorer(item).task
+        head = consolidator.member(manifest.scorer(item)).head
+        return Evidence(task, labels(item), crossfit_probabilities(features, labels(item), head, task=task,
+                                                                   seed=trial.seed))
+
     def reference(item: str) -> Evidence:
-        """The member's own scorer on its answers."""
+        """The member's own scorer on its answers (and, in refit_references, its own backbone's refits)."""
         if item not in references:
             own = consolidator.individual(manifest.scorer(item))
-            probs = consolidator.probabilities(own, item, consolidator.features(own, texts(item)))
-            references[item] = Evidence(manifest.scorer(item).task, labels(item), probs)
+            features = consolidator.features(own, texts(item))
+            references[item] = Evidence(manifest.scorer(item).task, labels(item),
+                                        consolidator.probabilities(own, item, features))
+            refit_references[item] = refitted(item, features)
         return references[item]
 
     records = []
@@ -82,9 +93,11 @@ def measure_chunk(store: Store, manifest_key: str, pairs: Sequence[tuple[str, st
         scores: dict[str, dict[str, float]] = {signal: {} for signal in TRIAL_SIGNALS}
         for spec in specs:
             own = reference(spec.id)
-            probs = consolidator.probabilities(model, spec.id, consolidator.features(model, texts(spec.id)))
+            features = consolidator.features(model, texts(spec.id))
+            probs = consolidator.probabilities(model, spec.id, features)
             scores["agreement"][spec.id] = agreement(own.probs, probs, spec.task)
             scores["true_label"][spec.id] = true_label_change(own, Evidence(spec.task, own.labels, probs))
+            scores["refit"][spec.id] = true_label_change(refit_references[spec.id], refitted(spec.id, features))
         record = {"pair": list(pair), **{s: {i: round(v, 6) for i, v in scores[s].items()} for s in TRIAL_SIGNALS},
                   "outcome": {s: round(pair_outcome(scores[s]), 6) for s in TRIAL_SIGNALS},
                   "n": {i: reference(i).n for i in pair}, "method": trial.method, "params": merged["params"],
