@@ -122,28 +122,51 @@ def test_recovery_check_tells_a_mixed_plan_from_the_planted_one():
     assert not planted_groups_recovered({"groups": planted[:2]}, topics)  # a topic left unmerged
 
 
-# Measured on 2026-12-03 with the measured default planner (seed 0): [adding-1, dividing-1, dividing-2],
-# [adding-2, adding-3], [multiplying-1, multiplying-2, multiplying-3]: 7 of 8 items with their topic, adding-1
-# packed with the dividing pair (the trio passed its own trial merge). The GW planner mixed more.
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the measured plan puts adding-1 with the dividing pair (7 of 8 items with their topic)")
-def test_the_demo_plan_with_the_default_planner_recovers_the_planted_topics(tmp_path, prefect_harness):
-    """Real model, the whole `fleetmerge demo` (MiniLM-L6, shipped defaults, seed 0; ~8 min on 2 busy cores):
-    the published plan groups the items of each topic together and nothing else."""
+def _demo_with_both_cores(workdir):
     import torch
 
     from flows.demo import run_demo
-    from infra.publish import latest_run, read_manifest
-    from infra.storage import open_store
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the suite runs tiny models on one thread; fine-tuning MiniLM wants both cores
     try:
-        assert run_demo(tmp_path / "demo", seed=0) == 0
+        assert run_demo(workdir, seed=0) == 0
     finally:
         torch.set_num_threads(threads)
-    store = open_store(str(tmp_path / "demo" / "fleet"))
-    plan = read_manifest(store, latest_run(store))["extra"]["plan"]
+
+
+def _published_plan(store_dir) -> dict:
+    from infra.publish import latest_run, read_manifest
+    from infra.storage import open_store
+
+    store = open_store(str(store_dir))
+    return read_manifest(store, latest_run(store))["extra"]["plan"]
+
+
+# Measured 2026-12-07 (seed 0): with the own-head trial signals (agreement, the default, and true_label) the
+# measured plan is [adding-1, dividing-1, dividing-2], [adding-2, adding-3], [multiplying-1..3]: 7 of 8 items
+# with their topic. The refit signal plans the three topics (workers/demo_data.py), but on Beetle's validation
+# answers it does not beat agreement (docs/results/mergeability.md), so the default stays and misses this.
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the default (agreement) plan puts adding-1 with the dividing pair (7 of 8 items with their topic)")
+def test_the_demo_plan_with_the_default_planner_recovers_the_planted_topics(tmp_path, prefect_harness):
+    """Real model, the whole `fleetmerge demo` (MiniLM-L6, shipped defaults, seed 0; ~5 min on 2 cores):
+    the published plan groups the items of each topic together and nothing else."""
+    _demo_with_both_cores(tmp_path / "demo")
     topics = {i.item_id: i.topic for i in demo_items((3, 3, 2), 0, structure="rules")}
+    plan = _published_plan(tmp_path / "demo" / "fleet")
     assert planted_groups_recovered(plan, topics), plan["groups"]
+
+
+@pytest.mark.slow
+def test_the_refit_trial_signal_plans_the_demos_planted_topics(tmp_path, prefect_harness):
+    """The demo's fleet consolidated again with `--trial-signal refit` (the pairs' trial merges are cached,
+    so only the plan and its merges change): the plan is the three topics."""
+    from flows.nightly import consolidate
+
+    _demo_with_both_cores(tmp_path / "demo")
+    consolidate(store=str(tmp_path / "demo" / "fleet"), config={"trial_signal": "refit"})
+    plan = _published_plan(tmp_path / "demo" / "fleet")
+    topics = {i.item_id: i.topic for i in demo_items((3, 3, 2), 0, structure="rules")}
+    assert plan["trial_signal"] == "refit" and planted_groups_recovered(plan, topics), plan["groups"]
