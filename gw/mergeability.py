@@ -17,8 +17,9 @@ validation responses (about 80 per item on Beetle; never the test split) by one 
 - ``"refit"``: the same change, between heads *refitted* on the merged backbone and on the member's own
   backbone, each cross-fitted (:func:`gw.head_fit.crossfit_probabilities`: every answer scored by a
   head fitted on the other folds). The product's merge refits heads; the two signals above keep the
-  own head, so they cannot see a merge whose backbone is better but whose features moved (the demo's
-  topics: a merge within a topic hurts own heads and helps refitted ones).
+  own head, so they cannot see a merge whose backbone serves the item well once its head is refit (the
+  demo's topics: with own heads a merge within a topic costs about as much as one across; with refit
+  heads far less, workers/demo_data.py).
 
 Why not validation macro F1: Beetle items have about 17 validation answers, where macro F1 moves by a
 whole class's worth with one answer (the gate's argument, gw/gate.py). The signals are continuous per
