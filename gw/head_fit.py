@@ -134,6 +134,17 @@ def _prepare_features(features: Any, n_inputs: int, device: torch.device, name: 
     return values
 
 
+def _head_logits(weights: Mapping[str, Tensor], layout: HeadLayout, x: Tensor, between=None) -> Tensor:
+    """The head's forward pass; `between` (dropout while fitting) acts on the hidden layer."""
+    hidden = x
+    if layout.dense is not None:
+        hidden = ACTIVATIONS[layout.activation](
+            functional.linear(hidden, weights[layout.dense + ".weight"], weights.get(layout.dense + ".bias")))
+    if between is not None:
+        hidden = between(hidden)
+    return functional.linear(hidden, weights[layout.output + ".weight"], weights.get(layout.output + ".bias"))
+
+
 def refit_head(
     features: Any,
     labels: Any,
@@ -186,17 +197,14 @@ def refit_head(
         key: torch.nn.Parameter(value.detach().to(compute_device, torch.float32).clone())
         for key, value in head_state.items()
     }
-    activation = ACTIVATIONS[layout.activation]
     generator = torch.Generator(device=compute_device).manual_seed(int(seed)) if dropout > 0 else None
 
+    def drop(hidden: Tensor) -> Tensor:
+        keep = torch.rand(hidden.shape, generator=generator, device=hidden.device) >= dropout
+        return hidden * keep / (1.0 - dropout)
+
     def logits(x: Tensor, train: bool) -> Tensor:
-        hidden = x
-        if layout.dense is not None:
-            hidden = activation(functional.linear(hidden, params[layout.dense + ".weight"], params.get(layout.dense + ".bias")))
-        if train and dropout > 0:
-            keep = torch.rand(hidden.shape, generator=generator, device=hidden.device) >= dropout
-            hidden = hidden * keep / (1.0 - dropout)
-        return functional.linear(hidden, params[layout.output + ".weight"], params.get(layout.output + ".bias"))
+        return _head_logits(params, layout, x, drop if train and dropout > 0 else None)
 
     def loss_of(x: Tensor, y: Tensor, train: bool) -> Tensor:
         out = logits(x, train)
@@ -267,10 +275,7 @@ def head_probabilities(features: Any, head_state: Mapping[str, Tensor], task: st
     weights = {k: v.detach().to("cpu", torch.float32) for k, v in head_state.items()}
     hidden = _prepare_features(features, weights[first + ".weight"].shape[1], torch.device("cpu"), "features")
     with torch.no_grad():
-        if layout.dense is not None:
-            hidden = ACTIVATIONS[layout.activation](
-                functional.linear(hidden, weights[layout.dense + ".weight"], weights.get(layout.dense + ".bias")))
-        logits = functional.linear(hidden, weights[layout.output + ".weight"], weights.get(layout.output + ".bias"))
+        logits = _head_logits(weights, layout, hidden)
         probs = logits.sigmoid() if task == "multilabel" else logits.softmax(-1)
     return probs.numpy().astype(np.float64)
 

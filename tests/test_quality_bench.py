@@ -131,9 +131,10 @@ def test_mergeability_resumes_an_earlier_result_and_adds_only_the_plans_it_lacks
                "predictor_seconds": {"gw_l-3_cls": 3.0, "description": 1.0, "cka_probe": 79.0},
                "correlation": {"cka_probe": {"spearman": 0.4}}, "outcomes": [["a", "b", 0.9]], "pairs_total": 1}
     cached = bench.resumed(earlier, tmp_path, args)
-    assert "correlation" not in cached and cached["predictor_seconds"] == {"gw_l-3_cls": 3.0, "description": 1.0}
+    # the rows keep the plans' own predictors; the every-pair predictors go with the pairs cache
+    assert "correlation" not in cached and set(cached["predictor_seconds"]) == {"gw_l-3_cls", "description"}
     pairs = json.loads((bench.fold_dir(tmp_path, 3, 0) / "mergeability_pairs.json").read_text())
-    assert pairs["correlation"] == earlier["correlation"] and pairs["predictor_seconds"]["cka_probe"] == 79.0
+    assert pairs["correlation"] == earlier["correlation"] and "cka_probe" in pairs["predictor_seconds"]
     assert bench.resumed(None, tmp_path, args) is None
     assert bench.shipped_plan() in bench.product_plans(wanted)
 
