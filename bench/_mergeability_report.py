@@ -32,6 +32,64 @@ def _told(c: dict) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "not told apart"
 
 
+SIGNAL_NAMES = {"agreement": "agreement", "true_label": "true-label change", "refit": "refit true-label change"}
+
+
+def correlation_section(result: dict, corr: dict) -> list[str]:
+    """The predictors' Spearman with the measured outcome, one column per trial signal."""
+    folds = result["by_fold"]
+    fold0 = next(f for f in folds if f.get("correlation"))
+    n = next(iter(corr.values()))["n_pairs"]
+    total = fold0.get("pairs_total", n)
+    over = f"all {n} pairs" if n == total else f"{n} of the {total} pairs (a uniform random sample: time ran out)"
+    shipped = fold0.get("trial_signal", "agreement")
+    by_signal = fold0.get("correlation_by_signal") or {shipped: corr}
+    by_signal = {s: by_signal[s] for s in sorted(by_signal, key=lambda s: s != shipped)}  # the shipped one first
+    seconds = fold0.get("predictor_seconds", {})
+    lines = ["## What predicts the measured outcome", "",
+             f"Spearman correlation over {over} of fold {fold0['fold']} (similarities, so positive = predicts "
+             "mergeability) with the outcome by each trial signal, 95 % interval from resampling items "
+             f"(the shipped signal, {SIGNAL_NAMES.get(shipped, shipped)}, first):", "",
+             "| predictor | " + " | ".join(SIGNAL_NAMES.get(s, s) for s in by_signal) + " | seconds (cold, this fleet) |",
+             "|---|" + "---|" * len(by_signal) + "---|"]
+    for name, c in sorted(corr.items(), key=lambda kv: -kv[1]["spearman"]):
+        cells = " | ".join(f"{by_signal[s][name]['spearman']:+.3f} {_ci(by_signal[s][name])}" for s in by_signal)
+        lines.append(f"| {PREDICTOR_NAMES.get(name, name)} | {cells} | {seconds.get(name, 0):.0f} |")
+    agreement = fold0.get("signal_agreement")
+    if agreement:
+        lines += ["", "How the signals rank the same pairs (Spearman between them): "
+                  + "; ".join(f"{k.replace('_', '-')} {v:+.3f}" for k, v in agreement.items()) + "."]
+    found = fold0.get("shortlist_finds_best_partner")
+    if isinstance(found, (int, float)):
+        found = {shipped: found}
+    lines += ["", f"Trial-merging {n} pairs took {fold0['all_pairs_merge_seconds']:.0f} s of merge time; "
+              f"the shortlist ({result['shortlist']} GW-nearest partners per scorer, {fold0['shortlist_pairs']} "
+              f"pairs) {fold0['shortlist_merge_seconds']:.0f} s."
+              + (" The shortlist holds each scorer's best measured partner for "
+                 + ", ".join(f"{100 * v:.0f} % of the scorers by {SIGNAL_NAMES.get(s, s)}" for s, v in found.items())
+                 + " (a random shortlist of the same size: "
+                 f"{100 * min(1.0, result['shortlist'] / (result['n_items'] - 1)):.0f} %)." if found else ""), ""]
+    return lines
+
+
+def default_choice_section(result: dict) -> list[str]:
+    """How the default was chosen: the validation leader, the plans tied with it, the tie rule."""
+    choice = result.get("default_choice")
+    if not choice or "validation_vs_leader" not in choice:
+        return []
+    lines = ["", f"**Choosing the default** (validation answers only): {choice['rule']} "
+             f"(tie preference: {', '.join(choice['tie_preference'])}: {choice['tie_reason']}). The validation leader is "
+             f"{MEASURED_NAMES.get(choice['leader'], choice['leader'])}; each other product plan against it, "
+             "validation macro F1 paired over item × fold:", "",
+             "| plan − leader (validation) | mean | 95 % interval | verdict |", "|---|---|---|---|"]
+    for name, c in choice["validation_vs_leader"].items():
+        lines.append(f"| {MEASURED_NAMES.get(name, name)} | {c['mean_diff']:+.4f} | {_ci(c)} | {_told(c)} |")
+    lines += ["", f"So the default is **{MEASURED_NAMES.get(choice['planner'], choice['planner'])}**"
+              + (" (the leader)." if choice["planner"] == choice["leader"] else
+                 ": tied with the leader on validation, and first in the tie preference.")]
+    return lines
+
+
 def render(result: dict) -> str:
     plans, paired, default = result["plans"], result["paired"], result["default_planner"]
     folds = result["by_fold"]
@@ -43,31 +101,13 @@ def render(result: dict) -> str:
              "(`gw.mergeability`): **agreement** (probability overlap with the own scorer, no labels) or the "
              "**true-label change** (the class-balanced change of the probability given to the true labels, the "
              "gate's statistic) or the **refit true-label change** (that change between heads refitted, "
-             "cross-fitted, on the merged backbone and on the member's own). The correlations below are with "
-             "agreement.", ""]
+             "cross-fitted, on the merged backbone and on the member's own).", ""]
     corr = result.get("correlation") or {}
     if corr:
-        n = next(iter(corr.values()))["n_pairs"]
-        fold0 = next(f for f in folds if f.get("correlation"))
-        total = fold0.get("pairs_total", n)
-        over = f"all {n} pairs" if n == total else f"{n} of the {total} pairs (a uniform random sample: time ran out)"
-        lines += ["## What predicts the measured outcome", "",
-                  f"Spearman correlation over {over} of fold {next(iter(corr.values()))['fold']} "
-                  "(similarities, so positive = predicts mergeability), 95 % interval from resampling items:", "",
-                  "| predictor | Spearman | 95 % interval | seconds (cold, this fleet) |", "|---|---|---|---|"]
-        seconds = next((f["predictor_seconds"] for f in folds if f.get("correlation")), {})
-        for name, c in sorted(corr.items(), key=lambda kv: -kv[1]["spearman"]):
-            lines.append(f"| {PREDICTOR_NAMES.get(name, name)} | {c['spearman']:+.3f} | {_ci(c)} | "
-                         f"{seconds.get(name, 0):.0f} |")
-        found = fold0.get("shortlist_finds_best_partner")
-        lines += ["", f"Trial-merging {n} pairs took {fold0['all_pairs_merge_seconds']:.0f} s of merge time; "
-                  f"the shortlist ({result['shortlist']} GW-nearest partners per scorer, {fold0['shortlist_pairs']} "
-                  f"pairs) {fold0['shortlist_merge_seconds']:.0f} s."
-                  + (f" The shortlist holds each scorer's best measured partner for {100 * found:.0f} % of the "
-                     "scorers." if found is not None else ""), ""]
+        lines += correlation_section(result, corr)
     lines += ["## Plans", "",
               "Each plan consolidated with the shipped defaults (gated); test macro F1 and storage are means over "
-              "folds; the default planner is chosen on **validation** macro F1 among the product's planners.", "",
+              "folds; the default planner is chosen on **validation** among the product's planners (below).", "",
               "| plan | test macro F1 | validation macro F1 | backbones planned | backbones after the gate | storage |",
               "|---|---|---|---|---|---|"]
     order = ["default", *MEASURED_NAMES, "gw", "linkage", "module", "description", "random",
@@ -81,6 +121,7 @@ def render(result: dict) -> str:
         planned = f"{p['planned_backbones']:.1f}" if "planned_backbones" in p else "–"
         lines.append(f"| {label} | {p['macro_f1']:.3f} | {p.get('validation_macro_f1', float('nan')):.3f} | {planned} | "
                      f"{p.get('backbones', float('nan')):.1f} | {p.get('storage_ratio', float('nan')):.2f}x |")
+    lines += default_choice_section(result)
     lines += ["", "Paired over item × fold (test macro F1, A − B, 95 % bootstrap interval; `random` is the mean of the "
               "random plans):", "", "| comparison | mean | 95 % interval | wins / losses / ties | verdict |",
               "|---|---|---|---|---|"]
@@ -97,7 +138,8 @@ def render(result: dict) -> str:
         warm = "" if f.get("planning_cold", True) else " (warm: a resumed run reused its features; not a cold figure)"
         rerun = f.get("planning_rerun")
         if rerun:  # bench/mergeability.py --cold-planning: the shipped defaults' flow on a copy without its caches
-            warm = (f" (timed alone {rerun['date']} on a copy of the fleet without its planning caches; "
+            warm = (f" (the shipped defaults, {MEASURED_NAMES.get(rerun.get('plan', 'measured'), rerun.get('plan'))}, "
+                    f"timed alone {rerun['date']} on a copy of the fleet without its planning caches; "
                     f"{'the same plan' if rerun['same_plan'] else 'a DIFFERENT plan'} as the benchmark's run)")
         lines.append(f"| {f['fold']} | {s.get('extract', 0):.0f} | {s.get('gw', 0):.0f} | "
                      f"{s.get('trial-merges', 0):.0f} | {f['planning_seconds']:.0f}{warm} |")
@@ -130,11 +172,19 @@ def verdict(result: dict) -> list[str]:
                    f"{', '.join(map(str, result['folds_run']))} of {result['folds']} only, so the intervals are over that "
                    "fold's items; the default planner is not changed on it.")
     if corr:
+        fold0 = next(f for f in result["by_fold"] if f.get("correlation"))
+        signal = SIGNAL_NAMES.get(fold0.get("trial_signal", "agreement"))
         gw = corr.get("gw_l-3_cls")
         best = max(corr.items(), key=lambda kv: kv[1]["spearman"])
         out.append(f"- GW on the flow's features correlates {gw['spearman']:+.3f} {_ci(gw)} with the measured "
-                   f"outcome; the best cheap predictor is {PREDICTOR_NAMES.get(best[0], best[0])} "
-                   f"({best[1]['spearman']:+.3f} {_ci(best[1])}).")
+                   f"outcome by the shipped signal ({signal}); the best cheap predictor is "
+                   f"{PREDICTOR_NAMES.get(best[0], best[0])} ({best[1]['spearman']:+.3f} {_ci(best[1])}).")
+        found = fold0.get("shortlist_finds_best_partner")
+        if isinstance(found, dict) and fold0.get("trial_signal") in found:
+            out.append(f"- The GW shortlist holds a scorer's best partner by {signal} for "
+                       f"{100 * found[fold0['trial_signal']]:.0f} % of the scorers; a random one of the same size "
+                       f"would for {100 * min(1.0, result['shortlist'] / (result['n_items'] - 1)):.0f} %. It caps "
+                       "the planning cost; it does not find the best partners.")
     vs = paired.get("default vs random")
     out.append(f"- The default planner ({default}) against random plans: {vs['mean_diff']:+.4f} {_ci(vs)}, "
                f"{_told(vs)} (target: interval above 0).")

@@ -101,8 +101,14 @@ def render_markdown(result: dict) -> str:
         s = fold["shipped_summary"]
         lines.append(f"- fold {fold['fold']}: shipped run `{s['run_id']}`: {len(s['groups'])} merged groups "
                      f"({'; '.join(' + '.join(g) for g in s['groups'])}), {len(s['individual'])} items on their own "
-                     f"scorers, storage {s['storage']['ratio']}x, {s['seconds']['total']:.0f} s; the recomputed GW plan "
-                     f"{'equals' if fold['same_plan_as_published'] else 'DIFFERS FROM'} the published one.")
+                     f"scorers, storage {s['storage']['ratio']}x, {s['seconds']['total']:.0f} s; "
+                     + (f"planned by the {fold.get('shipped_planner', 'gw')} planner (the GW rows above are the GW "
+                        "plan's, at its own group sizes)." if fold["same_plan_as_published"] is None else
+                        f"the recomputed GW plan {'equals' if fold['same_plan_as_published'] else 'DIFFERS FROM'} "
+                        "the published one."))
+        if fold.get("resumed_rows"):
+            lines.append(f"  Rows other than shipped and pre-merge: from the earlier run (`--resume-from`; same fleet, "
+                         "same merge and gate defaults).")
     lines += ["", "## Time", "",
               f"Seconds per fold (cold: fleet fine-tuning, the shipped flow, every sweep): {result['seconds']['folds']}; "
               f"this run: {result['seconds']['this_run']} s. Machine: {result['machine']}.", "",
@@ -257,9 +263,14 @@ def planner_row(d: dict, mergeability: dict | None, cmp, quality) -> str:
     agrees = "" if chosen == planner else (f" (the shipped default stays {planner} until all {mergeability['folds']} folds "
                                            "are in)" if len(folds_run) < mergeability["folds"]
                                            else f" (**the shipped default is {planner}: update flows/config.py**)")
+    choice = mergeability.get("default_choice") or {}
+    why = "the best validation macro F1 of the product's planners"
+    if choice.get("leader") not in (None, chosen):
+        why = (f"tied on validation with the leader {choice['leader']} and first in the tie preference "
+               f"({choice['tie_reason']}); validation macro F1")
     return (f"| planner | {planner} | {chosen} − each other plan, gated, {folds} "
-            f"(`docs/results/mergeability.md`) | {evidence} | the best validation macro F1 of the product's "
-            f"planners ({validation}){agrees}; against random: {quality(paired.get('default vs random'))} |")
+            f"(`docs/results/mergeability.md`) | {evidence} | {why} "
+            f"({validation}){agrees}; against random: {quality(paired.get('default vs random'))} |")
 
 
 def _told(c: dict | None) -> bool | None:

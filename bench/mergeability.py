@@ -17,11 +17,11 @@ Per fold (the folds and cached fleets of bench/quality_beetle.py):
    Each correlation carries a 95 % interval from resampling items (a pair is kept when both of its items
    are drawn), since pairs sharing an item are not independent.
 3. **Plans**, each scored with the product's gated consolidation (`consolidate_group_job`, shipped
-   defaults): the three product planners (measured, gw, linkage) at their own group sizes, and at the
-   measured plan's group sizes the module plan (a person's), the description plan (the GPT-o1 stand-in:
-   groups by question similarity), two random plans and (`--predictor-plans`) a plan from each other
-   predictor. The default planner is the product planner with the best mean *validation* macro F1 over
-   folds (chosen on validation); every reported figure is *test* macro F1, paired over item × fold.
+   defaults): the product's planners (measured at each of MEASURED_SETTINGS, gw, linkage) at their own
+   group sizes, and at the shipped plan's group sizes the module plan (a person's), the description plan
+   (the GPT-o1 stand-in: groups by question similarity), random plans and (`--predictor-plans`) a plan
+   from each other predictor. The default is chosen on *validation* by the rule at TIE_PREFERENCE; every
+   reported figure is *test* macro F1, paired over item × fold.
 
 Cached in each fold's store and directory, so an interrupted run resumes; writes
 docs/results/mergeability.{json,md}; the last line printed is one JSON object.
@@ -52,7 +52,7 @@ from quality_beetle import Fold, figures  # noqa: E402
 
 from flows.config import PLANNERS, ConsolidateConfig  # noqa: E402
 from gw.baselines import module_plan, random_plan, sized_plan  # noqa: E402
-from gw.mergeability import shortlist  # noqa: E402
+from gw.mergeability import TRIAL_SIGNALS, shortlist  # noqa: E402
 from gw.similarity import cka_matrix, cosine_similarity_matrix, task_vector_cosine  # noqa: E402
 from infra.publish import read_manifest  # noqa: E402
 from infra.settings import offline_env  # noqa: E402
@@ -244,8 +244,10 @@ def as_distance(similarity: np.ndarray) -> np.ndarray:
     return D
 
 
-def validation_macro_f1(run: dict) -> float:
-    return fleet_summary({i: v["validation"] for i, v in run["items"].items()})["macro_f1"]
+def validation_figures(run: dict) -> dict:
+    """A gated run's validation macro F1, for the fleet and per item (the default is chosen on these)."""
+    return {"validation_macro_f1": fleet_summary({i: v["validation"] for i, v in run["items"].items()})["macro_f1"],
+            "validation_per_item_macro_f1": {i: v["validation"]["macro_f1"] for i, v in run["items"].items()}}
 
 
 def measured_variant(store, fold_index: int, name: str) -> dict:
@@ -291,12 +293,27 @@ def cold_planning(here: Path, fold_index: int, measured: list[list[str]]) -> dic
     log(f"fold {fold_index}: cold planning {planning_total(seconds)} s; same plan as the cached run: {same}")
     return {"planning_seconds": planning_total(seconds), "flow_seconds": seconds, "planning_cold": True,
             "planning_rerun": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "same_plan": same,
-                               "computed": summary["computed"]}}
+                               "computed": summary["computed"], "plan": shipped_plan()}}
 
 
 def planning_total(seconds: dict) -> float:
     """Planning cost: the flow's stages up to the plan (validation, features, GW, trial merges, plan)."""
     return round(sum(seconds.get(k, 0.0) for k in ("validate", "extract", "gw", "trial-merges", "plan")), 1)
+
+
+def sized_to_shipped(name: str) -> bool:
+    """Whether a plan is drawn at the shipped plan's group sizes (the comparisons at equal group sizes)."""
+    return name in ("module", "description") or name.startswith(("random", "sized/"))
+
+
+def complete(name: str, cached: dict) -> bool:
+    """Whether a cached fold has this plan's row as this version needs it: a measured setting's row (one
+    the tie rule can choose) with per-item validation figures, which older rows lack; a plan at equal group
+    sizes drawn at the sizes of the plan shipped now (an older run drew them at another default's)."""
+    row = cached["rows"].get(name)
+    if row is None or (name in MEASURED_SETTINGS and "validation_per_item_macro_f1" not in row):
+        return False
+    return not sized_to_shipped(name) or cached.get("sized_to", "measured") == shipped_plan()
 
 
 def wanted_plans(args) -> list[str]:
@@ -347,7 +364,7 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, cached: dict | N
     log(f"fold {fold_index}: measured planning {planning_seconds} s ({planning['computed']})")
 
     # 2. The plans' predictors (all of them with --predictor-plans).
-    wanted = [n for n in wanted_plans(args) if not (cached and n in cached["rows"])]
+    wanted = [n for n in wanted_plans(args) if not (cached and complete(n, cached))]
     names = PREDICTORS if args.predictor_plans else ("gw_l-3_cls", "description")
     similarity, predictor_seconds = {}, dict(cached["predictor_seconds"]) if cached else {}
 
@@ -372,8 +389,12 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, cached: dict | N
 
     # 3. Plans, gated with the shipped defaults.
     measured = [list(g) for g in planning["plan"]["groups"]]
-    sizes = sorted((len(g) for g in measured), reverse=True)
     variants = dict(cached.get("measured_variants", {})) if cached else {}
+
+    def shipped_sizes() -> list[int]:  # the plans compared at equal group sizes take the shipped plan's
+        if shipped_plan() not in plans:
+            plans[shipped_plan()] = plan_of(shipped_plan())
+        return sorted((len(g) for g in plans[shipped_plan()]), reverse=True)
 
     def plan_of(name: str) -> list[list[str]]:
         if name == "measured":
@@ -385,6 +406,7 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, cached: dict | N
         if name in PLANNERS:
             return [list(g) for g in plan_fleet(-similarity_of("gw_l-3_cls"), fold.ids, tau=defaults.tau,
                                                 tau_quantile=defaults.tau_quantile, k=defaults.k, planner=name).groups]
+        sizes = shipped_sizes()
         if name == "module":
             return [list(g) for g in module_plan({i: fold.manifest.scorer(i).module or "?" for i in fold.ids},
                                                  sizes).groups]
@@ -397,18 +419,22 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, cached: dict | N
     plans = dict(cached["plans"]) if cached else {}
     rows = dict(cached["rows"]) if cached else {}
     for name in wanted:
-        plans[name] = plan_of(name)
+        if name not in plans or sized_to_shipped(name):  # a cached plan whose row lacks figures is gated
+            plans[name] = plan_of(name)                   # again (cached jobs), not replanned
         groups = plans[name]
         log(f"fold {fold_index}: gated plan {name} ({len(groups)} groups)")
         run = fold.gated(groups, merge_config)
-        rows[name] = figures(fold, run) | {"validation_macro_f1": validation_macro_f1(run),
-                                           "planned_backbones": len(fold.ids) - sum(len(g) - 1 for g in groups)}
-    premerge = figures(fold, {"items": fold.items({}), "groups": []})
+        rows[name] = figures(fold, run) | validation_figures(run) | {
+            "planned_backbones": len(fold.ids) - sum(len(g) - 1 for g in groups)}
+    own = {"items": fold.items({}), "groups": []}
+    premerge = figures(fold, own) | validation_figures(own)
     if cached and premerge["per_item_macro_f1"] != cached["rows"]["premerge"]["per_item_macro_f1"]:
         raise RuntimeError(f"fold {fold_index}: the rebuilt fleet's pre-merge figures differ from the cached "
                            "run's; its plans cannot be compared with the new ones (remove the cached rows)")
     rows["premerge"] = premerge
-    result |= {"plans": plans, "rows": rows, "test_sizes": {i: fold.own[i]["test"]["n"] for i in fold.ids},
+    result |= {"plans": plans, "rows": rows, "sized_to": shipped_plan(),
+               "test_sizes": {i: fold.own[i]["test"]["n"] for i in fold.ids},
+               "validation_sizes": {i: fold.own[i]["validation"]["n"] for i in fold.ids},
                "predictor_seconds": predictor_seconds, "measured_variants": variants,
                "seconds": round(time.perf_counter() - started + (cached or {}).get("seconds", 0.0), 1)}
     return result
@@ -435,13 +461,24 @@ def all_pairs_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
         batch = measure_pairs(store, order[start:start + 48], merge_config)
         records += batch["pairs"]
         merge_seconds += batch["merge_seconds"]
-    measured_all = outcomes({"pairs": records})
+    # every trial signal is in every record: the predictors are correlated with each, the shipped one first
+    by_signal = {s: outcomes({"pairs": records}, s) for s in TRIAL_SIGNALS}
+    shipped = ConsolidateConfig().trial_signal
+    measured_all = by_signal[shipped]
     result = {"predictor_seconds": predictor_seconds, "all_pairs_merge_seconds": round(merge_seconds, 1),
-              "pairs_total": len(every), "correlation": correlations(similarity, measured_all, fold.ids),
-              "outcomes": [[a, b, v] for (a, b), v in sorted(measured_all.items())]}
+              "pairs_total": len(every), "trial_signal": shipped,
+              "correlation": correlations(similarity, measured_all, fold.ids),
+              "correlation_by_signal": {s: correlations(similarity, o, fold.ids) for s, o in by_signal.items()},
+              "signal_agreement": {f"{a} ~ {b}": round(spearman(*(np.array([by_signal[s][p] for p in sorted(measured_all)])
+                                                                   for s in (a, b))), 3)
+                                   for a, b in itertools.combinations(TRIAL_SIGNALS, 2)},
+              "outcomes": [[a, b, {s: round(by_signal[s][(a, b)], 5) for s in TRIAL_SIGNALS}]
+                           for a, b in sorted(measured_all)]}
     if len(measured_all) == len(every):  # how often a scorer's best measured partner is on its shortlist
-        best = {i: max((v, p) for p, v in measured_all.items() if i in p)[1] for i in fold.ids}
-        result["shortlist_finds_best_partner"] = round(float(np.mean([best[i] in short for i in fold.ids])), 3)
+        result["shortlist_finds_best_partner"] = {}
+        for s, values in by_signal.items():
+            best = {i: max((v, p) for p, v in values.items() if i in p)[1] for i in fold.ids}
+            result["shortlist_finds_best_partner"][s] = round(float(np.mean([best[i] in short for i in fold.ids])), 3)
     log(f"fold {fold_index}: correlations {({k: v['spearman'] for k, v in result['correlation'].items()})}")
     return result
 
@@ -468,7 +505,8 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
     plans["random"] = {k: round(float(np.mean([plans[r][k] for r in randoms])), 4)
                        for k in ("macro_f1", "validation_macro_f1", "backbones", "planned_backbones", "storage_ratio")}
     planners = product_plans(plans)
-    default = max(planners, key=lambda p: (plans[p]["validation_macro_f1"], p == shipped_plan()))
+    choice = choose_default(plans, folds, planners)
+    default = choice["planner"]
     plans["default"] = {**plans[default], "planner": default}
     units["default"] = units[default]
     compare = [("default", other) for other in ("random", "module", "description", *planners, "premerge")
@@ -477,20 +515,53 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
     compare += [(name, "measured") for name in planners if name in MEASURED_SETTINGS and name != "measured"]
     compare += [(f"{name}", "random") for name in names if name.startswith("sized/")]
     paired = {f"{a} vs {b}": paired_comparison(units[a], units[b], weights) for a, b in compare}
-    return {"plans": plans, "default_planner": default, "shipped_plan": shipped_plan(), "product_plans": planners,
-            "paired": paired, "n_units": len(weights)}
+    return {"plans": plans, "default_planner": default, "default_choice": choice, "shipped_plan": shipped_plan(),
+            "product_plans": planners, "paired": paired, "n_units": len(weights)}
 
 
-PAIR_FIELDS = ("predictor_seconds", "all_pairs_merge_seconds", "pairs_total", "correlation", "outcomes",
-               "shortlist_finds_best_partner")
+# The rule that picks the default among the product's plans, fixed before its validation comparison was run:
+# the best mean validation macro F1 leads; a plan whose paired validation difference from the leader has a
+# 95 % interval containing 0 is tied with it, and a tie goes to the first plan of TIE_PREFERENCE among the
+# tied. The refit signal comes first: it scores a trial merge as the product serves it (every member's head
+# refitted on the merged backbone), and it is the one setting whose demo plan recovers the planted topics
+# (tests/test_demo_data.py), which the own-head signals miss. Test answers play no part.
+TIE_PREFERENCE = ("measured/refit",)
+TIE_REASON = ("the refit signal scores a trial merge with heads refitted on the merged backbone, as the product "
+              "serves it, and its demo plan recovers the planted topics")
+
+
+def choose_default(plans: dict, folds: list[dict], planners: list[str]) -> dict:
+    leader = max(planners, key=lambda p: (plans[p]["validation_macro_f1"], p == shipped_plan()))
+    # per-item validation figures: every measured setting's rows have them (complete()); a plan without
+    # them cannot be chosen by the tie rule, so it is left out of the comparison with the leader
+    paired_plans = [p for p in planners if all("validation_per_item_macro_f1" in f["rows"][p] and "validation_sizes" in f
+                                               for f in folds)]
+    if leader not in paired_plans:  # rows of an older run: the leader, without the tie rule
+        return {"planner": leader, "leader": leader, "rule": "best mean validation macro F1"}
+    units = {p: {f"{f['fold']}:{i}": m for f in folds for i, m in f["rows"][p]["validation_per_item_macro_f1"].items()}
+             for p in paired_plans}
+    weights = {f"{f['fold']}:{i}": n for f in folds for i, n in f["validation_sizes"].items()}
+    versus = {p: paired_comparison(units[p], units[leader], weights) for p in paired_plans if p != leader}
+    tied = [p for p, c in versus.items() if c["ci95"][0] <= 0 <= c["ci95"][1]]
+    chosen = next((p for p in TIE_PREFERENCE if p == leader or p in tied), leader)
+    return {"planner": chosen, "leader": leader, "tied_with_leader": tied, "validation_vs_leader": versus,
+            "tie_preference": list(TIE_PREFERENCE), "tie_reason": TIE_REASON,
+            "rule": "best mean validation macro F1; a plan not told apart from it on validation (paired 95 % "
+                    "interval over item × fold containing 0) is tied, and a tie goes by the tie preference"}
+
+
+PAIR_FIELDS = ("predictor_seconds", "all_pairs_merge_seconds", "pairs_total", "trial_signal", "correlation",
+               "correlation_by_signal", "signal_agreement", "outcomes", "shortlist_finds_best_partner")
+# 2: every trial signal's outcome and correlations (PAIR_VERSION 3 records); an older cache is measured again
+PAIRS_CACHE = "mergeability_pairs_v2.json"
 
 
 def resumed(earlier: dict | None, work: Path, args) -> dict | None:
     """An earlier result's fold as this run's cache: its rows, and its every-pair outcomes as the pairs cache."""
     if earlier is None:
         return None
-    pairs = fold_dir(work, args.folds, earlier["fold"]) / "mergeability_pairs.json"
-    if "correlation" in earlier and not pairs.is_file():
+    pairs = fold_dir(work, args.folds, earlier["fold"]) / PAIRS_CACHE
+    if "correlation_by_signal" in earlier and not pairs.is_file():
         pairs.parent.mkdir(parents=True, exist_ok=True)
         pairs.write_text(json.dumps({k: earlier[k] for k in PAIR_FIELDS if k in earlier}))
     rows = {k: v for k, v in earlier.items() if k not in PAIR_FIELDS or k == "predictor_seconds"}
@@ -546,23 +617,26 @@ def main() -> None:
     for f in wanted:
         cache = rows_cache(f)
         cached = json.loads(cache.read_text()) if cache.is_file() else resumed(earlier.get(f), work, args)
-        if cached is not None and all(n in cached["rows"] for n in wanted_plans(args)):
+        if cached is not None and all(complete(n, cached) for n in wanted_plans(args)):
             folds.append(cached)
             continue
         folds.append(run_fold(f, args, data_dir, work, cached))
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(folds[-1]))
     for fold in folds if args.cold_planning else ():
-        if "planning_rerun" not in fold:
+        if fold.get("planning_rerun", {}).get("plan", "measured") != shipped_plan():  # re-timed for a new default
             fold |= cold_planning(fold_dir(work, args.folds, fold["fold"]), fold["fold"], fold["plans"][shipped_plan()])
             rows_cache(fold["fold"]).write_text(json.dumps(fold))
     for fold in folds:  # every pair, last: the plans across folds come first
         if fold["fold"] in args.all_pairs:
-            cache = fold_dir(work, args.folds, fold["fold"]) / "mergeability_pairs.json"
+            cache = fold_dir(work, args.folds, fold["fold"]) / PAIRS_CACHE
             if not cache.is_file():
                 cache.write_text(json.dumps(all_pairs_fold(fold["fold"], args, data_dir, work)))
             pairs = json.loads(cache.read_text())
             fold |= pairs | {"predictor_seconds": fold["predictor_seconds"] | pairs["predictor_seconds"]}
+            shipped = ConsolidateConfig().trial_signal  # the headline correlations are with what the planner reads
+            if shipped in fold.get("correlation_by_signal", {}):
+                fold |= {"trial_signal": shipped, "correlation": fold["correlation_by_signal"][shipped]}
     for fold in folds:  # rows cached before the flag: the fold's planning record says whether it was cold
         record = fold_dir(work, args.folds, fold["fold"]) / "mergeability_planning.json"
         if "planning_cold" not in fold and record.is_file():

@@ -10,10 +10,11 @@ split, validation is carved from the rest; `--folds 1` keeps the official split,
 2. **shipped**: `fleetmerge consolidate` as a user runs it, with no options: the Prefect flow with
    `ConsolidateConfig()`'s defaults, published to the fold's store. Its storage ratio comes from the
    published manifest, its test figures from the group records the flow wrote.
-3. Plans at the shipped plan's group sizes: `gw` (the flow's own plan, recomputed with the flow's
-   function and checked equal to the published one), `module` (the person's plan: items of one Beetle
-   module) and `random` (seeded), plus GW at the other τ quantile (0.3 against 1.0, the shipped one
-   against the other) for the τ default. Ungated, each group is scored with the product's `sweep_job` and
+3. Plans at the GW plan's group sizes: `gw` (the flow's GW planner, recomputed with the flow's
+   function; when GW is the shipped planner, checked equal to the published plan), `module` (the
+   person's plan: items of one Beetle module) and `random` (seeded), plus GW at the other τ quantile (0.3
+   against 1.0, the shipped one against the other) for the τ default. (The planners against each other at
+   the shipped plan's sizes: bench/mergeability.py.) Ungated, each group is scored with the product's `sweep_job` and
    `choose` (both head settings); gated, with the product's `consolidate_group_job` (default gate
    "bound" and the old δ-rule). Nothing here merges, refits, selects or gates on its own.
 4. On the first fold only, the three-method table (TIES, Task Arithmetic, DOGE) on the gw plan.
@@ -21,7 +22,8 @@ split, validation is carved from the rest; `--folds 1` keeps the official split,
 Every figure is a mean over folds; paired comparisons are over item x fold units (test macro F1,
 weighted by test answers, bootstrap interval over units). The test split is read only for figures.
 Everything is cached in each fold's store (features, GW pairs, sweeps, group records), so a rerun or an
-interrupted run resumes where it stopped. Writes NAME.json and NAME.md (default docs/results/beetle);
+interrupted run resumes where it stopped; `--resume-from NAME.json` takes an earlier run's rows and redoes
+only the shipped run (for a new planner default; the merge and gate defaults must be the earlier ones). Writes NAME.json and NAME.md (default docs/results/beetle);
 the last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -140,21 +142,17 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[st
     defaults = ConsolidateConfig()
     log(f"fold {fold_index}: {len(fold.ids)} scorers ready ({time.perf_counter() - started:.0f} s)")
 
-    # The shipped run: the flow with its defaults, exactly as `fleetmerge consolidate --store S` runs it.
-    from flows.nightly import consolidate
-
-    shipped_summary = consolidate(fleet="fleet.yaml", store=store.uri, config={"run_id": f"bench-fold{fold_index}"})
-    published = read_manifest(store, shipped_summary["run_id"])
-    shipped_plan = published["extra"]["plan"]
+    shipped = shipped_run(fold, fold_index)
     merge_config = defaults.merge_config()
-    shipped = fold.gated([list(g) for g in shipped_plan["groups"]], merge_config)  # the flow's records, reused
-    log(f"fold {fold_index}: shipped run {shipped_summary['run_id']} ({shipped_summary['seconds']['total']} s)")
-
     D, gw_ids = full_gw_matrix(fold)
     gw = plan_fleet(D, gw_ids, tau=defaults.tau, tau_quantile=defaults.tau_quantile, k=defaults.k)
-    same_plan = sorted(map(sorted, gw.groups)) == sorted(map(sorted, shipped_plan["groups"]))
-    if not same_plan:
-        log(f"fold {fold_index}: WARNING the recomputed GW plan differs from the published one")
+    # With the GW planner shipped, the recomputed GW plan must be the published one (the rows below are then
+    # the shipped plan's ablations); with another planner shipped they are the GW plan's, at its own sizes.
+    same_plan = None
+    if defaults.planner == "gw":
+        same_plan = sorted(map(sorted, gw.groups)) == sorted(map(sorted, shipped["shipped_plan"]["groups"]))
+        if not same_plan:
+            log(f"fold {fold_index}: WARNING the recomputed GW plan differs from the published one")
     sizes = sorted((len(g) for g in gw.groups), reverse=True)
     modules = {i: fold.manifest.scorer(i).module or "?" for i in gw_ids}
     alt = alternative_tau_quantile(defaults.tau_quantile)
@@ -166,8 +164,7 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[st
                                                                sizes=sizes).groups]
 
     rows: dict[str, dict] = {"premerge": figures(fold, {"items": fold.items({}), "groups": []}),
-                             "shipped": figures(fold, shipped) | {"storage_ratio_published":
-                                                                  published["extra"]["storage"]["ratio"]}}
+                             "shipped": shipped.pop("row")}
     compared = ["gw"] if args.methods_only else list(plans)
     for name, groups in ((n, plans[n]) for n in compared):
         log(f"fold {fold_index}: ungated {name} ({len(groups)} groups)")
@@ -190,11 +187,52 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[st
             for setting in HEAD_SETTINGS:
                 rows[f"ungated/gw/{method}/{setting}"] = figures(fold, fold.ungated(plans["gw"], config, setting))
     return {"fold": fold_index, "ids": fold.ids, "rows": rows, "plans": plans, "same_plan_as_published": same_plan,
-            "shipped_summary": {k: shipped_summary[k] for k in ("run_id", "groups", "individual", "storage", "seconds")},
-            "validation_sizes": {i: fold.own[i]["validation"]["n"] for i in fold.ids},
+            **shipped, "validation_sizes": {i: fold.own[i]["validation"]["n"] for i in fold.ids},
             "test_sizes": {i: fold.own[i]["test"]["n"] for i in fold.ids},
             "modules": {i: fold.manifest.scorer(i).module for i in fold.ids}, "set_aside": fold.set_aside,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def shipped_run(fold: Fold, fold_index: int) -> dict:
+    """The shipped run: the flow with its defaults, exactly as `fleetmerge consolidate --store S` runs it;
+    its row from the group records the flow wrote, its summary, its published plan and who planned it."""
+    from flows.nightly import consolidate
+
+    summary = consolidate(fleet="fleet.yaml", store=fold.store.uri, config={"run_id": f"bench-fold{fold_index}"})
+    published = read_manifest(fold.store, summary["run_id"])
+    plan = published["extra"]["plan"]
+    run = fold.gated([list(g) for g in plan["groups"]], ConsolidateConfig().merge_config())  # the flow's records
+    log(f"fold {fold_index}: shipped run {summary['run_id']} ({summary['seconds']['total']} s)")
+    return {"row": figures(fold, run) | {"storage_ratio_published": published["extra"]["storage"]["ratio"]},
+            "shipped_summary": {k: summary[k] for k in ("run_id", "groups", "individual", "storage", "seconds")},
+            "shipped_planner": shipped_planner_name(plan), "shipped_plan": {"groups": [list(g) for g in plan["groups"]]}}
+
+
+def shipped_planner_name(plan: dict) -> str:
+    """The published plan's planner with its measured settings, e.g. "measured (gw shortlist, refit)"."""
+    if plan.get("planner") != "measured":
+        return plan.get("planner", "gw")
+    return f"measured ({plan.get('shortlist_by', 'gw')} shortlist, {plan.get('trial_signal', 'agreement')})"
+
+
+def resumed_fold(earlier: dict, fold_index: int, args, data_dir: Path, work: Path) -> dict:
+    """An earlier run's fold with only the shipped run redone: the other rows depend on the fleet and the
+    merge and gate defaults, not on the planner (checked: the rebuilt fleet's pre-merge figures must equal
+    the earlier ones, and the merge and gate defaults must be unchanged)."""
+    fold, _ = open_fold(fold_index, args, data_dir, work)
+    premerge = figures(fold, {"items": fold.items({}), "groups": []})
+    if premerge["per_item_macro_f1"] != earlier["rows"]["premerge"]["per_item_macro_f1"]:
+        raise RuntimeError(f"fold {fold_index}: the rebuilt fleet's pre-merge figures differ from the earlier run's")
+    shipped = shipped_run(fold, fold_index)
+    result = {**earlier, "rows": {**earlier["rows"], "shipped": shipped.pop("row")}, **shipped,
+              "resumed_rows": sorted(n for n in earlier["rows"] if n != "shipped")}
+    if ConsolidateConfig().planner != "gw":
+        result["same_plan_as_published"] = None
+    return result
+
+
+MERGE_DEFAULTS = ("layer", "pooling", "max_responses", "method", "grid", "refit_heads", "delta", "gate", "seed", "k",
+                  "tau", "tau_quantile", "solver")
 
 
 def open_fold(fold_index: int, args, data_dir: Path, work: Path) -> tuple[Fold, Path]:
@@ -308,6 +346,9 @@ def main() -> None:
     parser.add_argument("--frontier-methods", default=",".join(frontier.METHODS))
     parser.add_argument("--frontier-ks", default=",".join(map(str, frontier.KS)))
     parser.add_argument("--frontier-corrections", default="off,on", help="'off', 'on' or 'off,on'")
+    parser.add_argument("--resume-from", default=None,
+                        help="an earlier NAME.json: its rows are this run's cache and only the shipped run is redone "
+                             "(for a change of the planner defaults; refused when the merge or gate defaults changed)")
     parser.add_argument("--methods-only", action="store_true",
                         help="only the shipped run, the GW plan (gated and ungated) and the method table: a quick "
                              "look at other merge methods (cached apart from the full run's rows)")
@@ -328,12 +369,20 @@ def main() -> None:
         return
     started = time.perf_counter()
     folds = []
+    earlier = json.loads(Path(args.resume_from).read_text()) if args.resume_from else None
+    if earlier:
+        changed = [k for k in MERGE_DEFAULTS if earlier["defaults"].get(k) != getattr(ConsolidateConfig(), k)]
+        if changed:
+            raise SystemExit(f"--resume-from {args.resume_from}: its rows were made with other defaults ({changed}); "
+                             "run without it")
     for f in wanted:
         cache = fold_dir(work, args.folds, f) / ("quality_rows_methods.json" if args.methods_only else "quality_rows.json")
         if cache.is_file():
             folds.append(json.loads(cache.read_text()))
             continue
-        folds.append(run_fold(f, args, data_dir, work, methods))
+        previous = next((e for e in (earlier or {}).get("by_fold", []) if e["fold"] == f), None)
+        folds.append(resumed_fold(previous, f, args, data_dir, work) if previous
+                     else run_fold(f, args, data_dir, work, methods))
         cache.write_text(json.dumps(folds[-1]))
     rows = combine(folds)
     weights = {f"{f['fold']}:{i}": n for f in folds for i, n in f["test_sizes"].items()}
@@ -365,7 +414,11 @@ def main() -> None:
         "seconds": {"folds": [f["seconds"] for f in folds], "this_run": round(time.perf_counter() - started, 1)},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    write(Path(args.out), result, defaults=not args.methods_only)
+    out = Path(args.out)
+    if out.with_suffix(".json").is_file():  # the frontier (--frontier) is its own run: keep it beside the new rows
+        previous_result = json.loads(out.with_suffix(".json").read_text())
+        result |= {k: previous_result[k] for k in ("frontier", "frontier_settings") if k in previous_result}
+    write(out, result, defaults=not args.methods_only)
     print(json.dumps({"folds": args.folds, "premerge_macro_f1": result["premerge"]["macro_f1"],
                       "shipped_macro_f1": result["shipped"]["macro_f1"],
                       "shipped_storage_ratio": result["shipped"]["storage_ratio"],

@@ -41,7 +41,10 @@ class ConsolidateConfig:
     planner: str = "measured"  # best validation macro F1 over 3 Beetle folds (docs/results/mergeability.md)
     shortlist: int = DEFAULT_SHORTLIST  # measured planner: each scorer's nearest partners that are trial-merged
     shortlist_by: str = "gw"  # ... nearest by this signal (SHORTLIST_SIGNALS)
-    trial_signal: str = "agreement"  # ... each trial merge's members scored by this (gw.mergeability.TRIAL_SIGNALS)
+    # ... each trial merge's members scored by this (gw.mergeability.TRIAL_SIGNALS). Beetle's validation cannot
+    # tell the signals apart; its tie rule (bench/mergeability.py TIE_PREFERENCE) picks refit, which scores a
+    # merge with refitted heads as the product serves it (docs/results/mergeability.md)
+    trial_signal: str = "refit"
     tau: float | None = None  # None: the tau_quantile-quantile of the distances
     tau_quantile: float = DEFAULT_TAU_QUANTILE
     k: int = 3

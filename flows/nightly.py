@@ -213,7 +213,7 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
                     f"computed), {len(split)} split into their best pair")
     logger.info(f"plan ({cfg.planner} planner, {plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} "
                 f"groups, {len(plan.singletons)} singletons")
-    signal = {"trial_signal": cfg.trial_signal} if measured else {}
+    signal = {"trial_signal": cfg.trial_signal, "shortlist_by": cfg.shortlist_by} if measured else {}
     return {"plan": plan.to_dict() | {"planner": cfg.planner, "split": split} | signal, "matrix": matrix.tolist(), "ids": ids,
             "measured": [[*p, v] for p, v in sorted({**(measured or {}), **groups_measured}.items())] or None,
             "group_trials": {"computed": checked["computed"], "reused": checked["reused"]} if groups_measured else None}

@@ -1,8 +1,8 @@
 """Measured pair mergeability: how well a merged backbone keeps each member's scoring (issue 11).
 
-A trial merge of two scorers (own heads, no refit) is scored per member on all of its item's train and
-validation responses (about 80 per item on Beetle; never the test split) by one of two signals
-(:data:`TRIAL_SIGNALS`), both stored with every trial merge:
+A trial merge of two scorers is scored per member on all of its item's train and validation responses
+(about 80 per item on Beetle; never the test split) by one of three signals (:data:`TRIAL_SIGNALS`), all
+stored with every trial merge; the planner reads one (`ConsolidateConfig.trial_signal`, default refit):
 
 - ``"agreement"`` (no labels): the mean over the responses of the probability mass the member's own
   scorer and the merged model put on the same outcomes, ``sum_c min(p_own, p_merged)`` for one-of-C
@@ -19,7 +19,9 @@ validation responses (about 80 per item on Beetle; never the test split) by one 
   head fitted on the other folds). The product's merge refits heads; the two signals above keep the
   own head, so they cannot see a merge whose backbone serves the item well once its head is refit (the
   demo's topics: with own heads a merge within a topic costs about as much as one across; with refit
-  heads far less, workers/demo_data.py).
+  heads far less, workers/demo_data.py). On Beetle it ranks pairs unlike the other two (Spearman with
+  agreement −0.09 over all 1,081 pairs of a fold, docs/results/mergeability.md), and its plan is not told
+  apart from theirs.
 
 Why not validation macro F1: Beetle items have about 17 validation answers, where macro F1 moves by a
 whole class's worth with one answer (the gate's argument, gw/gate.py). The signals are continuous per

@@ -7,6 +7,7 @@ import shutil
 import pytest
 from prefect.client.orchestration import get_client
 
+from flows.config import ConsolidateConfig
 from flows.nightly import consolidate
 from infra.manifest import load_manifest, save_manifest
 from infra.publish import latest_run, list_runs, read_manifest, verify_run
@@ -194,7 +195,8 @@ def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefec
         other = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**config, "trial_signal": "true_label"})
         plan = read_manifest(store, other["run_id"])["extra"]["plan"]
         # a plan whose merges are the published ones publishes nothing new: the published run keeps its record
-        assert plan["trial_signal"] == ("true_label" if other["republished"] else "agreement")
+        assert plan["trial_signal"] == ("true_label" if other["republished"] else ConsolidateConfig().trial_signal)
+        assert plan["shortlist_by"] == "gw"
         assert other["computed"]["trial merges"] <= sum(len(g) == 3 for g in plan["groups"])
         assert other["reused"]["trial merges"] >= len(pairs)
 

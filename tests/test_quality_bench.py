@@ -122,6 +122,37 @@ def test_mergeability_default_planner_is_chosen_on_validation_not_test():
     assert agrees == (bench.shipped_plan() == "measured/true_label")
 
 
+def test_mergeability_default_ties_on_validation_go_by_the_declared_preference():
+    bench = _mergeability()
+    items = [f"i{n}" for n in range(30)]
+
+    def row(validation: dict):
+        mean = sum(validation.values()) / len(validation)
+        return {"macro_f1": 0.5, "validation_macro_f1": mean, "backbones": 20, "planned_backbones": 16,
+                "storage_ratio": 2.0, "per_item_macro_f1": {i: 0.5 for i in items},
+                "validation_per_item_macro_f1": validation}
+
+    base = {i: 0.5 + 0.2 * (n % 3) for n, i in enumerate(items)}
+    noisy = {i: v + (0.04 if n % 2 else -0.05) for n, (i, v) in enumerate(base.items())}  # lower, not told apart
+    worse = {i: v - 0.1 for i, v in base.items()}  # clearly worse on every item
+    rows = {"measured": row(base), "measured/refit": row(noisy), "gw": row(worse), "module": row(base),
+            "description": row(base), "random0": row(worse), "premerge": row(worse)}
+    folds = [{"fold": 0, "rows": rows, "test_sizes": {i: 10 for i in items}, "validation_sizes": {i: 5 for i in items}}]
+    assert bench.TIE_PREFERENCE[0] == "measured/refit"
+    choice = bench.combine(folds, random_seeds=1)["default_choice"]
+    assert choice["leader"] == "measured" and choice["tied_with_leader"] == ["measured/refit"]
+    assert choice["planner"] == "measured/refit"
+    # the preferred setting clearly worse on validation: the leader stays
+    rows["measured/refit"] = row(worse)
+    choice = bench.combine(folds, random_seeds=1)["default_choice"]
+    assert choice["planner"] == choice["leader"] == "measured" and choice["tied_with_leader"] == []
+    assert choice["validation_vs_leader"]["measured/refit"]["ci95"][1] < 0
+    # rows without per-item validation (an older run): the best validation mean, no tie rule
+    del folds[0]["validation_sizes"]
+    assert bench.combine(folds, random_seeds=1)["default_choice"] == {
+        "planner": "measured", "leader": "measured", "rule": "best mean validation macro F1"}
+
+
 def test_mergeability_resumes_an_earlier_result_and_adds_only_the_plans_it_lacks(tmp_path):
     bench = _mergeability()
     args = type("Args", (), {"plans": [], "random_seeds": 1, "predictor_plans": False, "folds": 3})()
@@ -130,11 +161,22 @@ def test_mergeability_resumes_an_earlier_result_and_adds_only_the_plans_it_lacks
     earlier = {"fold": 0, "rows": {"measured": {}, "premerge": {}}, "plans": {"measured": [["a", "b"]]},
                "predictor_seconds": {"gw_l-3_cls": 3.0, "description": 1.0, "cka_probe": 79.0},
                "correlation": {"cka_probe": {"spearman": 0.4}}, "outcomes": [["a", "b", 0.9]], "pairs_total": 1}
+    pairs_cache = bench.fold_dir(tmp_path, 3, 0) / bench.PAIRS_CACHE
     cached = bench.resumed(earlier, tmp_path, args)
-    # the rows keep the plans' own predictors; the every-pair predictors go with the pairs cache
+    # the rows keep the plans' own predictors; the every-pair predictors go with the pairs cache, but only
+    # pairs measured with every trial signal: an older result's pairs are measured again
     assert "correlation" not in cached and set(cached["predictor_seconds"]) == {"gw_l-3_cls", "description"}
-    pairs = json.loads((bench.fold_dir(tmp_path, 3, 0) / "mergeability_pairs.json").read_text())
+    assert not pairs_cache.exists()
+    earlier |= {"correlation_by_signal": {"refit": {"cka_probe": {"spearman": 0.2}}}, "trial_signal": "agreement"}
+    bench.resumed(earlier, tmp_path, args)
+    pairs = json.loads(pairs_cache.read_text())
     assert pairs["correlation"] == earlier["correlation"] and "cka_probe" in pairs["predictor_seconds"]
+    assert pairs["correlation_by_signal"] == earlier["correlation_by_signal"]
+    # a measured setting's row without per-item validation is gated again (not replanned); the plans at equal
+    # group sizes are drawn again when they were drawn at another default's sizes
+    assert not bench.complete("measured", cached) and bench.complete("gw", {"rows": {"gw": {}}})
+    assert bench.complete("module", {"rows": {"module": {}}, "sized_to": bench.shipped_plan()})
+    assert not bench.complete("random0", {"rows": {"random0": {}}, "sized_to": "an older default"})
     assert bench.resumed(None, tmp_path, args) is None
     assert bench.shipped_plan() in bench.product_plans(wanted)
 
@@ -195,3 +237,32 @@ def test_frontier_report_names_the_best_storage_within_the_margin():
     assert "a group method alone, storage ≥ 4x: **met**; the most storage within the quality margin: TSV-M, k = 5, 4.40x" in text
     assert "with the per-item correction, storage ≥ 10x: **met**" in text
     assert text.count("| TSV-M |") == 4
+
+
+def test_mergeability_report_shows_every_trial_signal_and_how_the_default_was_chosen():
+    _mergeability()
+    import _mergeability_report
+
+    def corr(value):
+        return {"spearman": value, "ci95": [value - 0.1, value + 0.1], "n_pairs": 3, "fold": 0}
+
+    by_signal = {"agreement": {"cka_probe": corr(0.3), "same_module": corr(-0.4)},
+                 "refit": {"cka_probe": corr(0.1), "same_module": corr(0.2)}}
+    fold = {"fold": 0, "correlation": by_signal["agreement"], "correlation_by_signal": by_signal,
+            "trial_signal": "agreement", "pairs_total": 3, "predictor_seconds": {"cka_probe": 33.0},
+            "all_pairs_merge_seconds": 9.0, "shortlist_pairs": 2, "shortlist_merge_seconds": 6.0,
+            "signal_agreement": {"agreement ~ refit": 0.25},
+            "shortlist_finds_best_partner": {"agreement": 0.5, "refit": 1.0}}
+    result = {"by_fold": [fold], "shortlist": 5, "n_items": 3}
+    text = "\n".join(_mergeability_report.correlation_section(result, fold["correlation"]))
+    assert "| predictor | agreement | refit true-label change |" in text and "over all 3 pairs" in text
+    assert "| same module | -0.400 [-0.500, -0.300] | +0.200 [+0.100, +0.300] | 0 |" in text
+    assert "agreement ~ refit +0.250" in text and "100 % of the scorers by refit true-label change" in text
+    interval = {"mean_diff": -0.002, "ci95": [-0.01, 0.006], "wins": 1, "losses": 2, "ties": 0}
+    choice = {"planner": "measured/refit", "leader": "measured", "tied_with_leader": ["measured/refit"],
+              "validation_vs_leader": {"measured/refit": interval}, "tie_preference": ["measured/refit"],
+              "tie_reason": "why", "rule": "the rule"}
+    text = "\n".join(_mergeability_report.default_choice_section({"default_choice": choice}))
+    assert "| measured (GW shortlist, refit true-label change) | -0.0020 | [-0.010, +0.006] | not told apart |" in text
+    assert "tied with the leader on validation, and first in the tie preference" in text
+    assert _mergeability_report.default_choice_section({"default_choice": {"planner": "measured"}}) == []

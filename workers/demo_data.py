@@ -29,19 +29,19 @@ Nothing here is real student data. Two layouts (`structure`):
   does not tell them apart (0.878 within, 0.880 across): the own scorers are weak, and a merge within
   a topic that improves on one disagrees with it too. `gw.plan.solve_plan` on the measured pair
   outcomes (the worst or the mean member's change) groups the three topics exactly. The GW plan does
-  not: on the same fleet the shipped defaults planned adding-1 + dividing-1 + dividing-2, adding-2 +
+  not: on the same fleet the GW planner planned adding-1 + dividing-1 + dividing-2, adding-2 +
   adding-3 + multiplying-2 and multiplying-1 + multiplying-3 (mean GW distance 0.243 within a topic,
   0.260 across), and the gate merged the two mixed trios and kept multiplying-1 and -3 on their own
   scorers. GW over each scorer's features of its own responses does not see the rules.
-  The measured planner's trial merges (own heads, no refit) do not see them either, whichever own-head
-  signal it reads: with `--trial-signal agreement` or `true_label` it plans adding-1 + dividing-1 +
-  dividing-2, adding-2 + adding-3, multiplying-1..3, because with the own heads kept a merge within a
-  topic costs its weaker member about as much as one across (true-label change, worse member: -0.092
-  within a topic on average, -0.179 across, but adding-1 loses less with the dividing items, -0.083 and
-  -0.088, than with adding-3, -0.132). With `--trial-signal refit` (heads refitted on the merged backbone,
-  cross-fitted, against the same refit on the member's own backbone) the within-topic merges show their
-  use (-0.014 within, -0.037 across) and the plan is the three topics exactly (measured 2026-12-07 on
-  the seed-0 demo fleet; 23 pairs, 7 within a topic).
+  The measured planner's own-head trial signals do not see them either: with `--trial-signal
+  agreement` or `true_label` it plans adding-1 + dividing-1 + dividing-2, adding-2 + adding-3,
+  multiplying-1..3, because with the own heads kept a merge within a topic costs its weaker member
+  about as much as one across (true-label change, worse member: -0.092 within a topic on average,
+  -0.179 across, but adding-1 loses less with the dividing items, -0.083 and -0.088, than with
+  adding-3, -0.132). With the default `--trial-signal refit` (heads refitted on the merged backbone,
+  cross-fitted, against the same refit on the member's own backbone) the within-topic merges show
+  their use (-0.014 within, -0.037 across) and the plan is the three topics exactly (measured
+  2026-12-07 on the seed-0 demo fleet; 23 pairs, 7 within a topic).
   This layout replaces the earlier "rubric" one (each topic its own rubric shape, the topics otherwise
   apart in their words), on which the GW plan mixed topics too (circuits-1 + fractions-1 + plants-2).
 - "words" (the default, used by the test fixtures and the benchmark trio): each topic has a pool of
