@@ -176,9 +176,13 @@ def verdict(result: dict) -> list[str]:
         signal = SIGNAL_NAMES.get(fold0.get("trial_signal", "agreement"))
         gw = corr.get("gw_l-3_cls")
         best = max(corr.items(), key=lambda kv: kv[1]["spearman"])
+        best_text = ("no other cheap predictor does better" if best[0] == "gw_l-3_cls" else
+                     f"the best cheap predictor is {PREDICTOR_NAMES.get(best[0], best[0])} "
+                     f"({best[1]['spearman']:+.3f} {_ci(best[1])})")
+        told = [PREDICTOR_NAMES.get(n, n) for n, c in corr.items() if c["ci95"][0] > 0]
         out.append(f"- GW on the flow's features correlates {gw['spearman']:+.3f} {_ci(gw)} with the measured "
-                   f"outcome by the shipped signal ({signal}); the best cheap predictor is "
-                   f"{PREDICTOR_NAMES.get(best[0], best[0])} ({best[1]['spearman']:+.3f} {_ci(best[1])}).")
+                   f"outcome by the shipped signal ({signal}); {best_text}. Interval above 0: "
+                   f"{', '.join(told) if told else 'none'}.")
         found = fold0.get("shortlist_finds_best_partner")
         if isinstance(found, dict) and fold0.get("trial_signal") in found:
             out.append(f"- The GW shortlist holds a scorer's best partner by {signal} for "

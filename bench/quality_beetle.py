@@ -221,11 +221,13 @@ def resumed_fold(earlier: dict, fold_index: int, args, data_dir: Path, work: Pat
     the earlier ones, and the merge and gate defaults must be unchanged)."""
     fold, _ = open_fold(fold_index, args, data_dir, work)
     premerge = figures(fold, {"items": fold.items({}), "groups": []})
-    if premerge["per_item_macro_f1"] != earlier["rows"]["premerge"]["per_item_macro_f1"]:
+    before = earlier["rows"]["premerge"]  # per-item figures when the earlier JSON kept them, else the fleet's
+    key = "per_item_macro_f1" if "per_item_macro_f1" in before else "macro_f1"
+    if premerge[key] != before[key] or any(premerge[k] != before[k] for k in ("accuracy", "qwk", "micro_f1")):
         raise RuntimeError(f"fold {fold_index}: the rebuilt fleet's pre-merge figures differ from the earlier run's")
     shipped = shipped_run(fold, fold_index)
-    result = {**earlier, "rows": {**earlier["rows"], "shipped": shipped.pop("row")}, **shipped,
-              "resumed_rows": sorted(n for n in earlier["rows"] if n != "shipped")}
+    result = {**earlier, "rows": {**earlier["rows"], "premerge": premerge, "shipped": shipped.pop("row")}, **shipped,
+              "resumed_rows": sorted(n for n in earlier["rows"] if n not in ("shipped", "premerge"))}
     if ConsolidateConfig().planner != "gw":
         result["same_plan_as_published"] = None
     return result
@@ -317,15 +319,16 @@ def combine(folds: list[dict]) -> dict:
                for k in ("accuracy", "macro_f1", "micro_f1", "qwk", "backbones", "storage_ratio",
                          "storage_ratio_published") if any(v.get(k) is not None for v in values)}
         row["macro_f1_sd_over_folds"] = round(float(np.std([v["macro_f1"] for v in values])), 4)
-        row["per_unit_macro_f1"] = {f"{f['fold']}:{i}": m for f, v in zip(folds, values)
-                                    for i, m in v["per_item_macro_f1"].items()}
+        if all("per_item_macro_f1" in v for v in values):  # rows resumed from a JSON without them cannot be paired
+            row["per_unit_macro_f1"] = {f"{f['fold']}:{i}": m for f, v in zip(folds, values)
+                                        for i, m in v["per_item_macro_f1"].items()}
         out[name] = row
     return out
 
 
 def comparisons(rows: dict, weights: dict, pairs: list[tuple[str, str]]) -> dict:
     return {f"{a} vs {b}": paired_comparison(rows[a]["per_unit_macro_f1"], rows[b]["per_unit_macro_f1"], weights)
-            for a, b in pairs if a in rows and b in rows}
+            for a, b in pairs if "per_unit_macro_f1" in rows.get(a, {}) and "per_unit_macro_f1" in rows.get(b, {})}
 
 
 def main() -> None:
@@ -405,7 +408,7 @@ def main() -> None:
         "first_fold_rows": {n: _figures(r) for n, r in folds[0]["rows"].items()},
         "first_fold_paired": comparisons(
             {n: r | {"per_unit_macro_f1": {f"0:{i}": m for i, m in r["per_item_macro_f1"].items()}}
-             for n, r in folds[0]["rows"].items()},
+             for n, r in folds[0]["rows"].items() if "per_item_macro_f1" in r},
             {f"0:{i}": n for i, n in folds[0]["test_sizes"].items()},
             [(f"ungated/gw/{a}/refit_heads", f"ungated/gw/{b}/refit_heads") for a, b in method_pairs(methods, method)]),
         "by_fold": folds,  # per-item figures included, so the report can be re-rendered and re-paired
@@ -414,6 +417,9 @@ def main() -> None:
         "seconds": {"folds": [f["seconds"] for f in folds], "this_run": round(time.perf_counter() - started, 1)},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
+    for name in ("paired", "first_fold_paired"):  # comparisons of resumed rows: the earlier run's, as it paired them
+        for pair, c in (earlier or {}).get(name, {}).items():
+            result[name].setdefault(pair, c)
     out = Path(args.out)
     if out.with_suffix(".json").is_file():  # the frontier (--frontier) is its own run: keep it beside the new rows
         previous_result = json.loads(out.with_suffix(".json").read_text())
