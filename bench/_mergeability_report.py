@@ -1,6 +1,8 @@
 """docs/results/mergeability.md from bench/mergeability.py's result (pure formatting)."""
 from __future__ import annotations
 
+from flows.artifacts import TRIAL_COLUMN as SIGNAL_NAMES  # the plan artifact's name for each trial signal
+
 PREDICTOR_NAMES = {
     "gw_l-3_cls": "GW, layer −3, CLS (the flow's features)",
     "gw_l-1_cls": "GW, layer −1, CLS",
@@ -32,7 +34,9 @@ def _told(c: dict) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "not told apart"
 
 
-SIGNAL_NAMES = {"agreement": "agreement", "true_label": "true-label change", "refit": "refit true-label change"}
+def _random_shortlist_recall(result: dict) -> float:
+    """How often a random shortlist of the same size holds a scorer's best partner: m of its N − 1 partners."""
+    return min(1.0, result["shortlist"] / (result["n_items"] - 1))
 
 
 def correlation_section(result: dict, corr: dict) -> list[str]:
@@ -68,7 +72,7 @@ def correlation_section(result: dict, corr: dict) -> list[str]:
               + (" The shortlist holds each scorer's best measured partner for "
                  + ", ".join(f"{100 * v:.0f} % of the scorers by {SIGNAL_NAMES.get(s, s)}" for s, v in found.items())
                  + " (a random shortlist of the same size: "
-                 f"{100 * min(1.0, result['shortlist'] / (result['n_items'] - 1)):.0f} %)." if found else ""), ""]
+                 f"{100 * _random_shortlist_recall(result):.0f} %)." if found else ""), ""]
     return lines
 
 
@@ -187,7 +191,7 @@ def verdict(result: dict) -> list[str]:
         if isinstance(found, dict) and fold0.get("trial_signal") in found:
             out.append(f"- The GW shortlist holds a scorer's best partner by {signal} for "
                        f"{100 * found[fold0['trial_signal']]:.0f} % of the scorers; a random one of the same size "
-                       f"would for {100 * min(1.0, result['shortlist'] / (result['n_items'] - 1)):.0f} %. It caps "
+                       f"would for {100 * _random_shortlist_recall(result):.0f} %. It caps "
                        "the planning cost; it does not find the best partners.")
     vs = paired.get("default vs random")
     out.append(f"- The default planner ({default}) against random plans: {vs['mean_diff']:+.4f} {_ci(vs)}, "

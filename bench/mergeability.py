@@ -465,15 +465,16 @@ def all_pairs_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     by_signal = {s: outcomes({"pairs": records}, s) for s in TRIAL_SIGNALS}
     shipped = ConsolidateConfig().trial_signal
     measured_all = by_signal[shipped]
+    measured_pairs = sorted(measured_all)
+    column = {s: np.array([by_signal[s][p] for p in measured_pairs]) for s in TRIAL_SIGNALS}
     result = {"predictor_seconds": predictor_seconds, "all_pairs_merge_seconds": round(merge_seconds, 1),
               "pairs_total": len(every), "trial_signal": shipped,
               "correlation": correlations(similarity, measured_all, fold.ids),
               "correlation_by_signal": {s: correlations(similarity, o, fold.ids) for s, o in by_signal.items()},
-              "signal_agreement": {f"{a} ~ {b}": round(spearman(*(np.array([by_signal[s][p] for p in sorted(measured_all)])
-                                                                   for s in (a, b))), 3)
+              "signal_agreement": {f"{a} ~ {b}": round(spearman(column[a], column[b]), 3)
                                    for a, b in itertools.combinations(TRIAL_SIGNALS, 2)},
               "outcomes": [[a, b, {s: round(by_signal[s][(a, b)], 5) for s in TRIAL_SIGNALS}]
-                           for a, b in sorted(measured_all)]}
+                           for a, b in measured_pairs]}
     if len(measured_all) == len(every):  # how often a scorer's best measured partner is on its shortlist
         result["shortlist_finds_best_partner"] = {}
         for s, values in by_signal.items():

@@ -163,14 +163,14 @@ def test_mergeability_resumes_an_earlier_result_and_adds_only_the_plans_it_lacks
                "correlation": {"cka_probe": {"spearman": 0.4}}, "outcomes": [["a", "b", 0.9]], "pairs_total": 1}
     pairs_cache = bench.fold_dir(tmp_path, 3, 0) / bench.PAIRS_CACHE
     cached = bench.resumed(earlier, tmp_path, args)
-    # the rows keep the plans' own predictors; the every-pair predictors go with the pairs cache, but only
+    # the rows keep the plans; the every-pair correlations and outcomes go with the pairs cache, but only
     # pairs measured with every trial signal: an older result's pairs are measured again
-    assert "correlation" not in cached and set(cached["predictor_seconds"]) == {"gw_l-3_cls", "description"}
+    assert "correlation" not in cached and "outcomes" not in cached
     assert not pairs_cache.exists()
     earlier |= {"correlation_by_signal": {"refit": {"cka_probe": {"spearman": 0.2}}}, "trial_signal": "agreement"}
     bench.resumed(earlier, tmp_path, args)
     pairs = json.loads(pairs_cache.read_text())
-    assert pairs["correlation"] == earlier["correlation"] and "cka_probe" in pairs["predictor_seconds"]
+    assert pairs["correlation"] == earlier["correlation"] and pairs["outcomes"] == earlier["outcomes"]
     assert pairs["correlation_by_signal"] == earlier["correlation_by_signal"]
     # a measured setting's row without per-item validation is gated again (not replanned); the plans at equal
     # group sizes are drawn again when they were drawn at another default's sizes
