@@ -22,6 +22,7 @@ MEASURED_NAMES = {
     "measured/cka": "measured (CKA shortlist, agreement)",
     "measured/cka/true_label": "measured (CKA shortlist, true-label change)",
     "measured/refit": "measured (GW shortlist, refit true-label change)",
+    "measured/description/refit": "measured (description shortlist, refit true-label change)",
 }
 
 
@@ -201,6 +202,10 @@ def verdict(result: dict) -> list[str]:
         if c:
             out.append(f"- Against the {other} plan: {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)} "
                        "(target: at least as good).")
+    chance = [f"{other} {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)}" for other in ("module", "description")
+              if (c := paired.get(f"{other} vs random"))]
+    if chance:
+        out.append(f"- The other plans at the same group sizes against random ones: {'; '.join(chance)}.")
     for name in MEASURED_NAMES:
         c = paired.get(f"{name} vs measured")
         if c:

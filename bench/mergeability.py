@@ -60,6 +60,7 @@ from infra.storage import open_store  # noqa: E402
 from workers.extract import ExtractConfig  # noqa: E402
 from workers.extract.encoder import extract_features  # noqa: E402
 from workers.extract.run import load_spec_scorer  # noqa: E402
+from workers.descriptions import description_distances  # noqa: E402
 from workers.finetune import FinetuneConfig  # noqa: E402
 from workers.fleet_build import build_fleet, load_items  # noqa: E402
 from workers.fleet_gw import distance_matrix, plan_fleet  # noqa: E402
@@ -81,6 +82,7 @@ MEASURED_SETTINGS = {
     "measured/cka/true_label": {"shortlist_by": "cka", "trial_signal": "true_label"},
     "measured/true_label": {"shortlist_by": "gw", "trial_signal": "true_label"},
     "measured/refit": {"shortlist_by": "gw", "trial_signal": "refit"},
+    "measured/description/refit": {"shortlist_by": "description", "trial_signal": "refit"},
 }
 
 
@@ -151,10 +153,7 @@ def cka_similarity(store, fold: Fold, texts: list[str]) -> np.ndarray:
 
 
 def description_similarity(store, fold: Fold) -> np.ndarray:
-    spec = fold.manifest.scorer(fold.ids[0]).model_copy(update={"checkpoint": fold.manifest.base_model})
-    scorer = load_spec_scorer(store, spec, "cpu", base_model=fold.manifest.base_model)
-    questions = [fold.manifest.scorer(i).description or i for i in fold.ids]
-    return cosine_similarity_matrix(extract_features(scorer, questions, ExtractConfig(layer=-1, pooling="mean")))
+    return 1.0 - description_distances(store, fold.ids, use_ray=False)  # the `--shortlist-by description` signal
 
 
 def predictors(store, fold: Fold, here: Path, responses: Path, seed: int,
@@ -514,7 +513,9 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
                if other != default and other in plans]
     # each measured setting against the first measured planner's (GW shortlist, agreement): one option's effect
     compare += [(name, "measured") for name in planners if name in MEASURED_SETTINGS and name != "measured"]
-    compare += [(f"{name}", "random") for name in names if name.startswith("sized/")]
+    # does any grouping beat chance: the plans at equal group sizes against the random ones
+    compare += [(name, "random") for name in ("module", "description", *(n for n in names if n.startswith("sized/")))
+                if name in plans]
     paired = {f"{a} vs {b}": paired_comparison(units[a], units[b], weights) for a, b in compare}
     return {"plans": plans, "default_planner": default, "default_choice": choice, "shipped_plan": shipped_plan(),
             "product_plans": planners, "paired": paired, "n_units": len(weights)}

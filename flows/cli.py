@@ -243,8 +243,8 @@ def _add_plan_options(parser) -> None:
                         help="measured planner: partners trial-merged per scorer (default: %(default)s)")
     parser.add_argument("--shortlist-by", choices=SHORTLIST_SIGNALS, default=DEFAULTS.shortlist_by,
                         help="measured planner: nearest by GW distance, by task-vector cosine (checkpoints only, "
-                             "no features) or by linear CKA on a shared probe set of 256 training answers "
-                             "(default: %(default)s)")
+                             "no features), by linear CKA on a shared probe set of 256 training answers or by the "
+                             "similarity of the items' descriptions in the manifest (default: %(default)s)")
     parser.add_argument("--trial-signal", choices=TRIAL_SIGNALS, default=DEFAULTS.trial_signal,
                         help="measured planner: each trial merge's members scored on their train and validation "
                              "answers by agreement with their own scorers (no labels), by the change of the probability "

@@ -20,9 +20,10 @@ GATE_RULES = ("bound", "delta")
 # How the plan is made (workers.fleet_gw.plan_fleet): set packing on trial merges' measured outcomes,
 # on GW distances, or the GW-SMM paper's average linkage on GW distances.
 PLANNERS = ("measured", "gw", "linkage")  # the rules gw.gate knows by name: add a new one here too
-# What picks the measured planner's shortlist: GW distances (the paper's signal) or task-vector cosine
-# (checkpoints only, sketched: workers.task_vectors).
-SHORTLIST_SIGNALS = ("gw", "task_vector", "cka")
+# What picks the measured planner's shortlist: GW distances (the paper's signal), task-vector cosine
+# (checkpoints only, sketched: workers.task_vectors), linear CKA on a probe set (workers.probe_cka) or the
+# cosine of the items' descriptions (the manifest's questions, embedded by the base model: workers.descriptions).
+SHORTLIST_SIGNALS = ("gw", "task_vector", "cka", "description")
 # gw.merge's registry (available_methods() plus the "ta" alias), named here without importing torch so the
 # CLI starts fast; tests/test_merge_subspace.py checks that the two agree.
 MERGE_METHODS = ("ties", "doge", "task_arithmetic", "ta", "dare", "tsv_m", "iso_c", "iso_cts", "regmean")

@@ -153,7 +153,7 @@ def _skipping(cfg: ConsolidateConfig, n_scorers: int) -> dict:
 def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, distances: dict,
                       cfg: ConsolidateConfig) -> dict:
     """The measured planner's evidence: each scorer's shortlist of nearest partners (by GW, task-vector
-    cosine or linear CKA on a probe set), trial-merged."""
+    cosine, linear CKA on a probe set or description similarity), trial-merged."""
     from gw.mergeability import shortlist
     from workers.fleet_gw import distance_matrix
     from workers.pair_jobs import measure_pairs
@@ -170,6 +170,14 @@ def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, 
 
         signal = cka_distances(store, ids, cfg.extract_config(), manifest_key=manifest_key, seed=cfg.seed,
                                timeout_s=RAY_WAIT_S)
+    elif cfg.shortlist_by == "description":
+        from workers.descriptions import described, description_distances
+
+        undescribed = sorted(set(ids) - set(described(store, ids, manifest_key)))
+        if undescribed:
+            get_run_logger().warning(f"shortlist by description: no description for {', '.join(undescribed)}; "
+                                     "they are never shortlisted and stay on their own scorers")
+        signal = description_distances(store, ids, manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
     else:
         signal = distance_matrix(store, distances["key"], ids)
     pairs = shortlist(signal, ids, cfg.shortlist)

@@ -169,7 +169,7 @@ def test_flow_reads_the_named_manifest_in_every_step_on_s3(prefect_harness, ray_
     assert not again["republished"]
 
 
-@pytest.mark.parametrize("shortlist_by", ["gw", "cka"])
+@pytest.mark.parametrize("shortlist_by", ["gw", "cka", "description"])
 def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefect_harness, ray_local, fleet_copy,
                                                                           shortlist_by):
     from workers.pair_jobs import PAIRS_PREFIX

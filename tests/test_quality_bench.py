@@ -105,6 +105,9 @@ def test_mergeability_default_planner_is_chosen_on_validation_not_test():
     assert combined["plans"]["random"]["macro_f1"] == 0.425
     assert combined["paired"]["default vs random"]["mean_diff"] == pytest.approx(0.075)
     assert "default vs measured" not in combined["paired"] and "default vs gw" in combined["paired"]
+    # the plans at equal group sizes against chance too (does any grouping beat a random one?)
+    assert combined["paired"]["description vs random"]["mean_diff"] == pytest.approx(0.075)
+    assert combined["paired"]["module vs random"]["mean_diff"] == pytest.approx(0.075)
     # a setting of the measured planner is a product plan too, and is compared with the first measured planner
     rows["measured/true_label"] = row(0.48, 0.75)
     combined = bench.combine(folds, random_seeds=2)
