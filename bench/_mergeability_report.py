@@ -26,6 +26,13 @@ MEASURED_NAMES = {
 }
 
 
+def _plan_label(name: str) -> str:
+    """A plan as the tables name it: a measured setting by its options, a predictor's plan by the predictor."""
+    if name.startswith("sized/"):
+        return f"{PREDICTOR_NAMES.get(name[6:], name[6:])} (grouped at the default's sizes)"
+    return MEASURED_NAMES.get(name, name)
+
+
 def _ci(c: dict) -> str:
     return f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
 
@@ -122,7 +129,7 @@ def render(result: dict) -> str:
         if name not in plans:
             continue
         p = plans[name]
-        label = f"default ({p['planner']})" if name == "default" else MEASURED_NAMES.get(name, name)
+        label = f"default ({p['planner']})" if name == "default" else _plan_label(name)
         planned = f"{p['planned_backbones']:.1f}" if "planned_backbones" in p else "–"
         lines.append(f"| {label} | {p['macro_f1']:.3f} | {p.get('validation_macro_f1', float('nan')):.3f} | {planned} | "
                      f"{p.get('backbones', float('nan')):.1f} | {p.get('storage_ratio', float('nan')):.2f}x |")
@@ -202,7 +209,8 @@ def verdict(result: dict) -> list[str]:
         if c:
             out.append(f"- Against the {other} plan: {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)} "
                        "(target: at least as good).")
-    chance = [f"{other} {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)}" for other in ("module", "description")
+    sized = sorted(n for n in result["plans"] if n.startswith("sized/"))
+    chance = [f"{_plan_label(other)} {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)}" for other in ("module", "description", *sized)
               if (c := paired.get(f"{other} vs random"))]
     if chance:
         out.append(f"- The other plans at the same group sizes against random ones: {'; '.join(chance)}.")

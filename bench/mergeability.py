@@ -57,10 +57,10 @@ from gw.similarity import cka_matrix, cosine_similarity_matrix, task_vector_cosi
 from infra.publish import read_manifest  # noqa: E402
 from infra.settings import offline_env  # noqa: E402
 from infra.storage import open_store  # noqa: E402
+from workers.descriptions import description_distances  # noqa: E402
 from workers.extract import ExtractConfig  # noqa: E402
 from workers.extract.encoder import extract_features  # noqa: E402
 from workers.extract.run import load_spec_scorer  # noqa: E402
-from workers.descriptions import description_distances  # noqa: E402
 from workers.finetune import FinetuneConfig  # noqa: E402
 from workers.fleet_build import build_fleet, load_items  # noqa: E402
 from workers.fleet_gw import distance_matrix, plan_fleet  # noqa: E402

@@ -152,7 +152,9 @@ def test_the_shortlist_signal_is_checked_with_the_other_settings():
 
     assert ConsolidateConfig(shortlist_by="task_vector").shortlist_by == "task_vector"
     assert ConsolidateConfig(shortlist_by="cka").shortlist_by == "cka"
-    with pytest.raises(ValueError, match=r"shortlist_by must be one of \['gw', 'task_vector', 'cka'\], got 'cca'"):
+    assert ConsolidateConfig(shortlist_by="description").shortlist_by == "description"
+    with pytest.raises(ValueError,
+                       match=r"shortlist_by must be one of \['gw', 'task_vector', 'cka', 'description'\], got 'cca'"):
         ConsolidateConfig(shortlist_by="cca")
 
 

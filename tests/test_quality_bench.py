@@ -269,3 +269,7 @@ def test_mergeability_report_shows_every_trial_signal_and_how_the_default_was_ch
     assert "| measured (GW shortlist, refit true-label change) | -0.0020 | [-0.010, +0.006] | not told apart |" in text
     assert "tied with the leader on validation, and first in the tie preference" in text
     assert _mergeability_report.default_choice_section({"default_choice": {"planner": "measured"}}) == []
+    # the plans from other predictors at the default's sizes are named by their predictor
+    assert _mergeability_report._plan_label("sized/task_vector_cosine") == \
+        "task-vector cosine (grouped at the default's sizes)"
+    assert _mergeability_report._plan_label("measured/refit") == "measured (GW shortlist, refit true-label change)"
