@@ -466,10 +466,10 @@ def all_pairs_fold(fold_index: int, args, data_dir: Path, work: Path) -> dict:
     measured_all = by_signal[shipped]
     measured_pairs = sorted(measured_all)
     column = {s: np.array([by_signal[s][p] for p in measured_pairs]) for s in TRIAL_SIGNALS}
+    by_signal_correlation = {s: correlations(similarity, o, fold.ids) for s, o in by_signal.items()}
     result = {"predictor_seconds": predictor_seconds, "all_pairs_merge_seconds": round(merge_seconds, 1),
-              "pairs_total": len(every), "trial_signal": shipped,
-              "correlation": correlations(similarity, measured_all, fold.ids),
-              "correlation_by_signal": {s: correlations(similarity, o, fold.ids) for s, o in by_signal.items()},
+              "pairs_total": len(every), "trial_signal": shipped, "correlation": by_signal_correlation[shipped],
+              "correlation_by_signal": by_signal_correlation,
               "signal_agreement": {f"{a} ~ {b}": round(spearman(column[a], column[b]), 3)
                                    for a, b in itertools.combinations(TRIAL_SIGNALS, 2)},
               "outcomes": [[a, b, {s: round(by_signal[s][(a, b)], 5) for s in TRIAL_SIGNALS}]

@@ -23,9 +23,9 @@ stored with every trial merge; the planner reads one (`ConsolidateConfig.trial_s
   agreement −0.09 over all 1,081 pairs of a fold, docs/results/mergeability.md), and its plan is not told
   apart from theirs.
 
-Why not validation macro F1: Beetle items have about 17 validation answers, where macro F1 moves by a
-whole class's worth with one answer (the gate's argument, gw/gate.py). The signals are continuous per
-response and use about 5x the answers, so their noise falls as 1/sqrt(n) of those.
+Why not validation macro F1: Beetle items have about 12 validation answers in the 3-fold split, where
+macro F1 moves by a whole class's worth with one answer (the gate's argument, gw/gate.py). The signals
+are continuous per response and use about 6x the answers, so their noise falls as 1/sqrt(n) of those.
 
 A pair's outcome is its worse member's signal: the gate judges members one by one, and a group is
 only worth planning if every member keeps its scoring. The planner reads ``1 − outcome`` as a distance
