@@ -15,14 +15,16 @@ PREDICTOR_NAMES = {
 }
 
 
-# The measured planner's settings (bench/mergeability.py MEASURED_SETTINGS) as the plans table names them.
-MEASURED_NAMES = {
+# The product's plans as the tables name them: the measured planner's settings (bench/mergeability.py
+# MEASURED_SETTINGS), then the description planner (PLANNER_PLANS).
+PLAN_NAMES = {
     "measured": "measured (GW shortlist, agreement)",
     "measured/true_label": "measured (GW shortlist, true-label change)",
     "measured/cka": "measured (CKA shortlist, agreement)",
     "measured/cka/true_label": "measured (CKA shortlist, true-label change)",
     "measured/refit": "measured (GW shortlist, refit true-label change)",
     "measured/description/refit": "measured (description shortlist, refit true-label change)",
+    "planner/description": "description planner (set packing on description distances)",
 }
 
 
@@ -30,7 +32,7 @@ def _plan_label(name: str) -> str:
     """A plan as the tables name it: a measured setting by its options, a predictor's plan by the predictor."""
     if name.startswith("sized/"):
         return f"{PREDICTOR_NAMES.get(name[6:], name[6:])} (grouped at the default's sizes)"
-    return MEASURED_NAMES.get(name, name)
+    return PLAN_NAMES.get(name, name)
 
 
 def _ci(c: dict) -> str:
@@ -91,12 +93,12 @@ def default_choice_section(result: dict) -> list[str]:
         return []
     lines = ["", f"**Choosing the default** (validation answers only): {choice['rule']} "
              f"(tie preference: {', '.join(choice['tie_preference'])}: {choice['tie_reason']}). The validation leader is "
-             f"{MEASURED_NAMES.get(choice['leader'], choice['leader'])}; each other product plan against it, "
+             f"{PLAN_NAMES.get(choice['leader'], choice['leader'])}; each other product plan against it, "
              "validation macro F1 paired over item × fold:", "",
              "| plan − leader (validation) | mean | 95 % interval | verdict |", "|---|---|---|---|"]
     for name, c in choice["validation_vs_leader"].items():
-        lines.append(f"| {MEASURED_NAMES.get(name, name)} | {c['mean_diff']:+.4f} | {_ci(c)} | {_told(c)} |")
-    lines += ["", f"So the default is **{MEASURED_NAMES.get(choice['planner'], choice['planner'])}**"
+        lines.append(f"| {PLAN_NAMES.get(name, name)} | {c['mean_diff']:+.4f} | {_ci(c)} | {_told(c)} |")
+    lines += ["", f"So the default is **{PLAN_NAMES.get(choice['planner'], choice['planner'])}**"
               + (" (the leader)." if choice["planner"] == choice["leader"] else
                  ": tied with the leader on validation, and first in the tie preference.")]
     return lines
@@ -122,7 +124,7 @@ def render(result: dict) -> str:
               "folds; the default planner is chosen on **validation** among the product's planners (below).", "",
               "| plan | test macro F1 | validation macro F1 | backbones planned | backbones after the gate | storage |",
               "|---|---|---|---|---|---|"]
-    order = ["default", *MEASURED_NAMES, "gw", "linkage", "module", "description", "random",
+    order = ["default", *PLAN_NAMES, "gw", "linkage", "module", "description", "random",
              *sorted(n for n in plans if n.startswith("random") and n != "random"),
              *sorted(n for n in plans if n.startswith("sized/")), "premerge"]
     for name in order:
@@ -150,7 +152,7 @@ def render(result: dict) -> str:
         warm = "" if f.get("planning_cold", True) else " (warm: a resumed run reused its features; not a cold figure)"
         rerun = f.get("planning_rerun")
         if rerun:  # bench/mergeability.py --cold-planning: the shipped defaults' flow on a copy without its caches
-            warm = (f" (the shipped defaults, {MEASURED_NAMES.get(rerun.get('plan', 'measured'), rerun.get('plan'))}, "
+            warm = (f" (the shipped defaults, {PLAN_NAMES.get(rerun.get('plan', 'measured'), rerun.get('plan'))}, "
                     f"timed alone {rerun['date']} on a copy of the fleet without its planning caches; "
                     f"{'the same plan' if rerun['same_plan'] else 'a DIFFERENT plan'} as the benchmark's run)")
         lines.append(f"| {f['fold']} | {s.get('extract', 0):.0f} | {s.get('gw', 0):.0f} | "
@@ -167,7 +169,7 @@ def render(result: dict) -> str:
             s, c, r = v["seconds"], v["computed"], v["reused"]
             total = sum(s.get(k, 0.0) for k in ("validate", "extract", "gw", "trial-merges", "plan"))
             cold = " (cold)" if c.get("features", 0) > 0 else ""
-            lines.append(f"| {fold} | {MEASURED_NAMES.get(name, name)} | {s.get('extract', 0):.0f} | {s.get('gw', 0):.0f} | "
+            lines.append(f"| {fold} | {PLAN_NAMES.get(name, name)} | {s.get('extract', 0):.0f} | {s.get('gw', 0):.0f} | "
                          f"{s.get('trial-merges', 0):.0f} | {total:.0f}{cold} | {c.get('trial merges', 0)} / "
                          f"{r.get('trial merges', 0)} |")
     lines += ["", *verdict(result), ""]
@@ -214,10 +216,16 @@ def verdict(result: dict) -> list[str]:
               if (c := paired.get(f"{other} vs random"))]
     if chance:
         out.append(f"- The other plans at the same group sizes against random ones: {'; '.join(chance)}.")
-    for name in MEASURED_NAMES:
+    planners = [f"{_plan_label(n)} {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)} "
+                f"({result['plans'][n]['planned_backbones']:.1f} backbones planned)"
+                for n in result.get("product_plans", []) if n != default and (c := paired.get(f"{n} vs random"))]
+    if planners:
+        out.append(f"- The product's other planners, at their own group sizes, against the random plans "
+                   f"({result['plans']['random']['planned_backbones']:.1f} backbones planned): {'; '.join(planners)}.")
+    for name in PLAN_NAMES:
         c = paired.get(f"{name} vs measured")
         if c:
-            out.append(f"- {MEASURED_NAMES[name]} against the GW shortlist with agreement: {c['mean_diff']:+.4f} "
+            out.append(f"- {PLAN_NAMES[name]} against the GW shortlist with agreement: {c['mean_diff']:+.4f} "
                        f"{_ci(c)}, {_told(c)}.")
     limit = 15 * 60
     worst = result["planning_seconds"]["max"]

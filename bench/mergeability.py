@@ -17,8 +17,8 @@ Per fold (the folds and cached fleets of bench/quality_beetle.py):
    Each correlation carries a 95 % interval from resampling items (a pair is kept when both of its items
    are drawn), since pairs sharing an item are not independent.
 3. **Plans**, each scored with the product's gated consolidation (`consolidate_group_job`, shipped
-   defaults): the product's planners (measured at each of MEASURED_SETTINGS, gw, linkage) at their own
-   group sizes, and at the shipped plan's group sizes the module plan (a person's), the description plan
+   defaults): the product's planners (measured at each of MEASURED_SETTINGS; gw, linkage and the
+   description planner, PLANNER_PLANS) at their own group sizes, and at the shipped plan's group sizes the module plan (a person's), the description plan
    (the GPT-o1 stand-in: groups by question similarity), random plans and (`--predictor-plans`) a plan
    from each other predictor. The default is chosen on *validation* by the rule at TIE_PREFERENCE; every
    reported figure is *test* macro F1, paired over item × fold.
@@ -86,18 +86,24 @@ MEASURED_SETTINGS = {
 }
 
 
+# The other planners by their plan names here ("description" is the comparator plan at equal group sizes, so
+# the description planner's plan is "planner/description"); each is planned by the product's plan_fleet.
+PLANNER_PLANS = {"gw": "gw", "linkage": "linkage", "planner/description": "description"}
+assert set(PLANNER_PLANS.values()) == set(PLANNERS) - {"measured"}, "a planner of flows.config has no plan here"
+
+
 def shipped_plan() -> str:
     """The plan name of what `fleetmerge consolidate` does with no options."""
     d = ConsolidateConfig()
     if d.planner != "measured":
-        return d.planner
+        return next(n for n, p in PLANNER_PLANS.items() if p == d.planner)
     return next(n for n, v in MEASURED_SETTINGS.items()
                 if v == {"shortlist_by": d.shortlist_by, "trial_signal": d.trial_signal})
 
 
 def product_plans(names) -> list[str]:
     """The plans a user can get from `fleetmerge consolidate` (the default is chosen among them)."""
-    return [n for n in names if n in PLANNERS or n in MEASURED_SETTINGS]
+    return [n for n in names if n in PLANNER_PLANS or n in MEASURED_SETTINGS]
 
 
 def log(message: str) -> None:
@@ -154,6 +160,13 @@ def cka_similarity(store, fold: Fold, texts: list[str]) -> np.ndarray:
 
 def description_similarity(store, fold: Fold) -> np.ndarray:
     return 1.0 - description_distances(store, fold.ids, use_ray=False)  # the `--shortlist-by description` signal
+
+
+def description_distance(similarity: np.ndarray) -> np.ndarray:
+    """description_similarity's matrix as workers.descriptions gave it (0 diagonal, NaN where unknown)."""
+    D = 1.0 - similarity
+    np.fill_diagonal(D, 0.0)
+    return D
 
 
 def predictors(store, fold: Fold, here: Path, responses: Path, seed: int,
@@ -318,7 +331,7 @@ def complete(name: str, cached: dict) -> bool:
 def wanted_plans(args) -> list[str]:
     """The plans a run gates, in order (`--plans`: only those)."""
     return args.plans or list(dict.fromkeys([
-        "measured", *(p for p in PLANNERS if p != "measured"), *MEASURED_SETTINGS, "module", "description",
+        "measured", *PLANNER_PLANS, *MEASURED_SETTINGS, "module", "description",
         *(f"random{s}" for s in range(args.random_seeds)),
         *((f"sized/{n}" for n in PREDICTORS if n not in ("description", "same_module")) if args.predictor_plans else ())]))
 
@@ -402,9 +415,12 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, cached: dict | N
             variants[name] = measured_variant(store, fold_index, name)
             log(f"fold {fold_index}: {name} planned by the flow ({variants[name]['computed']})")
             return variants[name]["groups"]
-        if name in PLANNERS:
-            return [list(g) for g in plan_fleet(-similarity_of("gw_l-3_cls"), fold.ids, tau=defaults.tau,
-                                                tau_quantile=defaults.tau_quantile, k=defaults.k, planner=name).groups]
+        if name in PLANNER_PLANS:
+            planner = PLANNER_PLANS[name]  # the flow's distances: GW, or the descriptions' (workers.signals)
+            D = (description_distance(similarity_of("description")) if planner == "description"
+                 else -similarity_of("gw_l-3_cls"))
+            return [list(g) for g in plan_fleet(D, fold.ids, tau=defaults.tau, tau_quantile=defaults.tau_quantile,
+                                                k=defaults.k, planner=planner).groups]
         sizes = shipped_sizes()
         if name == "module":
             return [list(g) for g in module_plan({i: fold.manifest.scorer(i).module or "?" for i in fold.ids},
@@ -516,6 +532,7 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
     # does any grouping beat chance: the plans at equal group sizes against the random ones
     compare += [(name, "random") for name in ("module", "description", *(n for n in names if n.startswith("sized/")))
                 if name in plans]
+    compare += [(name, "random") for name in planners if name != default and name not in MEASURED_SETTINGS]
     paired = {f"{a} vs {b}": paired_comparison(units[a], units[b], weights) for a, b in compare}
     return {"plans": plans, "default_planner": default, "default_choice": choice, "shipped_plan": shipped_plan(),
             "product_plans": planners, "paired": paired, "n_units": len(weights)}

@@ -13,6 +13,7 @@ from workers.fleet_gw import bootstrap_matrices, distance_matrix, plan_fleet
 from workers.pair_jobs import measure_pairs, outcomes
 from workers.ray_extract import extract_fleet
 from workers.ray_gw import compute_distances
+from workers.signals import signal_distances, unknown_note, unknown_to
 
 
 def distances_and_plan(store: Store, manifest_key: str, cfg: ConsolidateConfig, *, plan: bool, bootstrap: int = 0,
@@ -38,13 +39,19 @@ def distances_and_plan(store: Store, manifest_key: str, cfg: ConsolidateConfig, 
     out = {"distances": result}
     if plan:
         resampled = bootstrap_matrices(store, features.features, bootstrap, solver=cfg.solver) if bootstrap else []
-        measured = None
+        measured, packed = None, matrix
+        if cfg.planner in ("measured", "description"):
+            signal = cfg.shortlist_by if cfg.planner == "measured" else "description"
+            packed = signal_distances(store, signal, ids, gw=matrix, extract_config=cfg.extract_config(),
+                                      seed=cfg.seed, manifest_key=manifest_key)
+            if unknown_to(packed, ids):
+                print(f"{unknown_note(signal, unknown_to(packed, ids))}; they stay on their own scorers")
         if cfg.planner == "measured":
-            trials = measure_pairs(store, shortlist(matrix, ids, cfg.shortlist), cfg.merge_config(),
+            trials = measure_pairs(store, shortlist(packed, ids, cfg.shortlist), cfg.merge_config(),
                                    manifest_key=manifest_key)
             measured = outcomes(trials, cfg.trial_signal)
             print(f"trial merges: {len(measured)} pairs ({trials['computed']} computed, {trials['reused']} reused)")
-        chosen = plan_fleet(matrix, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
+        chosen = plan_fleet(packed, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
                             measured=measured, resampled=resampled, min_stability=min_stability)
         stability = dict(chosen.stability or {})
         print(f"\nplan ({cfg.planner} planner, {chosen.method}, tau={chosen.tau:.4g}, k={cfg.k}):")

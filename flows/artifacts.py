@@ -86,17 +86,22 @@ TRIAL_COLUMN = {"agreement": "agreement", "true_label": "true-label change", "re
 
 
 def plan_rows(planned: dict) -> tuple[list[dict], str]:
-    """The merge plan as table rows: per group its largest GW distance and, when trial merges were
-    measured, the group's measured outcome (its worst member's trial signal against its own scorer, from
-    the group's own trial merge, else the worst of its pairs'), side by side, 3 significant figures."""
+    """The merge plan as table rows: per group its largest GW distance, for the description planner its
+    largest description distance and, when trial merges were measured, the group's measured outcome (its
+    worst member's trial signal against its own scorer, from the group's own trial merge, else the worst
+    of its pairs'), side by side, 3 significant figures."""
     plan, ids, matrix = planned["plan"], planned["ids"], planned["matrix"]
     index = {i: n for n, i in enumerate(ids)}
     stability = {tuple(e["group"]): e["share"] for e in plan.get("stability") or []}
     measured = {frozenset(entry[:-1]): entry[-1] for entry in planned.get("measured") or []}
+    described = planned.get("description_matrix")
     rows = []
     for group in plan["groups"]:
         spread = max(matrix[index[a]][index[b]] for a in group for b in group if a != b)
         row = {"group": " + ".join(group), "size": len(group), "largest GW distance": float(f"{spread:.3g}")}
+        if described:  # the description planner's own distances, beside GW's
+            widest = max(described[index[a]][index[b]] for a in group for b in group if a != b)
+            row["largest description distance"] = float(f"{widest:.3g}")
         if measured:
             trials = [measured.get(frozenset(group))]
             if trials[0] is None:

@@ -237,8 +237,9 @@ def _add_plan_options(parser) -> None:
                         help="GW solver (default: %(default)s)")
     parser.add_argument("--planner", choices=PLANNERS, default=DEFAULTS.planner,
                         help="measured: set packing on trial merges of each scorer's --shortlist nearest partners by "
-                             "--shortlist-by; gw: set packing on GW distances; linkage: the GW-SMM paper's average linkage "
-                             "(default: %(default)s)")
+                             "--shortlist-by; gw: set packing on GW distances; description: set packing on the "
+                             "distances of the items' descriptions in the manifest (an item without one stays on its "
+                             "own scorer); linkage: the GW-SMM paper's average linkage (default: %(default)s)")
     parser.add_argument("--shortlist", type=int, default=DEFAULTS.shortlist,
                         help="measured planner: partners trial-merged per scorer (default: %(default)s)")
     parser.add_argument("--shortlist-by", choices=SHORTLIST_SIGNALS, default=DEFAULTS.shortlist_by,
@@ -252,7 +253,8 @@ def _add_plan_options(parser) -> None:
                              "(refit) (default: %(default)s)")
     parser.add_argument("--k", type=int, default=DEFAULTS.k, help="largest group size (default: %(default)s)")
     parser.add_argument("--tau", type=float, default=DEFAULTS.tau,
-                        help="threshold: pairs at or above it never share a group; on GW distances, or on 1 - the "
+                        help="threshold: pairs at or above it never share a group; on GW distances, on 1 - the "
+                             "descriptions' cosine for the description planner, or on 1 - the "
                              "worse member's trial signal for the measured planner (default: the --tau-quantile "
                              "quantile of those)")
     parser.add_argument("--tau-quantile", type=float, default=DEFAULTS.tau_quantile,

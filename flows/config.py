@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     from workers.extract import ExtractConfig
 
 GATE_RULES = ("bound", "delta")
-# How the plan is made (workers.fleet_gw.plan_fleet): set packing on trial merges' measured outcomes,
-# on GW distances, or the GW-SMM paper's average linkage on GW distances.
-PLANNERS = ("measured", "gw", "linkage")  # the rules gw.gate knows by name: add a new one here too
+# How the plan is made (workers.fleet_gw.plan_fleet): set packing on trial merges' measured outcomes, on GW
+# distances or on the distances of the items' descriptions (the manifest's questions), or the GW-SMM paper's
+# average linkage on GW distances.
+PLANNERS = ("measured", "gw", "description", "linkage")
 # What picks the measured planner's shortlist: GW distances (the paper's signal), task-vector cosine
 # (checkpoints only, sketched: workers.task_vectors), linear CKA on a probe set (workers.probe_cka) or the
 # cosine of the items' descriptions (the manifest's questions, embedded by the base model: workers.descriptions).

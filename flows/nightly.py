@@ -149,37 +149,34 @@ def _skipping(cfg: ConsolidateConfig, n_scorers: int) -> dict:
     return {"skip_tau": cfg.tau} if cfg.tau is not None else {"skip_tau_quantile": cfg.tau_quantile}
 
 
+def _signal(store, signal: str, ids: list[str], manifest_key: str, distances: dict, cfg: ConsolidateConfig,
+            consequence: str):
+    """The distances of one cheap signal (workers.signals), after naming the scorers it knows nothing about."""
+    from workers.fleet_gw import distance_matrix
+    from workers.signals import signal_distances, unknown_note, unknown_to
+
+    gw = distance_matrix(store, distances["key"], ids) if signal == "gw" else None
+    D = signal_distances(store, signal, ids, gw=gw, extract_config=cfg.extract_config(), seed=cfg.seed,
+                         manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
+    unknown = unknown_to(D, ids)
+    if unknown:
+        get_run_logger().warning(f"{unknown_note(signal, unknown)}; {consequence}")
+    return D
+
+
 @task(name="trial-merges", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, distances: dict,
                       cfg: ConsolidateConfig) -> dict:
     """The measured planner's evidence: each scorer's shortlist of nearest partners (by GW, task-vector
     cosine, linear CKA on a probe set or description similarity), trial-merged."""
     from gw.mergeability import shortlist
-    from workers.fleet_gw import distance_matrix
     from workers.pair_jobs import measure_pairs
 
     _connect(cfg)
     store = _store(store_uri, settings)
     ids = distances["ids"]
-    if cfg.shortlist_by == "task_vector":
-        from workers.task_vectors import task_vector_distances
-
-        signal = task_vector_distances(store, ids, manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
-    elif cfg.shortlist_by == "cka":
-        from workers.probe_cka import cka_distances
-
-        signal = cka_distances(store, ids, cfg.extract_config(), manifest_key=manifest_key, seed=cfg.seed,
-                               timeout_s=RAY_WAIT_S)
-    elif cfg.shortlist_by == "description":
-        from workers.descriptions import described, description_distances
-
-        undescribed = sorted(set(ids) - set(described(store, ids, manifest_key)))
-        if undescribed:
-            get_run_logger().warning(f"shortlist by description: no description for {', '.join(undescribed)}; "
-                                     "they are never shortlisted and stay on their own scorers")
-        signal = description_distances(store, ids, manifest_key=manifest_key, timeout_s=RAY_WAIT_S)
-    else:
-        signal = distance_matrix(store, distances["key"], ids)
+    signal = _signal(store, cfg.shortlist_by, ids, manifest_key, distances, cfg,
+                     "they are never shortlisted and stay on their own scorers")
     pairs = shortlist(signal, ids, cfg.shortlist)
     bar = artifacts.Progress("trial-merge-progress", "trial merges done")
     result = measure_pairs(store, pairs, cfg.merge_config(), manifest_key=manifest_key,
@@ -203,7 +200,11 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
     tau = cfg.tau
     if tau is None and distances.get("candidates") and cfg.planner == "gw":
         tau = distances["tau"]  # the quantile over all pairs, not over the shortlisted ones (gw.candidates)
-    plan = plan_fleet(matrix, ids, tau=tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
+    packed = matrix
+    if cfg.planner == "description":  # packs the descriptions' distances; the GW matrix stays the report's
+        _connect(cfg)
+        packed = _signal(store, "description", ids, manifest_key, distances, cfg, "they stay on their own scorers")
+    plan = plan_fleet(packed, ids, tau=tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
                       measured=measured)
     logger = get_run_logger()
     split, groups_measured = {}, {}
@@ -223,6 +224,7 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
                 f"groups, {len(plan.singletons)} singletons")
     signal = {"trial_signal": cfg.trial_signal, "shortlist_by": cfg.shortlist_by} if measured else {}
     return {"plan": plan.to_dict() | {"planner": cfg.planner, "split": split} | signal, "matrix": matrix.tolist(), "ids": ids,
+            "description_matrix": packed.tolist() if cfg.planner == "description" else None,
             "measured": [[*p, v] for p, v in sorted({**(measured or {}), **groups_measured}.items())] or None,
             "group_trials": {"computed": checked["computed"], "reused": checked["reused"]} if groups_measured else None}
 

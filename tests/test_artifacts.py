@@ -73,3 +73,13 @@ def test_the_heatmap_shows_the_plan_as_blocks_on_a_canvas_that_does_not_grow_wit
         png = heatmap_png(big, [f"item-{i}" for i in range(n)])
         width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and width <= HEATMAP_MAX_INCHES * 90 and height <= width
+
+
+def test_plan_rows_of_the_description_planner_show_its_distances_beside_gw():
+    planned = {"ids": ["a", "b", "c"], "matrix": [[0, 0.2, 0.5], [0.2, 0, 0.7], [0.5, 0.7, 0]],
+               "description_matrix": [[0, 0.0412, None], [0.0412, 0, None], [None, None, 0]],
+               "plan": {"groups": [["a", "b"]], "singletons": ["c"], "method": "matching", "tau": 0.05,
+                        "objective": 0.01, "planner": "description"}}
+    rows, description = plan_rows(planned)
+    assert rows[0] == {"group": "a + b", "size": 2, "largest GW distance": 0.2, "largest description distance": 0.0412}
+    assert description.startswith("plan (description planner, matching): τ = 0.05")

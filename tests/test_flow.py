@@ -201,6 +201,29 @@ def test_measured_planner_trial_merges_the_shortlist_once_and_plans_on_it(prefec
         assert other["reused"]["trial merges"] >= len(pairs)
 
 
+def test_description_planner_packs_the_descriptions_and_leaves_a_scorer_without_one_alone(prefect_harness, ray_local,
+                                                                                           fleet_copy):
+    import numpy as np
+
+    from workers.descriptions import description_distances
+    from workers.fleet_gw import plan_fleet
+
+    store = open_store(str(fleet_copy))
+    manifest = load_manifest(store)
+    blank = manifest.scorers[0].id
+    save_manifest(store, manifest.model_copy(update={"scorers": [
+        s.model_copy(update={"description": None}) if s.id == blank else s for s in manifest.scorers]}))
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "planner": "description"})
+    plan = read_manifest(store, summary["run_id"])["extra"]["plan"]
+    assert plan["planner"] == "description" and "trial merges" not in summary["computed"]
+    ids = sorted(s.id for s in manifest.scorers)
+    D = description_distances(store, ids, use_ray=False)
+    assert np.isnan(D[ids.index(blank)]).sum() == len(ids) - 1
+    expected = plan_fleet(D, ids, tau=None, tau_quantile=ConsolidateConfig().tau_quantile, k=3, planner="description")
+    assert sorted(map(tuple, plan["groups"])) == sorted(expected.groups) and expected.groups
+    assert blank in plan["singletons"]
+
+
 @pytest.mark.slow  # ~2.5 min; tests/test_correction.py covers consolidate -> publish -> serve -> peft without the flow
 def test_flow_with_item_correction_publishes_adapters_and_serves_them(prefect_harness, ray_local, fleet_copy, capsys):
     from flows.report import print_summary

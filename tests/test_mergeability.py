@@ -117,6 +117,20 @@ def test_linkage_planner_and_unknown_planners():
         plan_fleet(D, ids, tau=None, tau_quantile=1.0, k=3, planner="nearest")
 
 
+def test_description_planner_packs_the_distances_it_is_given_and_never_groups_the_unknown():
+    from workers.signals import unknown_note, unknown_to
+
+    ids = ["a", "b", "c", "d", "e"]
+    D = np.array([[0, .1, .9, .8, np.nan], [.1, 0, .7, .9, np.nan], [.9, .7, 0, .2, np.nan],
+                  [.8, .9, .2, 0, np.nan], [np.nan] * 4 + [0]])  # e has no description
+    plan = plan_fleet(D, ids, tau=None, tau_quantile=1.0, k=2, planner="description")
+    assert sorted(plan.groups) == [("a", "b"), ("c", "d")] and plan.singletons == ("e",)
+    assert unknown_to(D, ids) == ["e"] and unknown_to(np.where(np.isnan(D), 1.0, D), ids) == []
+    assert unknown_note("description", ["e"]) == "description: no description for e"
+    with pytest.raises(ValueError, match="resamples the GW features"):
+        plan_fleet(D, ids, tau=None, tau_quantile=1.0, k=2, planner="description", resampled=[D])
+
+
 def test_the_true_label_signal_is_signed_on_one_scale_where_agreement_is_not():
     """A merge that moves a member's answers toward its labels scores above 0 by true_label and below 1 by
     agreement; a multi-label member with confident labels agrees more than a 3-way one that moved as much."""

@@ -1,4 +1,5 @@
-"""Item-description similarity, the `--shortlist-by description` signal (the math: gw.similarity).
+"""Item-description similarity: the `--shortlist-by description` signal and the `--planner description`
+distances (the math: gw.similarity).
 
 Each scorer's item description (its question, from the manifest) is embedded by the fleet's base model
 (last layer, mean pooling) and two scorers are as near as the cosine of their embeddings. It reads no
@@ -7,7 +8,8 @@ pass over N short texts, where GW needs every scorer's features and task-vector 
 It stands in for what a person who knows the curriculum would group (the description plan of
 bench/mergeability.py); the trial merges then judge each shortlisted pair. On Beetle that keeps none of
 the description plan's gain: 0.554 test macro F1 against the description plan's 0.573 and the GW
-shortlist's 0.556 (3 folds, docs/results/mergeability.md), so it is an option, not the default.
+shortlist's 0.556 (3 folds, docs/results/mergeability.md), so it is an option, not the default. The
+description planner (`--planner description`) packs these distances themselves: 0.574.
 
 A scorer without a description has no neighbours by it (NaN distances): the shortlist never picks it,
 so it stays on its own scorer, and the caller says so.

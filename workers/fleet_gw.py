@@ -34,13 +34,15 @@ def bootstrap_matrices(store: Store, refs: Mapping[str, FeatureRef], n_resamples
 def plan_fleet(matrix: np.ndarray, ids: Sequence[str], *, tau: float | None, tau_quantile: float, k: int,
                planner: str = "gw", measured: Mapping[tuple[str, str], float] | None = None,
                resampled: Sequence[np.ndarray] = (), min_stability: float = 0.0) -> Plan:
-    """The plan of one planner (flows.config.PLANNERS) from the GW `matrix` and, for "measured", the
-    trial merges' outcomes (`measured`, {(a, b): worse member's agreement}).
+    """The plan of one planner (flows.config.PLANNERS) from `matrix` (the GW distances; for
+    "description", the descriptions' distances, workers.signals) and, for "measured", the trial merges'
+    outcomes (`measured`, {(a, b): worse member's signal}).
 
-    "gw": set packing on the GW distances under tau. "measured": the same set packing on ``1 −
-    outcome`` of the measured pairs (unmeasured pairs never share a group); tau and its quantile are
-    then on that scale. "linkage": the GW-SMM paper's average linkage on the GW distances, capped at k
-    and stopped at tau."""
+    "gw": set packing on the GW distances under tau. "description": the same set packing on the
+    descriptions' distances (NaN for a scorer without one: never grouped); tau and its quantile are then
+    on that scale. "measured": the same set packing on ``1 − outcome`` of the measured pairs (unmeasured
+    pairs never share a group), tau on that scale. "linkage": the GW-SMM paper's average linkage on the
+    GW distances, capped at k and stopped at tau."""
     if planner == "measured":
         if measured is None:
             raise ValueError("the measured planner needs the trial merges' outcomes")
@@ -50,9 +52,11 @@ def plan_fleet(matrix: np.ndarray, ids: Sequence[str], *, tau: float | None, tau
     if planner == "linkage":
         threshold = tau if tau is not None else threshold_from_quantile(matrix, tau_quantile)
         return linkage_plan(matrix, list(ids), None, k=k, tau=threshold)
-    if planner != "gw":
-        raise ValueError(f"planner must be 'measured', 'gw' or 'linkage', got {planner!r}")
+    if planner not in ("gw", "description"):
+        raise ValueError(f"planner must be 'measured', 'gw', 'description' or 'linkage', got {planner!r}")
     if resampled:
+        if planner != "gw":
+            raise ValueError("bootstrap stability is a GW plan's check: it resamples the GW features")
         return solve_stable_plan(matrix, list(resampled), list(ids), min_stability=min_stability, tau=tau,
                                  tau_quantile=tau_quantile, k=k)
     return solve_plan(matrix, list(ids), tau=tau, tau_quantile=tau_quantile, k=k)
