@@ -104,6 +104,27 @@ def default_choice_section(result: dict) -> list[str]:
     return lines
 
 
+def partition_section(result: dict) -> list[str]:
+    """Each plan against the random partitions themselves (bench/_quality_stats.against_random_partitions)."""
+    partitions = result.get("against_random_partitions") or {}
+    if not partitions:
+        return []
+    first = next(iter(partitions.values()))
+    lines = ["", "### Against random partitions", "",
+             "The paired intervals compare a plan with the random plans' *mean* on these answers; one partition "
+             "can be lucky. Each random seed draws one partition of the items (the same in every fold), so here "
+             f"each plan's test macro F1 (mean over folds) stands against the {first['n_random']} random "
+             f"partitions' (mean {first['random_mean']:.3f}, sd {first['random_sd']:.4f}): how many reach it, and "
+             "how far above them it lies (t, one-sided p from Student's t: a prediction interval for one more "
+             "random partition).", "",
+             "| plan | test macro F1 | random partitions reaching it | empirical p | t | p (t) |", "|---|---|---|---|---|---|"]
+    for name, c in partitions.items():
+        label = f"default ({_plan_label(result['default_planner'])})" if name == "default" else _plan_label(name)
+        lines.append(f"| {label} | {c['plan']:.3f} | {c['random_reaching']} of {c['n_random']} | {c['empirical_p']:.3f} | "
+                     f"{c['t']:+.2f} | {c['t_p']:.3f} |")
+    return lines
+
+
 def render(result: dict) -> str:
     plans, paired, default = result["plans"], result["paired"], result["default_planner"]
     folds = result["by_fold"]
@@ -142,6 +163,7 @@ def render(result: dict) -> str:
     for name, c in paired.items():
         lines.append(f"| {name} | {c['mean_diff']:+.4f} | {_ci(c)} | {c['wins']} / {c['losses']} / {c['ties']} | "
                      f"{_told(c)} |")
+    lines += partition_section(result)
     lines += ["", "## Planning cost", "",
               "The product's measured planning (`fleetmerge consolidate --planner measured`, cold: features, GW "
               "matrix, trial merges of the shortlist, plan) per fold, seconds on this machine "
@@ -222,6 +244,15 @@ def verdict(result: dict) -> list[str]:
     if planners:
         out.append(f"- The product's other planners, at their own group sizes, against the random plans "
                    f"({result['plans']['random']['planned_backbones']:.1f} backbones planned): {'; '.join(planners)}.")
+    partitions = result.get("against_random_partitions") or {}
+    beyond = [f"{'the default' if n == 'default' else _plan_label(n)} {c['plan']:.3f} (reached by {c['random_reaching']}, "
+              f"t {c['t']:+.2f}, p {c['t_p']:.3f})" for n, c in partitions.items()
+              if n in ("default", "module", "description")
+              or (n in result.get("product_plans", []) and not n.startswith("measured"))]
+    if beyond:
+        first = next(iter(partitions.values()))
+        out.append(f"- Against the {first['n_random']} random partitions themselves (test macro F1 "
+                   f"{first['random_mean']:.3f} ± {first['random_sd']:.4f} sd): {'; '.join(beyond)}.")
     for name in PLAN_NAMES:
         c = paired.get(f"{name} vs measured")
         if c:

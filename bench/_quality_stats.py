@@ -58,6 +58,28 @@ def paired_comparison(ours: Mapping[str, float], theirs: Mapping[str, float], we
             "sign_test_p": round(sign_test(wins, losses), 4)}
 
 
+def against_random_partitions(plan: float, random: Sequence[float]) -> dict:
+    """A plan's figure against those of random partitions of the same fleet (each a mean over the folds).
+
+    The paired interval over items says whether a plan beats the random plans' *mean* on these answers; it
+    cannot say whether a planner picks better partitions than chance, since one partition can be lucky. This
+    asks that of the plan's own figure: how many random partitions reach it (`empirical_p`: that count + 1
+    over their number + 1), and how far above them it lies in units of their spread (`t`, one-sided `t_p`
+    from Student's t with n − 1 degrees of freedom, a prediction interval for one more random partition)."""
+    from scipy.stats import t as student
+
+    r = np.asarray(random, dtype=np.float64)
+    if len(r) < 2:
+        raise ValueError(f"against_random_partitions needs two or more random partitions, got {len(r)}")
+    reached = int(np.sum(r >= plan))
+    spread = float(np.std(r, ddof=1)) * math.sqrt(1 + 1 / len(r))
+    t = (plan - float(r.mean())) / spread if spread > 0 else math.copysign(math.inf, plan - float(r.mean()))
+    return {"plan": round(float(plan), 4), "random_mean": round(float(r.mean()), 4),
+            "random_sd": round(float(np.std(r, ddof=1)), 4), "n_random": len(r), "random_reaching": reached,
+            "empirical_p": round((reached + 1) / (len(r) + 1), 4), "t": round(t, 2),
+            "t_p": round(float(student.sf(t, len(r) - 1)), 4)}
+
+
 def sign_test(wins: int, losses: int) -> float:
     """Two-sided exact binomial sign test (p = 1/2) on the non-tied items."""
     n = wins + losses

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _quality_stats import fleet_summary, paired_comparison  # noqa: E402
+from _quality_stats import against_random_partitions, fleet_summary, paired_comparison  # noqa: E402
 from _util import reap_on_exit  # noqa: E402
 from beetle_data import DEFAULT_DATA, fold_dir, prepare  # noqa: E402
 from quality_beetle import Fold, figures  # noqa: E402
@@ -534,8 +534,13 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
                 if name in plans]
     compare += [(name, "random") for name in planners if name != default and name not in MEASURED_SETTINGS]
     paired = {f"{a} vs {b}": paired_comparison(units[a], units[b], weights) for a, b in compare}
+    # ... and against each random partition (its mean over the folds; one seed draws one partition of the 47)
+    partitions = {name: against_random_partitions(plans[name]["macro_f1"], [plans[r]["macro_f1"] for r in randoms])
+                  for name in ("default", *planners, "module", "description", *(n for n in names if n.startswith("sized/")))
+                  if name in plans and name != default and len(randoms) > 1}
     return {"plans": plans, "default_planner": default, "default_choice": choice, "shipped_plan": shipped_plan(),
-            "product_plans": planners, "paired": paired, "n_units": len(weights)}
+            "product_plans": planners, "paired": paired, "n_units": len(weights),
+            "against_random_partitions": partitions}
 
 
 # The rule that picks the default among the product's plans, fixed before its validation comparison was run:
@@ -600,7 +605,8 @@ def main() -> None:
     parser.add_argument("--all-pairs-folds", default="0", help="folds where every pair is trial-merged")
     parser.add_argument("--pairs-seconds", type=float, default=float("inf"),
                         help="stop trial-merging all pairs after this long (a uniform random sample of them)")
-    parser.add_argument("--random-seeds", type=int, default=2)
+    parser.add_argument("--random-seeds", type=int, default=12,
+                        help="random plans per fold (seed s draws the same partition in every fold where the sizes agree)")
     parser.add_argument("--plans", default="", help="gate only these plans (comma-separated names; default all)")
     parser.add_argument("--predictor-plans", action="store_true", help="also a plan from every other predictor")
     parser.add_argument("--seed", type=int, default=0)

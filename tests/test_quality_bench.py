@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from _quality_report import _acceptance_needed  # noqa: E402
-from _quality_stats import fleet_summary, paired_comparison, sign_test, storage  # noqa: E402
+from _quality_stats import against_random_partitions, fleet_summary, paired_comparison, sign_test, storage  # noqa: E402
 
 from gw.baselines import module_plan  # noqa: E402
 
@@ -45,6 +45,18 @@ def test_paired_comparison_counts_and_interval():
     assert (out["wins"], out["losses"], out["ties"]) == (1, 1, 1)
     assert out["mean_diff"] == pytest.approx((2 * 0.2 + 0 - 0.1) / 4, abs=1e-4)
     assert out["ci95"][0] <= out["mean_diff"] <= out["ci95"][1]
+
+
+def test_a_plan_against_random_partitions_by_hand():
+    out = against_random_partitions(0.56, [0.50, 0.52, 0.54, 0.58])
+    # one random partition reaches 0.56: (1 + 1) / (4 + 1); mean 0.535, sd sqrt(0.00113...) = 0.03416
+    assert (out["random_reaching"], out["empirical_p"]) == (1, 0.4)
+    assert out["t"] == pytest.approx(0.025 / (0.034157 * (1.25 ** 0.5)), abs=0.01)
+    assert 0.2 < out["t_p"] < 0.3  # Student's t, 3 degrees of freedom, one-sided
+    above_all = against_random_partitions(0.60, [0.50, 0.52, 0.54, 0.58])
+    assert above_all["empirical_p"] == 0.2 and above_all["t_p"] < out["t_p"]
+    with pytest.raises(ValueError, match="two or more"):
+        against_random_partitions(0.5, [0.4])
 
 
 def test_fleet_summary_micro_f1_pools_answers_and_storage_ratio():
