@@ -75,6 +75,23 @@ def validate_task(store_uri: str, settings: dict | None, manifest_key: str) -> d
     return report.to_dict()
 
 
+def _reads_descriptions(cfg: ConsolidateConfig) -> bool:
+    return cfg.planner == "description" or (cfg.planner == "measured" and cfg.shortlist_by == "description")
+
+
+def _check_described(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str],
+                     cfg: ConsolidateConfig) -> None:
+    """A plan by description needs two or more usable scorers with one in the manifest."""
+    from workers.descriptions import described
+
+    have = described(_store(store_uri, settings), usable, manifest_key)
+    if len(have) < 2:
+        option = "--planner description" if cfg.planner == "description" else "--shortlist-by description"
+        raise ValueError(f"{option}: {len(have)} of the {len(usable)} usable scorers in {manifest_key} have a "
+                         "description, and grouping by description needs two or more; add them to the manifest "
+                         "or choose another planner")
+
+
 @task(name="extract-features", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def extract_task(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str],
                  cfg: ConsolidateConfig) -> dict:
@@ -313,6 +330,8 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
         return value
 
     report = timed("validate", validate_task(store, settings, fleet))
+    if _reads_descriptions(cfg):  # before minutes of features: a fleet without them would plan no group
+        _check_described(store, settings, fleet, report["usable"], cfg)
     features = timed("extract", extract_task(store, settings, fleet, report["usable"], cfg))
     usable = sorted(features["features"])
     set_aside = {**report["rejected"], **{i: [r] for i, r in features["errors"].items()}}

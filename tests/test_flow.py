@@ -222,6 +222,11 @@ def test_description_planner_packs_the_descriptions_and_leaves_a_scorer_without_
     expected = plan_fleet(D, ids, tau=None, tau_quantile=ConsolidateConfig().tau_quantile, k=3, planner="description")
     assert sorted(map(tuple, plan["groups"])) == sorted(expected.groups) and expected.groups
     assert blank in plan["singletons"]
+    # a fleet with one description left cannot be planned by them: a clear error before any features
+    save_manifest(store, manifest.model_copy(update={"scorers": [
+        s.model_copy(update={"description": None}) for s in manifest.scorers[1:]] + manifest.scorers[:1]}))
+    with pytest.raises(ValueError, match=r"--planner description: 1 of the 5 usable scorers in fleet.yaml have a "):
+        consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "planner": "description"})
 
 
 @pytest.mark.slow  # ~2.5 min; tests/test_correction.py covers consolidate -> publish -> serve -> peft without the flow
