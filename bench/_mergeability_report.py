@@ -11,6 +11,7 @@ PREDICTOR_NAMES = {
     "task_vector_cosine": "task-vector cosine",
     "cka_probe": "linear CKA on a shared probe set",
     "description": "description similarity",
+    "description_tfidf": "description TF-IDF (the questions' words, no model)",
     "same_module": "same module",
 }
 

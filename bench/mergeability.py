@@ -202,6 +202,11 @@ def compute_predictor(name: str, store, fold: Fold, responses: Path, seed: int) 
         return cka_similarity(store, fold, probe_texts(responses, seed))
     if name == "description":
         return description_similarity(store, fold)
+    if name == "description_tfidf":  # the same questions by their words alone: does the grouping, not MiniLM, help?
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        texts = [fold.manifest.scorer(i).description or "" for i in fold.ids]
+        return cosine_similarity_matrix(TfidfVectorizer().fit_transform(texts).toarray())
     if name == "same_module":
         modules = [fold.manifest.scorer(i).module or i for i in fold.ids]
         return np.array([[float(a == b) for b in modules] for a in modules])
