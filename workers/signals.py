@@ -16,12 +16,14 @@ from infra.storage import Store
 from workers.extract import ExtractConfig
 
 
-def signal_distances(store: Store, signal: str, ids: Sequence[str], *, gw: np.ndarray,
+def signal_distances(store: Store, signal: str, ids: Sequence[str], *, gw: np.ndarray | None,
                      extract_config: ExtractConfig, seed: int = 0, manifest_key: str = MANIFEST_KEY,
                      timeout_s: float = 600.0) -> np.ndarray:
     """The distances of `signal` ("gw": the run's GW matrix `gw` itself; "task_vector", "cka",
     "description": computed here, as Ray jobs)."""
     if signal == "gw":
+        if gw is None:
+            raise ValueError("the gw signal is the run's GW matrix: pass it as gw")
         return gw
     if signal == "task_vector":
         from workers.task_vectors import task_vector_distances
