@@ -41,11 +41,11 @@ def distances_and_plan(store: Store, manifest_key: str, cfg: ConsolidateConfig, 
         resampled = bootstrap_matrices(store, features.features, bootstrap, solver=cfg.solver) if bootstrap else []
         measured, packed = None, matrix
         if cfg.planner in ("measured", "description"):
-            signal = cfg.shortlist_by if cfg.planner == "measured" else "description"
-            packed = signal_distances(store, signal, ids, gw=matrix, extract_config=cfg.extract_config(),
+            packed = signal_distances(store, cfg.plan_signal, ids, gw=matrix, extract_config=cfg.extract_config(),
                                       seed=cfg.seed, manifest_key=manifest_key)
-            if unknown_to(packed, ids):
-                print(f"{unknown_note(signal, unknown_to(packed, ids))}; they stay on their own scorers")
+            unknown = unknown_to(packed, ids)
+            if unknown:
+                print(f"{unknown_note(cfg.plan_signal, unknown)}; they stay on their own scorers")
         if cfg.planner == "measured":
             trials = measure_pairs(store, shortlist(packed, ids, cfg.shortlist), cfg.merge_config(),
                                    manifest_key=manifest_key)

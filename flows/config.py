@@ -102,6 +102,14 @@ class ConsolidateConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def plan_signal(self) -> str:
+        """The cheap signal the planner reads (workers.signals): the measured planner's shortlist, the
+        description planner's distances, else GW."""
+        if self.planner == "measured":
+            return self.shortlist_by
+        return "description" if self.planner == "description" else "gw"
+
     def extract_config(self) -> ExtractConfig:
         from workers.extract import ExtractConfig
 

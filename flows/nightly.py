@@ -75,10 +75,6 @@ def validate_task(store_uri: str, settings: dict | None, manifest_key: str) -> d
     return report.to_dict()
 
 
-def _reads_descriptions(cfg: ConsolidateConfig) -> bool:
-    return cfg.planner == "description" or (cfg.planner == "measured" and cfg.shortlist_by == "description")
-
-
 def _check_described(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str],
                      cfg: ConsolidateConfig) -> None:
     """A plan by description needs two or more usable scorers with one in the manifest."""
@@ -192,7 +188,7 @@ def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, 
     _connect(cfg)
     store = _store(store_uri, settings)
     ids = distances["ids"]
-    signal = _signal(store, cfg.shortlist_by, ids, manifest_key, distances, cfg,
+    signal = _signal(store, cfg.plan_signal, ids, manifest_key, distances, cfg,
                      "they are never shortlisted and stay on their own scorers")
     pairs = shortlist(signal, ids, cfg.shortlist)
     bar = artifacts.Progress("trial-merge-progress", "trial merges done")
@@ -220,7 +216,7 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
     packed = matrix
     if cfg.planner == "description":  # packs the descriptions' distances; the GW matrix stays the report's
         _connect(cfg)
-        packed = _signal(store, "description", ids, manifest_key, distances, cfg, "they stay on their own scorers")
+        packed = _signal(store, cfg.plan_signal, ids, manifest_key, distances, cfg, "they stay on their own scorers")
     plan = plan_fleet(packed, ids, tau=tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner,
                       measured=measured)
     logger = get_run_logger()
@@ -330,7 +326,7 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
         return value
 
     report = timed("validate", validate_task(store, settings, fleet))
-    if _reads_descriptions(cfg):  # before minutes of features: a fleet without them would plan no group
+    if cfg.plan_signal == "description":  # before minutes of features: a fleet without them would plan no group
         _check_described(store, settings, fleet, report["usable"], cfg)
     features = timed("extract", extract_task(store, settings, fleet, report["usable"], cfg))
     usable = sorted(features["features"])
