@@ -256,7 +256,7 @@ def planner_row(d: dict, mergeability: dict | None, cmp, quality) -> str:
     product = mergeability.get("product_plans") or [p for p in ("measured", "gw", "linkage") if p in plans]
     others = [o for o in ("random", "module", "description", *product) if o != chosen and o in plans]
     evidence = "; ".join(f"− {o}: {cmp(paired.get(f'default vs {o}'))}" for o in others)
-    validation = ", ".join(f"{p} {plans[p]['validation_macro_f1']:.3f}" for p in product)
+    test = ", ".join(f"{p} {plans[p]['macro_f1']:.3f}" for p in product)
     folds_run = mergeability.get("folds_run", list(range(mergeability["folds"])))
     folds = (f"{mergeability['folds']} folds" if len(folds_run) == mergeability["folds"]
              else f"fold{'s' if len(folds_run) > 1 else ''} {', '.join(map(str, folds_run))} of {mergeability['folds']} only")
@@ -264,13 +264,15 @@ def planner_row(d: dict, mergeability: dict | None, cmp, quality) -> str:
                                            "are in)" if len(folds_run) < mergeability["folds"]
                                            else f" (**the shipped default is {planner}: update flows/config.py**)")
     choice = mergeability.get("default_choice") or {}
-    why = "the best validation macro F1 of the product's planners"
-    if choice.get("leader") not in (None, chosen):
-        why = (f"tied on validation with the leader {choice['leader']} and first in the tie preference "
-               f"({choice['tie_reason']}); validation macro F1")
-    return (f"| planner | {planner} | {chosen} − each other plan, gated, {folds} "
+    picks = choice.get("picks") or []
+    why = ("picked by nested cross-validation (each fold's plan chosen on the other folds' test macro F1) on "
+           + ("every fold" if len(set(picks)) == 1 else f"folds: {', '.join(picks)}")
+           + "; its comparisons here are the nested figures; test macro F1" if len(picks) > 1
+           else "the best validation macro F1 of the product's planners; validation macro F1")
+    figures = test if len(picks) > 1 else ", ".join(f"{p} {plans[p]['validation_macro_f1']:.3f}" for p in product)
+    return (f"| planner | {planner.removeprefix('planner/')} | {chosen} − each other plan, gated, {folds} "
             f"(`docs/results/mergeability.md`) | {evidence} | {why} "
-            f"({validation}){agrees}; against random: {quality(paired.get('default vs random'))} |")
+            f"({figures}){agrees}; against random: {quality(paired.get('default vs random'))} |")
 
 
 def _told(c: dict | None) -> bool | None:

@@ -21,9 +21,10 @@ Per fold (the folds and cached fleets of bench/quality_beetle.py):
    description planner, PLANNER_PLANS) at their own group sizes, and at the shipped plan's group sizes
    the module plan (a person's), the description plan (the GPT-o1 stand-in: groups by question
    similarity), `--random-seeds` random plans and (`--predictor-plans`, or by name in `--plans`) a plan
-   from each other predictor. The default is chosen on *validation* by the rule at TIE_PREFERENCE; every
-   reported figure is *test* macro F1, paired over item × fold, and each plan also stands against the
-   random partitions themselves (`_quality_stats.against_random_partitions`).
+   from each other predictor. The default is chosen by nested cross-validation (`choose_default`: each
+   fold's plan is picked on the other folds); every reported figure is *test* macro F1, paired over item ×
+   fold, and each plan also stands against the random partitions themselves
+   (`_quality_stats.against_random_partitions`).
 
 Cached in each fold's store and directory, so an interrupted run resumes; writes
 docs/results/mergeability.{json,md}; the last line printed is one JSON object. Cold on 2 cores (fleets
@@ -292,7 +293,7 @@ PLANNING_CACHES = ("features", "gw", "candidates/pairs", "candidates/probe", "ca
                    "candidates/own", "published")
 
 
-def cold_planning(here: Path, fold_index: int, measured: list[list[str]]) -> dict:
+def cold_planning(here: Path, fold_index: int, expected: list[list[str]]) -> dict:
     """The shipped defaults' planning timed cold, alone on the machine: the flow on a copy of the fold's
     fleet (hard links, so no bytes are copied) without PLANNING_CACHES. The group merges stay cached:
     they come after the plan and are not planning. The plan must be the one the cached run published."""
@@ -312,11 +313,20 @@ def cold_planning(here: Path, fold_index: int, measured: list[list[str]]) -> dic
     finally:
         shutil.rmtree(copy, ignore_errors=True)
     seconds = summary["seconds"]
-    same = sorted(map(sorted, plan["groups"])) == sorted(map(sorted, measured))
+    same = sorted(map(sorted, plan["groups"])) == sorted(map(sorted, expected))
     log(f"fold {fold_index}: cold planning {planning_total(seconds)} s; same plan as the cached run: {same}")
-    return {"planning_seconds": planning_total(seconds), "flow_seconds": seconds, "planning_cold": True,
-            "planning_rerun": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "same_plan": same,
-                               "computed": summary["computed"], "plan": shipped_plan()}}
+    return {"planning_seconds": planning_total(seconds), "flow_seconds": seconds,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "same_plan": same,
+            "computed": summary["computed"], "plan": shipped_plan()}
+
+
+def default_planning_seconds(folds: list[dict]) -> dict | None:
+    """The shipped default's cold planning seconds per fold and their max (None until every fold has them)."""
+    timed = [f.get("default_planning") for f in folds]
+    if any(t is None or t["plan"] != shipped_plan() for t in timed):
+        return None
+    by_fold = [t["planning_seconds"] for t in timed]
+    return {"plan": shipped_plan(), "by_fold": by_fold, "max": max(by_fold)}
 
 
 def planning_total(seconds: dict) -> float:
@@ -324,7 +334,7 @@ def planning_total(seconds: dict) -> float:
     return round(sum(seconds.get(k, 0.0) for k in ("validate", "extract", "gw", "trial-merges", "plan")), 1)
 
 
-def sized_to_shipped(name: str) -> bool:
+def at_equal_sizes(name: str) -> bool:
     """Whether a plan is drawn at the shipped plan's group sizes (the comparisons at equal group sizes)."""
     return name in ("module", "description") or name.startswith(("random", "sized/"))
 
@@ -336,7 +346,12 @@ def complete(name: str, cached: dict) -> bool:
     row = cached["rows"].get(name)
     if row is None or (name in MEASURED_SETTINGS and "validation_per_item_macro_f1" not in row):
         return False
-    return not sized_to_shipped(name) or cached.get("sized_to", "measured") == shipped_plan()
+    if not at_equal_sizes(name):
+        return True
+    drawn_at = cached.get("sized_to", "measured")  # a plan shipped before: its sizes may still be the shipped plan's
+    plans = cached.get("plans", {})
+    return drawn_at == shipped_plan() or (drawn_at in plans and shipped_plan() in plans and
+                                          sorted(map(len, plans[drawn_at])) == sorted(map(len, plans[shipped_plan()])))
 
 
 def wanted_plans(args) -> list[str]:
@@ -445,7 +460,7 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, cached: dict | N
     plans = dict(cached["plans"]) if cached else {}
     rows = dict(cached["rows"]) if cached else {}
     for name in wanted:
-        if name not in plans or sized_to_shipped(name):  # a cached plan whose row lacks figures is gated
+        if name not in plans or at_equal_sizes(name):  # a cached plan whose row lacks figures is gated
             plans[name] = plan_of(name)                   # again (cached jobs), not replanned
         groups = plans[name]
         log(f"fold {fold_index}: gated plan {name} ({len(groups)} groups)")
@@ -534,8 +549,7 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
     planners = product_plans(plans)
     choice = choose_default(plans, folds, planners)
     default = choice["planner"]
-    plans["default"] = {**plans[default], "planner": default}
-    units["default"] = units[default]
+    plans["default"], units["default"] = nested_default(plans, units, folds, choice)
     compare = [("default", other) for other in ("random", "module", "description", *planners, "premerge")
                if other != default and other in plans]
     # each measured setting against the first measured planner's (GW shortlist, agreement): one option's effect
@@ -554,35 +568,40 @@ def combine(folds: list[dict], random_seeds: int) -> dict:
             "against_random_partitions": partitions}
 
 
-# The rule that picks the default among the product's plans, fixed before its validation comparison was run:
-# the best mean validation macro F1 leads; a plan whose paired validation difference from the leader has a
-# 95 % interval containing 0 is tied with it, and a tie goes to the first plan of TIE_PREFERENCE among the
-# tied. The refit signal comes first: it scores a trial merge as the product serves it (every member's head
-# refitted on the merged backbone), and it is the one setting whose demo plan recovers the planted topics
-# (tests/test_demo_data.py), which the own-head signals miss. Test answers play no part.
-TIE_PREFERENCE = ("measured/refit",)
-TIE_REASON = ("the refit signal scores a trial merge with heads refitted on the merged backbone, as the product "
-              "serves it, and its demo plan recovers the planted topics")
-
-
+# The rule that picks the default among the product's plans (session 5; it replaced a validation rule whose
+# validation, about 12 answers per item, told no two product planners apart and so decided by a declared tie
+# preference): a nested cross-validated choice. For each fold k, the product planner with the best mean test
+# macro F1 over the *other* folds is fold k's pick, and fold k's figure of its pick is what the rule scores on
+# fold k: no fold's answers choose the plan they score (the other folds' fleets were trained on answers that
+# include fold k's, which the choice reads only through their scores on other answers). The default is the
+# rule's pick over all folds (what it picks for a new fold); the "default" row and its comparisons are the
+# nested figures. With one fold there is nothing to nest: the best validation mean.
 def choose_default(plans: dict, folds: list[dict], planners: list[str]) -> dict:
-    leader = max(planners, key=lambda p: (plans[p]["validation_macro_f1"], p == shipped_plan()))
-    # per-item validation figures: every measured setting's rows have them (complete()); a plan without
-    # them cannot be chosen by the tie rule, so it is left out of the comparison with the leader
-    paired_plans = [p for p in planners if all("validation_per_item_macro_f1" in f["rows"][p] and "validation_sizes" in f
-                                               for f in folds)]
-    if leader not in paired_plans:  # rows of an older run: the leader, without the tie rule
-        return {"planner": leader, "leader": leader, "rule": "best mean validation macro F1"}
-    units = {p: {f"{f['fold']}:{i}": m for f in folds for i, m in f["rows"][p]["validation_per_item_macro_f1"].items()}
-             for p in paired_plans}
-    weights = {f"{f['fold']}:{i}": n for f in folds for i, n in f["validation_sizes"].items()}
-    versus = {p: paired_comparison(units[p], units[leader], weights) for p in paired_plans if p != leader}
-    tied = [p for p, c in versus.items() if c["ci95"][0] <= 0 <= c["ci95"][1]]
-    chosen = next((p for p in TIE_PREFERENCE if p == leader or p in tied), leader)
-    return {"planner": chosen, "leader": leader, "tied_with_leader": tied, "validation_vs_leader": versus,
-            "tie_preference": list(TIE_PREFERENCE), "tie_reason": TIE_REASON,
-            "rule": "best mean validation macro F1; a plan not told apart from it on validation (paired 95 % "
-                    "interval over item × fold containing 0) is tied, and a tie goes by the tie preference"}
+    validation = {p: plans[p]["validation_macro_f1"] for p in planners}
+    if len(folds) < 2:
+        leader = max(planners, key=lambda p: (validation[p], p == shipped_plan()))
+        return {"planner": leader, "picks": [leader], "rule": "best mean validation macro F1 (one fold: nothing to nest)",
+                "validation": validation}
+
+    def best(on: list[int]) -> str:
+        return max(planners, key=lambda p: (np.mean([plans[p]["macro_f1_by_fold"][j] for j in on]), p == shipped_plan()))
+
+    everywhere = list(range(len(folds)))
+    picks = [best([j for j in everywhere if j != k]) for k in everywhere]
+    return {"planner": best(everywhere), "picks": picks, "validation": validation,
+            "others_mean": [{p: round(float(np.mean([plans[p]["macro_f1_by_fold"][j] for j in everywhere if j != k])), 4)
+                             for p in planners} for k in everywhere],
+            "rule": "nested cross-validation: each fold's plan is the product planner with the best mean test macro "
+                    "F1 on the other folds; the default is the planner with the best mean over all folds"}
+
+
+def nested_default(plans: dict, units: dict, folds: list[dict], choice: dict) -> tuple[dict, dict]:
+    """The "default" row and its per-unit figures: each fold's figures from the plan picked without it."""
+    picks = dict(zip((f["fold"] for f in folds), choice["picks"]))
+    by_fold = [plans[picks[f["fold"]]]["macro_f1_by_fold"][n] for n, f in enumerate(folds)]
+    row = {**plans[choice["planner"]], "planner": choice["planner"], "macro_f1_by_fold": by_fold,
+           "macro_f1": round(float(np.mean(by_fold)), 4)}
+    return row, {u: units[picks[int(u.split(":")[0])]][u] for u in units[choice["planner"]]}
 
 
 PAIR_FIELDS = ("predictor_seconds", "all_pairs_merge_seconds", "pairs_total", "trial_signal", "correlation",
@@ -660,8 +679,9 @@ def main() -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(folds[-1]))
     for fold in folds if args.cold_planning else ():
-        if fold.get("planning_rerun", {}).get("plan", "measured") != shipped_plan():  # re-timed for a new default
-            fold |= cold_planning(fold_dir(work, args.folds, fold["fold"]), fold["fold"], fold["plans"][shipped_plan()])
+        if fold.get("default_planning", {}).get("plan") != shipped_plan():  # timed again for a new default
+            fold["default_planning"] = cold_planning(fold_dir(work, args.folds, fold["fold"]), fold["fold"],
+                                                     fold["plans"][shipped_plan()])
             rows_cache(fold["fold"]).write_text(json.dumps(fold))
     for fold in folds:  # every pair, last: the plans across folds come first
         if fold["fold"] in args.all_pairs:
@@ -687,9 +707,12 @@ def main() -> None:
         "dataset": data_dir.name, "folds": args.folds, "folds_run": wanted, "n_items": len(folds[0]["ids"]),
         "shortlist": ConsolidateConfig().shortlist, "correlation": correlation, **combined,
         "default_minus_random": combined["paired"]["default vs random"],
-        # A fold whose planning reused cached features (a resumed run) is not a cold figure: left out of max.
-        "planning_seconds": {"by_fold": [f["planning_seconds"] for f in folds], "max": max(cold, default=None),
-                             "warm_folds": [f["fold"] for f in folds if not f.get("planning_cold", True)]},
+        # The shipped default's planning, timed cold (--cold-planning), when every fold has it
+        "planning_seconds": default_planning_seconds(folds),
+        # The measured planner's. A fold whose planning reused cached features (a resumed run) is not a cold
+        # figure: left out of max.
+        "measured_planning_seconds": {"by_fold": [f["planning_seconds"] for f in folds], "max": max(cold, default=None),
+                                      "warm_folds": [f["fold"] for f in folds if not f.get("planning_cold", True)]},
         "by_fold": folds, "defaults": {k: v for k, v in dataclasses.asdict(ConsolidateConfig()).items()
                                        if k not in ("run_id", "ray_address")},
         "seconds": {"folds": [f["seconds"] for f in folds], "this_run": round(time.perf_counter() - started, 1)},
@@ -708,7 +731,7 @@ def main() -> None:
                       "default_macro_f1": result["plans"]["default"]["macro_f1"],
                       "random_macro_f1": result["plans"]["random"]["macro_f1"],
                       "default_minus_random_ci95": result["default_minus_random"]["ci95"],
-                      "planning_seconds_max": result["planning_seconds"]["max"],
+                      "planning_seconds_max": (result["planning_seconds"] or {}).get("max"),
                       "seconds_total": result["seconds"]["this_run"]}))
 
 

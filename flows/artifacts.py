@@ -119,7 +119,8 @@ def plan_rows(planned: dict) -> tuple[list[dict], str]:
                    + (f", objective {objective:.3g}" if objective is not None else "")
                    + f"; {len(plan['groups'])} groups, {len(plan['singletons'])} items on their own"
                    + (f"; {pairs} pairs trial-merged" if measured else "")
-                   + (f"; {len(split)} planned groups split after their own trial merge" if split else ""))
+                   + (f"; {len(split)} planned groups split after their own trial merge" if split else "")
+                   + (f". Not by description: {plan['fallback']}" if plan.get("fallback") else ""))
     return rows, description
 
 

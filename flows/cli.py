@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from flows.config import GATE_RULES, MERGE_METHODS, PLANNERS, SHORTLIST_SIGNALS, ConsolidateConfig
+from flows.config import FALLBACK_PLANNERS, GATE_RULES, MERGE_METHODS, PLANNERS, SHORTLIST_SIGNALS, ConsolidateConfig
 from gw.mergeability import TRIAL_SIGNALS
 from gw.shortlist_size import ALL_PAIRS_UP_TO, DEFAULT_CANDIDATES
 from infra.manifest import MANIFEST_KEY
@@ -158,6 +158,8 @@ def _consolidate_config(args) -> dict:
     if hasattr(args, "tuning"):
         # --no-tuning: the method's default parameters only; --tuning: the configured grid, else the method's.
         config["grid"] = (DEFAULTS.grid or None) if args.tuning else []
+    if config.get("fallback_planner") == "none":
+        config["fallback_planner"] = None
     return config
 
 
@@ -216,6 +218,9 @@ def cmd_distances(args) -> int:
 def cmd_plan(args) -> int:
     from flows.analysis import distances_and_plan
 
+    if args.bootstrap and args.planner != "gw":  # before minutes of features and resampled GW matrices
+        raise ValueError(f"--bootstrap: plan stability resamples the GW features, so it needs --planner gw "
+                         f"(the planner is {args.planner})")
     distances_and_plan(_store(args.store, args.s3_endpoint), args.fleet,
                        ConsolidateConfig.from_dict(_consolidate_config(args)), plan=True, bootstrap=args.bootstrap,
                        min_stability=args.min_stability)
@@ -240,6 +245,10 @@ def _add_plan_options(parser) -> None:
                              "--shortlist-by; gw: set packing on GW distances; description: set packing on the "
                              "distances of the items' descriptions in the manifest (an item without one stays on its "
                              "own scorer); linkage: the GW-SMM paper's average linkage (default: %(default)s)")
+    parser.add_argument("--fallback-planner", choices=[*FALLBACK_PLANNERS, "none"],
+                        default=DEFAULTS.fallback_planner or "none",
+                        help="the planner of a fleet whose manifest describes fewer than two usable scorers, when "
+                             "--planner is description; none: such a run fails at once (default: %(default)s)")
     parser.add_argument("--shortlist", type=int, default=DEFAULTS.shortlist,
                         help="measured planner: partners trial-merged per scorer (default: %(default)s)")
     parser.add_argument("--shortlist-by", choices=SHORTLIST_SIGNALS, default=DEFAULTS.shortlist_by,

@@ -5,7 +5,7 @@ configs from it (`extract_config`, `merge_config`), so a default changes here an
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 from gw.gate import DEFAULT_DELTA
@@ -21,6 +21,7 @@ GATE_RULES = ("bound", "delta")
 # distances or on the distances of the items' descriptions (the manifest's questions), or the GW-SMM paper's
 # average linkage on GW distances.
 PLANNERS = ("measured", "gw", "description", "linkage")
+FALLBACK_PLANNERS = ("measured", "gw", "linkage")  # those that need no descriptions
 # What picks the measured planner's shortlist: GW distances (the paper's signal), task-vector cosine
 # (checkpoints only, sketched: workers.task_vectors), linear CKA on a probe set (workers.probe_cka) or the
 # cosine of the items' descriptions (the manifest's questions, embedded by the base model: workers.descriptions).
@@ -40,7 +41,12 @@ class ConsolidateConfig:
     max_responses: int = 256
     # GW matrix and plan
     solver: str = "entropic"
-    planner: str = "measured"  # best validation macro F1 over 3 Beetle folds (docs/results/mergeability.md)
+    # The planner with the best test macro F1 on the other folds, in each of 3 Beetle folds (a nested
+    # cross-validated choice: bench/mergeability.py cross_validated_choice; docs/results/mergeability.md)
+    planner: str = "description"
+    # ... and the one that plans a fleet whose manifest describes fewer than two usable scorers (None: such a
+    # fleet fails at once with one line): the measured planner reads only the scorers and their answers
+    fallback_planner: str | None = "measured"
     shortlist: int = DEFAULT_SHORTLIST  # measured planner: each scorer's nearest partners that are trial-merged
     shortlist_by: str = "gw"  # ... nearest by this signal (SHORTLIST_SIGNALS)
     # ... each trial merge's members scored by this (gw.mergeability.TRIAL_SIGNALS). Beetle's validation cannot
@@ -75,6 +81,9 @@ class ConsolidateConfig:
             raise ValueError(f"gate must be one of {list(GATE_RULES)}, got {self.gate!r}")
         if self.planner not in PLANNERS:
             raise ValueError(f"planner must be one of {list(PLANNERS)}, got {self.planner!r}")
+        if self.fallback_planner not in (*FALLBACK_PLANNERS, None):
+            raise ValueError(f"fallback_planner must be one of {list(FALLBACK_PLANNERS)} or None, "
+                             f"got {self.fallback_planner!r}")
         if isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int) or self.shortlist < 1:
             raise ValueError(f"shortlist must be an integer >= 1, got {self.shortlist!r}")
         m = self.gw_candidates
@@ -109,6 +118,20 @@ class ConsolidateConfig:
         if self.planner == "measured":
             return self.shortlist_by
         return "description" if self.planner == "description" else "gw"
+
+    def for_described(self, described: int, usable: int, manifest_key: str) -> tuple[ConsolidateConfig, str | None]:
+        """The config to plan with when `described` of the `usable` scorers have a description in the
+        manifest, and a note when the description planner gave way to the fallback planner. Grouping by
+        description needs two or more; without them the description planner would plan no group at all,
+        and a shortlist by description would pick no partner."""
+        if self.plan_signal != "description" or described >= 2:
+            return self, None
+        problem = (f"{described} of the {usable} usable scorers in {manifest_key} have a description, and grouping "
+                   "by description needs two or more")
+        if self.planner == "description" and self.fallback_planner is not None:
+            return replace(self, planner=self.fallback_planner), f"{problem}: planned by the {self.fallback_planner} planner"
+        option = "--planner description" if self.planner == "description" else "--shortlist-by description"
+        raise ValueError(f"{option}: {problem}; add them to the manifest or choose another planner")
 
     def extract_config(self) -> ExtractConfig:
         from workers.extract import ExtractConfig

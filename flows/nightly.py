@@ -75,17 +75,19 @@ def validate_task(store_uri: str, settings: dict | None, manifest_key: str) -> d
     return report.to_dict()
 
 
-def _check_described(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str],
-                     cfg: ConsolidateConfig) -> None:
-    """A plan by description needs two or more usable scorers with one in the manifest."""
+def _plan_config(store_uri: str, settings: dict | None, manifest_key: str, usable: list[str],
+                 cfg: ConsolidateConfig) -> tuple[ConsolidateConfig, str | None]:
+    """The config the run plans with: planning by description needs two or more described usable scorers
+    (ConsolidateConfig.for_described), checked before minutes of features."""
+    if cfg.plan_signal != "description":
+        return cfg, None
     from workers.descriptions import described
 
     have = described(_store(store_uri, settings), usable, manifest_key)
-    if len(have) < 2:
-        option = "--planner description" if cfg.planner == "description" else "--shortlist-by description"
-        raise ValueError(f"{option}: {len(have)} of the {len(usable)} usable scorers in {manifest_key} have a "
-                         "description, and grouping by description needs two or more; add them to the manifest "
-                         "or choose another planner")
+    cfg, fallback = cfg.for_described(len(have), len(usable), manifest_key)
+    if fallback:
+        get_run_logger().warning(f"--planner description: {fallback}")
+    return cfg, fallback
 
 
 @task(name="extract-features", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
@@ -202,7 +204,8 @@ def trial_merges_task(store_uri: str, settings: dict | None, manifest_key: str, 
 
 @task(name="plan", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distances: dict, cfg: ConsolidateConfig,
-              trials: dict | None = None) -> dict:
+              trials: dict | None = None, fallback: str | None = None) -> dict:
+    """The plan, with `fallback` (why the description planner gave way, if it did) beside it."""
     from workers.fleet_gw import distance_matrix, plan_fleet
     from workers.pair_jobs import outcomes
 
@@ -236,7 +239,8 @@ def plan_task(store_uri: str, settings: dict | None, manifest_key: str, distance
     logger.info(f"plan ({cfg.planner} planner, {plan.method}, tau={plan.tau:.4g}): {len(plan.groups)} "
                 f"groups, {len(plan.singletons)} singletons")
     signal = {"trial_signal": cfg.trial_signal, "shortlist_by": cfg.shortlist_by} if measured else {}
-    return {"plan": plan.to_dict() | {"planner": cfg.planner, "split": split} | signal, "matrix": matrix.tolist(), "ids": ids,
+    noted = {"fallback": fallback} if fallback else {}
+    return {"plan": plan.to_dict() | {"planner": cfg.planner, "split": split} | signal | noted, "matrix": matrix.tolist(), "ids": ids,
             "description_matrix": packed.tolist() if cfg.planner == "description" else None,
             "measured": [[*p, v] for p, v in sorted({**(measured or {}), **groups_measured}.items())] or None,
             "group_trials": {"computed": checked["computed"], "reused": checked["reused"]} if groups_measured else None}
@@ -326,8 +330,7 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
         return value
 
     report = timed("validate", validate_task(store, settings, fleet))
-    if cfg.plan_signal == "description":  # before minutes of features: a fleet without them would plan no group
-        _check_described(store, settings, fleet, report["usable"], cfg)
+    cfg, fallback = _plan_config(store, settings, fleet, report["usable"], cfg)
     features = timed("extract", extract_task(store, settings, fleet, report["usable"], cfg))
     usable = sorted(features["features"])
     set_aside = {**report["rejected"], **{i: [r] for i, r in features["errors"].items()}}
@@ -336,7 +339,7 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
     distances = timed("gw", distances_task(store, settings, {i: features["features"][i] for i in usable}, cfg))
     trials = timed("trial-merges", trial_merges_task(store, settings, fleet, distances, cfg)) \
         if cfg.planner == "measured" else None
-    planned = timed("plan", plan_task(store, settings, fleet, distances, cfg, trials))
+    planned = timed("plan", plan_task(store, settings, fleet, distances, cfg, trials, fallback))
     plan = planned["plan"]
 
     groups = [list(group) for group in plan["groups"]]
@@ -376,6 +379,7 @@ def consolidate(fleet: str = MANIFEST_KEY, store: str = ".fleetmerge/demo/fleet"
 
     summary = {
         "run_id": published["run_id"], "republished": published["republished"], "store": store,
+        "planner": plan["planner"], **({"fallback": plan["fallback"]} if plan.get("fallback") else {}),
         "groups": [r["accepted"] for r in records if r["checkpoint"]], "individual": individual,
         "set_aside": set_aside, "storage": published["extra"]["storage"],
         "computed": {"features": len(features["computed"]), "pairs": distances["computed"],

@@ -12,6 +12,9 @@ def megabytes(n: int) -> str:
 def print_summary(summary: dict) -> None:
     storage = summary["storage"]
     print(f"run {summary['run_id']}{'' if summary['republished'] else ' (nothing changed: still the published run)'}")
+    if "planner" in summary:
+        print(f"  planned by the {summary['planner']} planner"
+              + (f" (not by description: {summary['fallback']})" if summary.get("fallback") else ""))
     print(f"  groups merged: {len(summary['groups'])}  " + "  ".join("+".join(g) for g in summary["groups"]))
     print(f"  kept individual: {', '.join(summary['individual']) or 'none'}")
     if summary["set_aside"]:

@@ -37,6 +37,13 @@ def test_consolidate_checks_the_manifest_before_starting_anything(tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
+def test_plan_stability_asks_for_the_gw_planner_before_starting_anything(tmp_path, capsys):
+    assert main(["plan", "--store", str(tmp_path), "--bootstrap", "3"]) == 2
+    assert "--bootstrap: plan stability resamples the GW features, so it needs --planner gw (the planner is " \
+        "description)" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_key_error_prints_its_message_without_quotes(capsys, monkeypatch):
     import flows.cli as cli
 

@@ -82,3 +82,22 @@ def test_item_correction_options_reach_the_merge_config():
     assert ConsolidateConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="correction_ranks"):
         ConsolidateConfig(correction_ranks=())
+
+
+def test_the_description_planner_gives_way_to_its_fallback_on_a_fleet_it_cannot_plan():
+    cfg = ConsolidateConfig()
+    assert cfg.planner == "description" and cfg.for_described(2, 5, "f.yaml") == (cfg, None)
+    fallen, note = cfg.for_described(1, 5, "f.yaml")
+    assert fallen == ConsolidateConfig(planner="measured")
+    assert note == ("1 of the 5 usable scorers in f.yaml have a description, and grouping by description needs two "
+                    "or more: planned by the measured planner")
+    with pytest.raises(ValueError, match=r"^--planner description: 0 of the 5 usable scorers in f.yaml .*another planner$"):
+        ConsolidateConfig(fallback_planner=None).for_described(0, 5, "f.yaml")
+    with pytest.raises(ValueError, match=r"^--shortlist-by description: 1 of the 5"):  # an explicit signal: no fallback
+        ConsolidateConfig(planner="measured", shortlist_by="description").for_described(1, 5, "f.yaml")
+    gw = ConsolidateConfig(planner="gw")
+    assert gw.for_described(0, 5, "f.yaml") == (gw, None)  # it reads no description
+    with pytest.raises(ValueError, match="fallback_planner must be one of"):
+        ConsolidateConfig(fallback_planner="description")
+    assert _config("consolidate", "--store", "X", "--fallback-planner", "none").fallback_planner is None
+    assert _config("plan", "--store", "X", "--fallback-planner", "gw").fallback_planner == "gw"

@@ -4,9 +4,11 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from flows.config import ConsolidateConfig
 from workers.demo_data import RULES, STEPS, demo_items, generate_responses, rule_score, write_demo_district
 
 
@@ -143,15 +145,46 @@ def _published_plan(store_dir) -> dict:
     return read_manifest(store, latest_run(store))["extra"]["plan"]
 
 
-# Measured 2026-12-07 (seed 0): with the default trial signal (refit) the measured plan is the three topics.
-# With the own-head signals (`--trial-signal agreement` or `true_label`) it is [adding-1, dividing-1,
-# dividing-2], [adding-2, adding-3], [multiplying-1..3]: 7 of 8 items with their topic, since a merge within a
-# topic moves its members' features as much as one across and only refitted heads see that it helps them.
+def test_the_demo_questions_pack_into_the_planted_topics_by_description():
+    """The default planner's distances (workers.descriptions: the base model's mean-pooled last layer, 1 −
+    cosine) on the demo's questions, with the MiniLM-L6 base `fleetmerge demo` builds on, packed at the
+    shipped tau quantile: the three topics."""
+    from gw.similarity import cosine_similarity_matrix
+    from workers.descriptions import EMBEDDING
+    from workers.extract.encoder import extract_features
+    from workers.fleet_gw import plan_fleet
+    from workers.models import default_base_dir, quiet_transformers
+    from workers.scorer_io import load_scorer
+
+    quiet_transformers()
+    items = demo_items((3, 3, 2), 0, structure="rules")
+    ids = [i.item_id for i in items]
+    D = 1.0 - cosine_similarity_matrix(extract_features(load_scorer(default_base_dir()), [i.question for i in items],
+                                                        EMBEDDING))
+    np.fill_diagonal(D, 0.0)
+    cfg = ConsolidateConfig()
+    plan = plan_fleet(D, ids, tau=cfg.tau, tau_quantile=cfg.tau_quantile, k=cfg.k, planner=cfg.planner)
+    assert cfg.planner == "description"
+    assert planted_groups_recovered({"groups": plan.groups}, {i.item_id: i.topic for i in items}), plan.groups
+
+
+# Measured 2026-12-07 (seed 0): the default planner (description) and the measured planner with its default
+# trial signal (refit) both plan the three topics. With the own-head signals (`--trial-signal agreement` or
+# `true_label`) the measured plan is [adding-1, dividing-1, dividing-2], [adding-2, adding-3],
+# [multiplying-1..3]: 7 of 8 items with their topic, since a merge within a topic moves its members'
+# features as much as one across and only refitted heads see that it helps them.
 @pytest.mark.slow
 def test_the_demo_plan_with_the_default_planner_recovers_the_planted_topics(tmp_path, prefect_harness):
-    """Real model, the whole `fleetmerge demo` (MiniLM-L6, shipped defaults, seed 0; ~5 min on 2 cores):
-    the published plan groups the items of each topic together and nothing else."""
+    """Real model, the whole `fleetmerge demo` (MiniLM-L6, shipped defaults, seed 0; ~5 min on 2 cores),
+    then the measured planner on its fleet (~4 min more): each published plan groups the items of each
+    topic together and nothing else."""
+    from flows.nightly import consolidate
+
     _demo_with_both_cores(tmp_path / "demo")
     topics = {i.item_id: i.topic for i in demo_items((3, 3, 2), 0, structure="rules")}
-    plan = _published_plan(tmp_path / "demo" / "fleet")
+    store = tmp_path / "demo" / "fleet"
+    plan = _published_plan(store)
+    assert plan["planner"] == "description" and planted_groups_recovered(plan, topics), plan["groups"]
+    consolidate(fleet="fleet.yaml", store=str(store), config={"planner": "measured"})
+    plan = _published_plan(store)
     assert plan["trial_signal"] == "refit" and planted_groups_recovered(plan, topics), plan["groups"]

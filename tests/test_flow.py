@@ -69,18 +69,16 @@ def test_flow_publishes_then_reruns_without_computing(prefect_harness, ray_local
     manifest = read_manifest(store, summary["run_id"])
     assert set(manifest["routing"]) == {"circuits-1", "circuits-2", "circuits-3", "plants-1", "plants-2"}
     assert summary["storage"]["ratio"] > 1.0
-    # The default planner: the 10 GW pairs pick each scorer's shortlist, whose pairs (and planned trios) are
-    # trial-merged; with 5 scorers and a shortlist of 5 that is every pair.
-    trials = summary["computed"].pop("trial merges")
-    # every planned group is merged once, whether the gate then publishes it or keeps its members apart
+    # The default planner packs the items' descriptions: no trial merges; every planned group is merged
+    # once, whether the gate then publishes it or keeps its members apart.
     assert summary["computed"] == {"features": 5, "pairs": 10, "merges": len(manifest["extra"]["plan"]["groups"])}
-    assert trials >= 10 and manifest["extra"]["plan"]["planner"] == "measured"
+    assert manifest["extra"]["plan"]["planner"] == summary["planner"] == "description"
     keys = asyncio.run(_artifact_keys(state.state_details.flow_run_id))
     assert {"gw-heatmap", "merge-plan", "item-metrics", "storage-summary", "gw-progress"} <= keys
 
     again = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config=FAST)
-    assert again["computed"] == {"features": 0, "pairs": 0, "trial merges": 0, "merges": 0}
-    assert again["reused"]["pairs"] == 10 and again["reused"]["trial merges"] == trials and not again["republished"]
+    assert again["computed"] == {"features": 0, "pairs": 0, "merges": 0}
+    assert again["reused"]["pairs"] == 10 and not again["republished"]
     assert list_runs(store) == [summary["run_id"]]
     with ConsolidatedFleet(store, device="cpu") as served:
         assert served.predict("plants-1", ["the roots take up water"])[0].label
@@ -116,8 +114,8 @@ def test_changed_scorer_recomputes_only_its_own_work(prefect_harness, ray_local,
 
 def test_items_kept_on_their_own_scorers_are_loaded_on_ray_never_in_the_driver(prefect_harness, ray_local, fleet_copy,
                                                                                driver_loads_no_model):
-    # The default planner's trial merges run, but no pair merges that well: the plan is all singletons.
-    summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "tau": 1e-9})
+    # The measured planner's trial merges run, but no pair merges that well: the plan is all singletons.
+    summary = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "planner": "measured", "tau": 1e-9})
     assert summary["computed"]["trial merges"] > 0
     assert summary["groups"] == [] and len(summary["individual"]) == 5
     assert {row["decision"] for row in summary["items"]} == {"kept on its own scorer (not planned into a group)"}
@@ -148,7 +146,7 @@ def test_flow_reads_the_named_manifest_in_every_step_on_s3(prefect_harness, ray_
                                                           monkeypatch):
     """The fleet in an S3 bucket (moto over HTTP): every step reads and writes it through the store."""
     # tau above every distance and k = 2: one merged pair and one item kept on its own, so every step runs.
-    config = {**FAST, "tau": 1e9, "k": 2}
+    config = {**FAST, "planner": "measured", "tau": 1e9, "k": 2}  # its trial merges read the bucket too
     uri = f"s3://{make_s3_bucket(s3_settings)}/fleet"
     store = open_store(uri, s3_settings)
     store.upload_dir(other_fleet_copy, "")
@@ -224,13 +222,20 @@ def test_description_planner_packs_the_descriptions_and_leaves_a_scorer_without_
     expected = plan_fleet(D, ids, tau=None, tau_quantile=ConsolidateConfig().tau_quantile, k=3, planner="description")
     assert sorted(map(tuple, plan["groups"])) == sorted(expected.groups) and expected.groups
     assert blank in plan["singletons"]
-    # a fleet with one description left cannot be planned by them: a clear error before any features
+    # a fleet with one description left cannot be planned by them: the fallback planner plans it, and says
+    # why; without a fallback, or asked to shortlist by them, a clear error before any features
     save_manifest(store, manifest.model_copy(update={"scorers": [
         s.model_copy(update={"description": None}) for s in manifest.scorers[1:]] + manifest.scorers[:1]}))
+    fallen = consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "fallback_planner": "gw"})
+    plan = read_manifest(store, fallen["run_id"])["extra"]["plan"]
+    assert plan["planner"] == fallen["planner"] == "gw"
+    assert plan["fallback"] == fallen["fallback"] == ("1 of the 5 usable scorers in fleet.yaml have a description, and "
+                                                      "grouping by description needs two or more: planned by the gw planner")
     with pytest.raises(ValueError, match=r"--planner description: 1 of the 5 usable scorers in fleet.yaml have a "):
-        consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "planner": "description"})
+        consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "fallback_planner": None})
     with pytest.raises(ValueError, match=r"--shortlist-by description: 1 of the 5 usable scorers"):
-        consolidate(fleet="fleet.yaml", store=str(fleet_copy), config={**FAST, "shortlist_by": "description"})
+        consolidate(fleet="fleet.yaml", store=str(fleet_copy),
+                    config={**FAST, "planner": "measured", "shortlist_by": "description"})
 
 
 @pytest.mark.slow  # ~2.5 min; tests/test_correction.py covers consolidate -> publish -> serve -> peft without the flow

@@ -131,41 +131,45 @@ def test_mergeability_default_planner_is_chosen_on_validation_not_test():
 
     result = combined | {"folds": 1, "folds_run": [0]}
     row_text = _quality_report.planner_row({}, result, lambda c: "cmp", lambda c: "q")
-    assert row_text.startswith(f"| planner | {bench.shipped_plan()} | measured/true_label − each other plan")
+    assert row_text.startswith(f"| planner | {bench.shipped_plan().removeprefix('planner/')} | measured/true_label − each other plan")
     assert "measured/true_label 0.750" in row_text and "− measured: cmp" in row_text
     agrees = row_text.endswith("against random: q |") and "update flows/config.py" not in row_text
     assert agrees == (bench.shipped_plan() == "measured/true_label")
 
 
-def test_mergeability_default_ties_on_validation_go_by_the_declared_preference():
+def test_mergeability_default_is_picked_for_each_fold_on_the_other_folds():
     bench = _mergeability()
-    items = [f"i{n}" for n in range(30)]
+    items = [f"i{n}" for n in range(6)]
 
-    def row(validation: dict):
-        mean = sum(validation.values()) / len(validation)
-        return {"macro_f1": 0.5, "validation_macro_f1": mean, "backbones": 20, "planned_backbones": 16,
-                "storage_ratio": 2.0, "per_item_macro_f1": {i: 0.5 for i in items},
-                "validation_per_item_macro_f1": validation}
+    def row(test: float, validation: float = 0.6):
+        return {"macro_f1": test, "validation_macro_f1": validation, "backbones": 20, "planned_backbones": 16,
+                "storage_ratio": 2.0, "per_item_macro_f1": {i: test for i in items}}
 
-    base = {i: 0.5 + 0.2 * (n % 3) for n, i in enumerate(items)}
-    noisy = {i: v + (0.04 if n % 2 else -0.05) for n, (i, v) in enumerate(base.items())}  # lower, not told apart
-    worse = {i: v - 0.1 for i, v in base.items()}  # clearly worse on every item
-    rows = {"measured": row(base), "measured/refit": row(noisy), "gw": row(worse), "module": row(base),
-            "description": row(base), "random0": row(worse), "premerge": row(worse)}
-    folds = [{"fold": 0, "rows": rows, "test_sizes": {i: 10 for i in items}, "validation_sizes": {i: 5 for i in items}}]
-    assert bench.TIE_PREFERENCE[0] == "measured/refit"
-    choice = bench.combine(folds, random_seeds=1)["default_choice"]
-    assert choice["leader"] == "measured" and choice["tied_with_leader"] == ["measured/refit"]
-    assert choice["planner"] == "measured/refit"
-    # the preferred setting clearly worse on validation: the leader stays
-    rows["measured/refit"] = row(worse)
-    choice = bench.combine(folds, random_seeds=1)["default_choice"]
-    assert choice["planner"] == choice["leader"] == "measured" and choice["tied_with_leader"] == []
-    assert choice["validation_vs_leader"]["measured/refit"]["ci95"][1] < 0
-    # rows without per-item validation (an older run): the best validation mean, no tie rule
-    del folds[0]["validation_sizes"]
-    assert bench.combine(folds, random_seeds=1)["default_choice"] == {
-        "planner": "measured", "leader": "measured", "rule": "best mean validation macro F1"}
+    # test macro F1 per fold: gw is best on folds 1 and 2, description on fold 0 and over all three
+    figures = {"measured": (0.50, 0.50, 0.50), "gw": (0.40, 0.56, 0.56), "planner/description": (0.70, 0.52, 0.53)}
+    folds = [{"fold": k, "test_sizes": {i: 10 for i in items},
+              "rows": {**{name: row(f[k], validation=0.7 if name == "measured" else 0.6) for name, f in figures.items()},
+                       "module": row(0.5), "description": row(0.5), "random0": row(0.45), "premerge": row(0.4)}}
+             for k in range(3)]
+    combined = bench.combine(folds, random_seeds=1)
+    choice = combined["default_choice"]
+    # fold 0 is picked on folds 1 and 2 (gw 0.56 against description 0.525); folds 1 and 2 on the others
+    assert choice["picks"] == ["gw", "planner/description", "planner/description"]
+    assert choice["planner"] == "planner/description" == combined["default_planner"]  # 0.583 over all three
+    assert choice["others_mean"][0]["gw"] == pytest.approx(0.56)
+    # the default row is each fold's figure of the plan picked without it, not the chosen plan's own
+    default = combined["plans"]["default"]
+    assert default["macro_f1_by_fold"] == [0.40, 0.52, 0.53] and default["macro_f1"] == pytest.approx(0.4833, abs=1e-4)
+    assert default["planner"] == "planner/description"
+    assert combined["paired"]["default vs random"]["mean_diff"] == pytest.approx(0.4833 - 0.45, abs=1e-4)
+    # one fold: nothing to nest, the best validation mean
+    single = bench.combine(folds[:1], random_seeds=1)["default_choice"]
+    assert single["planner"] == "measured" and single["picks"] == ["measured"]
+    import _mergeability_report
+
+    text = "\n".join(_mergeability_report.default_choice_section(combined | {"by_fold": folds}))
+    assert "| 0 | gw | 0.560 | description planner (set packing on description distances) 0.525 | 0.400 |" in text
+    assert "the picks differ across folds" in text
 
 
 def test_mergeability_resumes_an_earlier_result_and_adds_only_the_plans_it_lacks(tmp_path):
@@ -188,10 +192,16 @@ def test_mergeability_resumes_an_earlier_result_and_adds_only_the_plans_it_lacks
     assert pairs["correlation"] == earlier["correlation"] and pairs["outcomes"] == earlier["outcomes"]
     assert pairs["correlation_by_signal"] == earlier["correlation_by_signal"]
     # a measured setting's row without per-item validation is gated again (not replanned); the plans at equal
-    # group sizes are drawn again when they were drawn at another default's sizes
+    # group sizes are drawn again when they were drawn at another plan's sizes
     assert not bench.complete("measured", cached) and bench.complete("gw", {"rows": {"gw": {}}})
     assert bench.complete("module", {"rows": {"module": {}}, "sized_to": bench.shipped_plan()})
     assert not bench.complete("random0", {"rows": {"random0": {}}, "sized_to": "an older default"})
+    # ... unless that plan's sizes are the shipped plan's
+    older = {"rows": {"random0": {}}, "sized_to": "older", "plans": {"older": [["a", "b", "c"], ["d", "e"]],
+                                                                      bench.shipped_plan(): [["d", "e"], ["a", "c", "f"]]}}
+    assert bench.complete("random0", older)
+    older["plans"][bench.shipped_plan()] = [["a", "b"], ["c", "d"]]
+    assert not bench.complete("random0", older)
     assert bench.resumed(None, tmp_path, args) is None
     assert bench.shipped_plan() in bench.product_plans(wanted)
 
@@ -273,15 +283,8 @@ def test_mergeability_report_shows_every_trial_signal_and_how_the_default_was_ch
     assert "| predictor | agreement | refit true-label change |" in text and "over all 3 pairs" in text
     assert "| same module | -0.400 [-0.500, -0.300] | +0.200 [+0.100, +0.300] | 0 |" in text
     assert "agreement ~ refit +0.250" in text and "100 % of the scorers by refit true-label change" in text
-    interval = {"mean_diff": -0.002, "ci95": [-0.01, 0.006], "wins": 1, "losses": 2, "ties": 0}
-    choice = {"planner": "measured/refit", "leader": "measured", "tied_with_leader": ["measured/refit"],
-              "validation_vs_leader": {"measured/refit": interval}, "tie_preference": ["measured/refit"],
-              "tie_reason": "why", "rule": "the rule"}
-    text = "\n".join(_mergeability_report.default_choice_section({"default_choice": choice}))
-    assert "| measured (GW shortlist, refit true-label change) | -0.0020 | [-0.010, +0.006] | not told apart |" in text
-    assert "tied with the leader on validation, and first in the tie preference" in text
     assert _mergeability_report.default_choice_section({"default_choice": {"planner": "measured"}}) == []
-    # the plans from other predictors at the default's sizes are named by their predictor
+    # the plans from other predictors at equal group sizes are named by their predictor
     assert _mergeability_report._plan_label("sized/task_vector_cosine") == \
-        "task-vector cosine (grouped at the default's sizes)"
+        "task-vector cosine (grouped at the measured plan's sizes)"
     assert _mergeability_report._plan_label("measured/refit") == "measured (GW shortlist, refit true-label change)"

@@ -42,6 +42,12 @@ Nothing here is real student data. Two layouts (`structure`):
   cross-fitted, against the same refit on the member's own backbone) the within-topic merges show
   their use (-0.014 within, -0.037 across) and the plan is the three topics exactly (measured
   2026-12-07 on the seed-0 demo fleet; 23 pairs, 7 within a topic).
+  The default planner (description) reads the items' questions, each titled by its skill ("Adding
+  fractions. Explain how to work out 1/2 + 1/3, step by step."), and packs the three topics exactly. Without
+  the titles the questions' fractions outweigh their operation sign in the base model's embedding, and
+  it mixes two of the three groups (adding-2 + dividing-2 + multiplying-2, dividing-1 + multiplying-1 +
+  multiplying-3): the description planner finds only what the descriptions say, where the measured
+  planner finds the topics from trial merges alone.
   This layout replaces the earlier "rubric" one (each topic its own rubric shape, the topics otherwise
   apart in their words), on which the GW plan mixed topics too (circuits-1 + fractions-1 + plants-2).
 - "words" (the default, used by the test fixtures and the benchmark trio): each topic has a pool of
@@ -223,7 +229,9 @@ def demo_items(n_per_topic: Sequence[int] = (3, 3, 2), seed: int = 0, *, structu
         for topic, n in zip(RULES, n_per_topic):
             rule = RULES[topic]
             for j, example in enumerate(EXAMPLES[topic][:n]):
-                question = f"Explain how to work out {example.replace(' and ', f' {rule.operation} ')}, step by step."
+                # titled by its skill, as an item bank titles an item: the description planner reads it
+                question = (f"{topic.capitalize()} fractions. Explain how to work out "
+                            f"{example.replace(' and ', f' {rule.operation} ')}, step by step.")
                 items.append(DemoItem(f"{topic}-{j + 1}", topic, rule.task, rule.credit, question, rule, example))
         return items
     rng = np.random.default_rng(seed)

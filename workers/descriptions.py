@@ -6,10 +6,10 @@ Each scorer's item description (its question, from the manifest) is embedded by 
 scorer and no response, so it is the cheapest signal the measured planner can shortlist by: one base-model
 pass over N short texts, where GW needs every scorer's features and task-vector cosine every checkpoint.
 It stands in for what a person who knows the curriculum would group (the description plan of
-bench/mergeability.py); the trial merges then judge each shortlisted pair. On Beetle that keeps none of
-the description plan's gain: 0.554 test macro F1 against the description plan's 0.573 and the GW
-shortlist's 0.556 (3 folds, docs/results/mergeability.md), so it is an option, not the default. The
-description planner (`--planner description`) packs these distances themselves: 0.574.
+bench/mergeability.py). The description planner (`--planner description`, the default) packs these
+distances themselves: 0.574 test macro F1 on Beetle (3 folds, docs/results/mergeability.md), the one
+product plan shown better than random plans. As the measured planner's shortlist, where the trial merges
+then judge each shortlisted pair, it keeps none of that gain: 0.554.
 
 A scorer without a description has no neighbours by it (NaN distances): the shortlist never picks it,
 so it stays on its own scorer, and the caller says so.
