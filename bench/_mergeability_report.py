@@ -32,7 +32,7 @@ PLAN_NAMES = {
 def _plan_label(name: str) -> str:
     """A plan as the tables name it: a measured setting by its options, a predictor's plan by the predictor."""
     if name.startswith("sized/"):
-        return f"{PREDICTOR_NAMES.get(name[6:], name[6:])} (grouped at the measured plan's sizes)"
+        return f"{PREDICTOR_NAMES.get(name[6:], name[6:])} (grouped at the default's sizes)"
     return PLAN_NAMES.get(name, name)
 
 
@@ -96,16 +96,22 @@ def _sizes(groups: list[list[str]]) -> str:
     return f"{n(trios, 'trio')}, {n(pairs, 'pair')}" + (f", {n(larger, 'larger group')}" if larger else "")
 
 
-def _size_difference(folds: list[dict], default: str) -> str:
-    """Per fold, whether the default's plan has the group sizes the equal-size plans were drawn at."""
-    parts = []
+def _equal_sizes_note(folds: list[dict], default: str) -> str:
+    """Which group sizes the plans at equal sizes were drawn at: the default's, or per fold how they differ."""
+    elsewhere, differ = [], []
     for f in folds:
-        here, there = f["plans"].get(default), f["plans"].get(f.get("sized_to", "measured"))
-        if here is None or there is None:
+        drawn_at = f.get("sized_to", "measured")
+        here, there = f["plans"].get(default), f["plans"].get(drawn_at)
+        if drawn_at == default or here is None or there is None:
             continue
-        same = sorted(map(len, here)) == sorted(map(len, there))
-        parts.append(f"fold {f['fold']} {'the same sizes' if same else f'{_sizes(here)} against {_sizes(there)}'}")
-    return "; ".join(parts)
+        if sorted(map(len, here)) == sorted(map(len, there)):
+            elsewhere.append(f"fold {f['fold']} at {_plan_label(drawn_at)}'s, the same sizes")
+        else:
+            differ.append(f"fold {f['fold']}: {_sizes(there)} against the default's {_sizes(here)}")
+    note = "The plans at equal group sizes (module, description, random, each predictor's) take the default's plan's sizes"
+    if differ:
+        return f"{note} except where drawn at another plan's ({'; '.join(differ)})."
+    return note + (f" ({'; '.join(elsewhere)})." if elsewhere else ".")
 
 
 def default_choice_section(result: dict) -> list[str]:
@@ -175,14 +181,10 @@ def render(result: dict) -> str:
     corr = result.get("correlation") or {}
     if corr:
         lines += correlation_section(result, corr)
-    sized_to = {f.get("sized_to", "measured") for f in folds}
     lines += ["## Plans", "",
               "Each plan consolidated with the shipped defaults (gated); test macro F1 and storage are means over "
               "folds; the default planner is chosen among the product's planners by nested cross-validation (below). "
-              f"The plans at equal group sizes (module, description, random, each predictor's) take the sizes of "
-              f"{', '.join(_plan_label(n) for n in sorted(sized_to))}'s plan"
-              + ("" if sized_to == {default} else f", not the default's ({_plan_label(default)}): "
-                 + _size_difference(folds, default)) + ".", "",
+              + _equal_sizes_note(folds, default), "",
               "| plan | test macro F1 | validation macro F1 | backbones planned | backbones after the gate | storage |",
               "|---|---|---|---|---|---|"]
     order = ["default", *PLAN_NAMES, "gw", "linkage", "module", "description", "random",
@@ -284,8 +286,10 @@ def verdict(result: dict) -> list[str]:
     for other in ("module", "description"):
         c = paired.get(f"default vs {other}")
         if c:
-            out.append(f"- Against the {other} plan: {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)} "
-                       "(target: at least as good).")
+            same = all(sorted(map(sorted, f["plans"].get(other, []))) == sorted(map(sorted, f["plans"].get(default, [])))
+                       for f in result["by_fold"])
+            out.append(f"- Against the {other} plan: {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)} (target: at least as "
+                       "good)" + (": at the default's group sizes it is the default's own plan on every fold." if same else "."))
     sized = sorted(n for n in result["plans"] if n.startswith("sized/"))
     chance = [f"{_plan_label(other)} {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)}" for other in ("module", "description", *sized)
               if (c := paired.get(f"{other} vs random"))]

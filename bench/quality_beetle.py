@@ -215,6 +215,12 @@ def shipped_planner_name(plan: dict) -> str:
     return f"measured ({plan.get('shortlist_by', 'gw')} shortlist, {plan.get('trial_signal', 'agreement')})"
 
 
+def default_planner_name() -> str:
+    """The shipped planner as shipped_planner_name names a published plan's."""
+    d = ConsolidateConfig()
+    return shipped_planner_name({"planner": d.planner, "shortlist_by": d.shortlist_by, "trial_signal": d.trial_signal})
+
+
 def resumed_fold(earlier: dict, fold_index: int, args, data_dir: Path, work: Path) -> dict:
     """An earlier run's fold with only the shipped run redone: the other rows depend on the fleet and the
     merge and gate defaults, not on the planner (checked: the rebuilt fleet's pre-merge figures must equal
@@ -380,10 +386,12 @@ def main() -> None:
                              "run without it")
     for f in wanted:
         cache = fold_dir(work, args.folds, f) / ("quality_rows_methods.json" if args.methods_only else "quality_rows.json")
-        if cache.is_file():
-            folds.append(json.loads(cache.read_text()))
+        cached = json.loads(cache.read_text()) if cache.is_file() else None
+        if cached is not None and (args.methods_only or cached.get("shipped_planner") == default_planner_name()):
+            folds.append(cached)
             continue
-        previous = next((e for e in (earlier or {}).get("by_fold", []) if e["fold"] == f), None)
+        # a fold cached with another planner shipped: only its shipped run is redone
+        previous = cached or next((e for e in (earlier or {}).get("by_fold", []) if e["fold"] == f), None)
         folds.append(resumed_fold(previous, f, args, data_dir, work) if previous
                      else run_fold(f, args, data_dir, work, methods))
         cache.write_text(json.dumps(folds[-1]))

@@ -42,16 +42,16 @@ class ConsolidateConfig:
     # GW matrix and plan
     solver: str = "entropic"
     # The planner with the best test macro F1 on the other folds, in each of 3 Beetle folds (a nested
-    # cross-validated choice: bench/mergeability.py cross_validated_choice; docs/results/mergeability.md)
+    # cross-validated choice: bench/mergeability.py choose_default; docs/results/mergeability.md)
     planner: str = "description"
     # ... and the one that plans a fleet whose manifest describes fewer than two usable scorers (None: such a
     # fleet fails at once with one line): the measured planner reads only the scorers and their answers
     fallback_planner: str | None = "measured"
     shortlist: int = DEFAULT_SHORTLIST  # measured planner: each scorer's nearest partners that are trial-merged
     shortlist_by: str = "gw"  # ... nearest by this signal (SHORTLIST_SIGNALS)
-    # ... each trial merge's members scored by this (gw.mergeability.TRIAL_SIGNALS). Beetle's validation cannot
-    # tell the signals apart; its tie rule (bench/mergeability.py TIE_PREFERENCE) picks refit, which scores a
-    # merge with refitted heads as the product serves it (docs/results/mergeability.md)
+    # ... each trial merge's members scored by this (gw.mergeability.TRIAL_SIGNALS). Beetle cannot tell the
+    # signals apart (docs/results/mergeability.md); refit scores a merge with refitted heads, as the product
+    # serves it, and is the one whose plan of the demo recovers its planted topics (workers/demo_data.py)
     trial_signal: str = "refit"
     tau: float | None = None  # None: the tau_quantile-quantile of the distances
     tau_quantile: float = DEFAULT_TAU_QUANTILE

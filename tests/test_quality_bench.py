@@ -286,5 +286,5 @@ def test_mergeability_report_shows_every_trial_signal_and_how_the_default_was_ch
     assert _mergeability_report.default_choice_section({"default_choice": {"planner": "measured"}}) == []
     # the plans from other predictors at equal group sizes are named by their predictor
     assert _mergeability_report._plan_label("sized/task_vector_cosine") == \
-        "task-vector cosine (grouped at the measured plan's sizes)"
+        "task-vector cosine (grouped at the default's sizes)"
     assert _mergeability_report._plan_label("measured/refit") == "measured (GW shortlist, refit true-label change)"
