@@ -328,9 +328,9 @@ def render_defaults(result: dict, mergeability: dict | None = None) -> str:
              "published with a fall its validation evidence shows) |",
              f"| head refit | {d['refit_heads']} | heads refit − own heads, ungated GW plan | {cmp(refit)} | "
              f"quality: {quality(refit)} |",
-             f"| plan | GW, k = {d['k']} | GW − module plan; GW − random plan (ungated) | {cmp(module)}; {cmp(random)} | "
-             f"GW needs no curriculum metadata; against module: {quality(module)}, against random: {quality(random)}; "
-             "k > 3 not measured here |",
+             f"| group size | k = {d['k']} | ungated GW plan − module plan; − random plan (the plans at k = {d['k']}) | "
+             f"{cmp(module)}; {cmp(random)} | against module: {quality(module)}, against random: {quality(random)} "
+             "(the planners, gated: the next row); k > 3 not measured here |",
              planner_row(d, mergeability, cmp, quality),
              f"| method | {method} | first fold only: " + "; ".join(f"{m} − {method}" for m in methods) + " | "
              + "; ".join(cmp(c) for c in methods.values()) + " | "
