@@ -1,6 +1,7 @@
 """docs/results/mergeability.md from bench/mergeability.py's result (pure formatting)."""
 from __future__ import annotations
 
+from _util import same_groups, same_sizes
 from flows.artifacts import TRIAL_COLUMN as SIGNAL_NAMES  # the plan artifact's name for each trial signal
 
 PREDICTOR_NAMES = {
@@ -104,7 +105,7 @@ def _equal_sizes_note(folds: list[dict], default: str) -> str:
         here, there = f["plans"].get(default), f["plans"].get(drawn_at)
         if drawn_at == default or here is None or there is None:
             continue
-        if sorted(map(len, here)) == sorted(map(len, there)):
+        if same_sizes(here, there):
             elsewhere.append(f"fold {f['fold']} at {_plan_label(drawn_at)}'s, the same sizes")
         else:
             differ.append(f"fold {f['fold']}: {_sizes(there)} against the default's {_sizes(here)}")
@@ -286,8 +287,7 @@ def verdict(result: dict) -> list[str]:
     for other in ("module", "description"):
         c = paired.get(f"default vs {other}")
         if c:
-            same = all(sorted(map(sorted, f["plans"].get(other, []))) == sorted(map(sorted, f["plans"].get(default, [])))
-                       for f in result["by_fold"])
+            same = all(same_groups(f["plans"].get(other, []), f["plans"].get(default, [])) for f in result["by_fold"])
             out.append(f"- Against the {other} plan: {c['mean_diff']:+.4f} {_ci(c)}, {_told(c)} (target: at least as "
                        "good)" + (": at the default's group sizes it is the default's own plan on every fold." if same else "."))
     sized = sorted(n for n in result["plans"] if n.startswith("sized/"))
@@ -316,8 +316,7 @@ def verdict(result: dict) -> list[str]:
             out.append(f"- {PLAN_NAMES[name]} against the GW shortlist with agreement: {c['mean_diff']:+.4f} "
                        f"{_ci(c)}, {_told(c)}.")
     limit = 15 * 60
-    measured = result.get("measured_planning_seconds") or result["planning_seconds"]  # older results: one figure
-    shipped = result.get("planning_seconds") if "measured_planning_seconds" in result else None
+    measured, shipped = result["measured_planning_seconds"], result["planning_seconds"]
     if shipped:
         out.append(f"- Planning cost of the default: at most {shipped['max']:.0f} s per cold fold against the target "
                    f"{limit} s ({'met' if shipped['max'] <= limit else 'missed'}); the measured planner's at most "

@@ -19,6 +19,16 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 
+def same_groups(a, b) -> bool:
+    """Whether two plans (lists of groups) hold the same groups, in any order."""
+    return sorted(map(sorted, a)) == sorted(map(sorted, b))
+
+
+def same_sizes(a, b) -> bool:
+    """Whether two plans have the same group sizes (the comparisons at equal group sizes)."""
+    return sorted(map(len, a)) == sorted(map(len, b))
+
+
 def reap_on_exit() -> None:
     """Stop whatever this benchmark starts (a Prefect server, Ray) also when it is killed: the CLI's
     watchdog (infra/reaper.py), for benchmarks that run the flow in-process."""

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _quality_stats import against_random_partitions, fleet_summary, paired_comparison  # noqa: E402
-from _util import reap_on_exit  # noqa: E402
+from _util import reap_on_exit, same_groups, same_sizes  # noqa: E402
 from beetle_data import DEFAULT_DATA, fold_dir, prepare  # noqa: E402
 from quality_beetle import Fold, figures  # noqa: E402
 
@@ -313,7 +313,7 @@ def cold_planning(here: Path, fold_index: int, expected: list[list[str]]) -> dic
     finally:
         shutil.rmtree(copy, ignore_errors=True)
     seconds = summary["seconds"]
-    same = sorted(map(sorted, plan["groups"])) == sorted(map(sorted, expected))
+    same = same_groups(plan["groups"], expected)
     log(f"fold {fold_index}: cold planning {planning_total(seconds)} s; same plan as the cached run: {same}")
     return {"planning_seconds": planning_total(seconds), "flow_seconds": seconds,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "same_plan": same,
@@ -351,7 +351,7 @@ def complete(name: str, cached: dict) -> bool:
     drawn_at = cached.get("sized_to", "measured")  # a plan shipped before: its sizes may still be the shipped plan's
     plans = cached.get("plans", {})
     return drawn_at == shipped_plan() or (drawn_at in plans and shipped_plan() in plans and
-                                          sorted(map(len, plans[drawn_at])) == sorted(map(len, plans[shipped_plan()])))
+                                          same_sizes(plans[drawn_at], plans[shipped_plan()]))
 
 
 def wanted_plans(args) -> list[str]:

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import _frontier as frontier  # noqa: E402
 from _quality_report import render_defaults, render_markdown  # noqa: E402
 from _quality_stats import fleet_summary, paired_comparison, storage  # noqa: E402
-from _util import reap_on_exit  # noqa: E402
+from _util import reap_on_exit, same_groups  # noqa: E402
 from beetle_data import DEFAULT_DATA, fold_dir, prepare  # noqa: E402
 
 from flows.config import ConsolidateConfig  # noqa: E402
@@ -150,7 +150,7 @@ def run_fold(fold_index: int, args, data_dir: Path, work: Path, methods: list[st
     # the shipped plan's ablations); with another planner shipped they are the GW plan's, at its own sizes.
     same_plan = None
     if defaults.planner == "gw":
-        same_plan = sorted(map(sorted, gw.groups)) == sorted(map(sorted, shipped["shipped_plan"]["groups"]))
+        same_plan = same_groups(gw.groups, shipped["shipped_plan"]["groups"])
         if not same_plan:
             log(f"fold {fold_index}: WARNING the recomputed GW plan differs from the published one")
     sizes = sorted((len(g) for g in gw.groups), reverse=True)

@@ -23,11 +23,8 @@ def distances_and_plan(store: Store, manifest_key: str, cfg: ConsolidateConfig, 
     report = validate_fleet(store, manifest)
     if report.rejected:
         print(report.summary())
-    if plan and cfg.plan_signal == "description":
-        from workers.descriptions import described
-
-        cfg, fallback = cfg.for_described(len(described(store, report.usable, manifest_key)), len(report.usable),
-                                          manifest_key)
+    if plan:
+        cfg, fallback = cfg.for_fleet(store, report.usable, manifest_key)
         if fallback:
             print(f"--planner description: {fallback}")
     ensure_ray(cfg.ray_address)

@@ -13,6 +13,7 @@ from gw.mergeability import DEFAULT_SHORTLIST, TRIAL_SIGNALS
 from gw.plan import DEFAULT_TAU_QUANTILE
 
 if TYPE_CHECKING:
+    from infra.storage import Store
     from workers.consolidate import MergeConfig
     from workers.extract import ExtractConfig
 
@@ -132,6 +133,14 @@ class ConsolidateConfig:
             return replace(self, planner=self.fallback_planner), f"{problem}: planned by the {self.fallback_planner} planner"
         option = "--planner description" if self.planner == "description" else "--shortlist-by description"
         raise ValueError(f"{option}: {problem}; add them to the manifest or choose another planner")
+
+    def for_fleet(self, store: Store, usable: list[str], manifest_key: str) -> tuple[ConsolidateConfig, str | None]:
+        """for_described on the fleet's manifest, which is read only when the plan reads descriptions."""
+        if self.plan_signal != "description":
+            return self, None
+        from workers.descriptions import described
+
+        return self.for_described(len(described(store, usable, manifest_key)), len(usable), manifest_key)
 
     def extract_config(self) -> ExtractConfig:
         from workers.extract import ExtractConfig

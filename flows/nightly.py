@@ -79,12 +79,7 @@ def _plan_config(store_uri: str, settings: dict | None, manifest_key: str, usabl
                  cfg: ConsolidateConfig) -> tuple[ConsolidateConfig, str | None]:
     """The config the run plans with: planning by description needs two or more described usable scorers
     (ConsolidateConfig.for_described), checked before minutes of features."""
-    if cfg.plan_signal != "description":
-        return cfg, None
-    from workers.descriptions import described
-
-    have = described(_store(store_uri, settings), usable, manifest_key)
-    cfg, fallback = cfg.for_described(len(have), len(usable), manifest_key)
+    cfg, fallback = cfg.for_fleet(_store(store_uri, settings), usable, manifest_key)
     if fallback:
         get_run_logger().warning(f"--planner description: {fallback}")
     return cfg, fallback
